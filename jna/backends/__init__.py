@@ -1,0 +1,79 @@
+"""Backend registry and the choice behind ``backend="auto"``.
+
+A backend module exposes ``NAME``, ``is_available() -> (bool, reason)``,
+``unsupported_reason(problem) -> str | None`` and ``attention(q, k, v, problem) -> (out, lse)``
+(differentiable in q, k, v, and in both outputs).
+
+An explicitly named backend never falls back silently: if it cannot run the call, that is an
+error that says why. ``"auto"`` takes the first backend of `AUTO_ORDER` that is available on the
+current device and supports the call.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from jna.arguments import NAProblem
+
+# Every backend name jna knows, with the module that implements it (None: planned, not built).
+_MODULES: dict[str, str | None] = {
+    "reference": "jna.backends.reference",
+    "fused-mosaic": None,
+    "fused-triton": None,
+    "unfused": None,
+}
+
+# Preference of "auto", fastest first.
+AUTO_ORDER = ("fused-mosaic", "fused-triton", "reference")
+
+KNOWN_BACKENDS = ("auto", *_MODULES)
+
+
+def built_backends() -> tuple[str, ...]:
+    """Names of the backends that exist in this version of jna."""
+    return tuple(name for name, module in _MODULES.items() if module is not None)
+
+
+def _load(name: str) -> ModuleType:
+    return importlib.import_module(_MODULES[name])
+
+
+def check_backend_name(backend) -> str:
+    """Validates a backend name; returns it. Unknown -> ValueError, planned -> NotImplementedError."""
+    if not isinstance(backend, str) or backend not in KNOWN_BACKENDS:
+        raise ValueError(
+            f"backend={backend!r} is not a jna backend; choose one of {', '.join(map(repr, KNOWN_BACKENDS))}."
+        )
+    if backend != "auto" and _MODULES[backend] is None:
+        raise NotImplementedError(
+            f"backend={backend!r} is not built yet in this version of jna; built backends: "
+            f"{', '.join(map(repr, built_backends()))}."
+        )
+    return backend
+
+
+def resolve(backend: str, problem: NAProblem) -> ModuleType:
+    """The backend module that will run ``problem``.
+
+    Raises:
+      ValueError / NotImplementedError: for a bad name, or an explicit backend that is not
+        available on this device or does not support the call (with the reason).
+    """
+    backend = check_backend_name(backend)
+    if backend == "auto":
+        for name in AUTO_ORDER:
+            if _MODULES[name] is None:
+                continue
+            module = _load(name)
+            if module.is_available()[0] and module.unsupported_reason(problem) is None:
+                return module
+        raise NotImplementedError("no jna backend supports this call")  # reference takes all
+    module = _load(backend)
+    available, why = module.is_available()
+    if not available:
+        raise NotImplementedError(f"backend={backend!r} cannot run on this machine: {why}")
+    reason = module.unsupported_reason(problem)
+    if reason is not None:
+        raise NotImplementedError(f"backend={backend!r} does not support this call: {reason}")
+    return module

@@ -1,0 +1,133 @@
+"""The `reference` backend: neighborhood attention in plain jax.numpy.
+
+Each query gathers its ``prod(K)`` window keys and values (slot ``j`` of axis ``a`` comes from
+`jna.semantics.neighbor`), so memory is O(N * prod(K)) at most, never O(N^2). To keep even large
+windows within memory, the window slots are visited in chunks with an online (flash-style)
+softmax carried in float32; each chunk's gather is rematerialized in the backward pass
+(`jax.checkpoint`), so autodiff stores only the per-chunk carries.
+
+This is the portable fallback (any device, jit/vmap/grad by JAX autodiff) and the "naive"
+baseline of the benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jna import semantics
+from jna.arguments import NAProblem
+
+NAME = "reference"
+
+# Elements of gathered keys + values per chunk (per call). 2**26 float32 elements = 256 MiB:
+# large enough to vectorize small windows in one step, small enough for big maps.
+GATHER_BUDGET_ELEMENTS = 2**26
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def is_available() -> tuple[bool, str]:
+    return True, ""
+
+
+def unsupported_reason(problem: NAProblem) -> str | None:
+    del problem
+    return None
+
+
+def slots_per_chunk(problem: NAProblem, budget: int = GATHER_BUDGET_ELEMENTS) -> int:
+    """How many window slots one chunk gathers at once (at least 1, at most prod(K))."""
+    per_slot = problem.batch * problem.params.num_tokens * problem.kv_heads * (
+        problem.head_dim + problem.value_dim
+    )
+    return int(max(1, min(problem.params.window_size, budget // max(per_slot, 1))))
+
+
+def _chunk_neighbors(params: semantics.NAParams, first_slot, chunk: int):
+    """Key positions of window slots ``first_slot .. first_slot + chunk - 1`` of every query.
+
+    Returns:
+      ``(indices, valid)``: ``indices`` is a tuple (one per axis) of int32 arrays that broadcast
+      to ``[*X, chunk]``, ready for advanced indexing; ``valid`` is bool ``[*X, chunk]``. Slots
+      past ``prod(K)`` (padding of the last chunk) are invalid and point at slot ``prod(K) - 1``.
+    """
+    rank = params.rank
+    slot = first_slot + jnp.arange(chunk, dtype=jnp.int32)
+    in_window = slot < params.window_size
+    slot = jnp.minimum(slot, params.window_size - 1)
+    # Row-major unravel of the flat slot index into per-axis slots j_a.
+    per_axis_slot = []
+    rest = slot
+    for axis in reversed(range(rank)):
+        per_axis_slot.append(rest % params.kernel_size[axis])
+        rest = rest // params.kernel_size[axis]
+    per_axis_slot.reverse()
+
+    indices, valid = [], in_window
+    for axis in range(rank):
+        length, k, s, d, causal = params.axis(axis)
+        x = jnp.arange(length, dtype=jnp.int32)[:, None]
+        y, ok = semantics.neighbor(x, per_axis_slot[axis][None, :], length, k, s, d, causal, xp=jnp)
+        # Put this axis's length at position `axis` of [*X, chunk].
+        shape = [1] * rank + [chunk]
+        shape[axis] = length
+        indices.append(y.reshape(shape))
+        valid = valid & jnp.broadcast_to(ok, (length, chunk)).reshape(shape)
+    return tuple(indices), jnp.broadcast_to(valid, (*params.spatial_shape, chunk))
+
+
+def attention(q, k, v, problem: NAProblem):
+    """Neighborhood attention of ``q`` over ``k``/``v``.
+
+    Args:
+      q: ``[B, *X, H, D]``; k: ``[B, *X, H_kv, D]``; v: ``[B, *X, H_kv, D_v]``.
+      problem: the validated call (`jna.arguments.check_call`).
+
+    Returns:
+      ``(out, lse)``: ``[B, *X, H, D_v]`` in q's dtype and ``[B, *X, H]`` float32.
+    """
+    params = problem.params
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    batch, heads, kv_heads = problem.batch, problem.heads, problem.kv_heads
+    group = heads // kv_heads
+    n = params.num_tokens
+    chunk = slots_per_chunk(problem)
+    num_chunks = math.ceil(params.window_size / chunk)
+
+    qg = (q.astype(jnp.float32) * problem.scale).reshape(batch, n, kv_heads, group, problem.head_dim)
+
+    def step(carry, chunk_index):
+        m, l, acc = carry
+        indices, valid = _chunk_neighbors(params, chunk_index * chunk, chunk)
+        kj = k[(slice(None), *indices)].astype(jnp.float32).reshape(batch, n, chunk, kv_heads, -1)
+        vj = v[(slice(None), *indices)].astype(jnp.float32).reshape(batch, n, chunk, kv_heads, -1)
+        s = jnp.einsum("bnhgd,bnchd->bnhgc", qg, kj, precision=_HIGHEST)
+        # `where`, not a multiply: a masked slot must not let a NaN/inf key leak in.
+        s = jnp.where(valid.reshape(1, n, 1, 1, chunk), s, -jnp.inf)
+        m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(s, axis=-1)))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        alpha = jnp.exp(m - m_safe)
+        p = jnp.exp(s - m_safe[..., None])
+        l = alpha * l + jnp.sum(p, axis=-1)
+        # A masked slot points at an in-window key (see _chunk_neighbors), so p == 0 there never
+        # multiplies a value the query could not legitimately see.
+        acc = alpha[..., None] * acc + jnp.einsum("bnhgc,bnchd->bnhgd", p, vj, precision=_HIGHEST)
+        return (m_new, l, acc), None
+
+    init = (
+        jnp.full((batch, n, kv_heads, group), -jnp.inf, jnp.float32),
+        jnp.zeros((batch, n, kv_heads, group), jnp.float32),
+        jnp.zeros((batch, n, kv_heads, group, problem.value_dim), jnp.float32),
+    )
+    step = jax.checkpoint(step)
+    if num_chunks == 1:
+        (m, l, acc), _ = step(init, jnp.int32(0))
+    else:
+        (m, l, acc), _ = jax.lax.scan(step, init, jnp.arange(num_chunks, dtype=jnp.int32))
+    out = (acc / l[..., None]).reshape(batch, *params.spatial_shape, heads, problem.value_dim)
+    lse = (m + jnp.log(l)).reshape(batch, *params.spatial_shape, heads)
+    return out.astype(q.dtype), lse

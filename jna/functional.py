@@ -1,0 +1,120 @@
+"""The functional API: `na1d`, `na2d`, `na3d` and `neighborhood_attention`.
+
+Every call goes the same way: validate once (`jna.arguments.check_call`), pick the backend
+(`jna.backends.resolve`), run it, and merge in the additional keys/values through the
+logsumexp when there are any.
+"""
+
+from __future__ import annotations
+
+from jna import backends
+from jna.arguments import check_call
+from jna.dense import dense_attention
+from jna.merge import merge_attentions
+
+__all__ = ["na1d", "na2d", "na3d", "neighborhood_attention"]
+
+
+def _neighborhood_attention(
+    q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys, additional_values,
+    return_lse, backend, rank,
+):
+    backends.check_backend_name(backend)
+    problem = check_call(
+        q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys,
+        additional_values, rank,
+    )
+    module = backends.resolve(backend, problem)
+    out, lse = module.attention(q, k, v, problem)
+    if problem.num_extra:
+        extra_out, extra_lse = dense_attention(q, additional_keys, additional_values, problem.scale)
+        out, lse = merge_attentions([out, extra_out], [lse, extra_lse])
+    return (out, lse) if return_lse else out
+
+
+def neighborhood_attention(
+    q,
+    k,
+    v,
+    kernel_size,
+    stride=1,
+    dilation=1,
+    is_causal=False,
+    scale=None,
+    additional_keys=None,
+    additional_values=None,
+    return_lse=False,
+    backend="auto",
+):
+    """Neighborhood attention over a 1-D, 2-D or 3-D token grid (rank taken from ``q``).
+
+    Each query attends the ``prod(kernel_size)`` keys of its window (DESIGN.md section 1,
+    NATTEN 0.21 semantics), plus every additional key if given, in one softmax.
+
+    Args:
+      q: ``[B, *X, H, D]`` with 1 to 3 spatial axes ``X``; float32, float16 or bfloat16.
+      k: ``[B, *X, H_kv, D]``, ``H % H_kv == 0`` (query head ``h`` uses kv head
+        ``h // (H // H_kv)``: GQA/MQA).
+      v: ``[B, *X, H_kv, D_v]``.
+      kernel_size: window size, an int or one per spatial axis (``2 <= K``, ``K * dilation <= L``).
+      stride: window stride (``1 <= s <= K``), int or per axis. ``s = K`` is blocked attention.
+      dilation: int or per axis (``>= 1``).
+      is_causal: bool or per axis.
+      scale: logit scale; default ``D ** -0.5``.
+      additional_keys: optional ``[B, N_extra, H_kv, D]`` attended by every query.
+      additional_values: optional ``[B, N_extra, H_kv, D_v]``, given with ``additional_keys``.
+      return_lse: also return the logsumexp of each query's logits.
+      backend: ``"auto"`` or a backend name (``jna.backends.KNOWN_BACKENDS``). An explicit
+        backend that cannot run the call raises instead of falling back.
+
+    Returns:
+      ``out`` ``[B, *X, H, D_v]`` in q's dtype, or ``(out, lse)`` with ``lse`` ``[B, *X, H]``
+      float32 (natural log) when ``return_lse``.
+
+    Raises:
+      ValueError: bad arguments (naming the argument, axis and value).
+      NotImplementedError: a valid call the chosen backend does not support.
+
+    Under `jax.jit`, the window arguments and ``scale``/``backend``/``return_lse`` are static:
+    close over them (``functools.partial``) or list them in ``static_argnames``.
+    """
+    return _neighborhood_attention(
+        q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys,
+        additional_values, return_lse, backend, rank=None,
+    )
+
+
+def _fixed_rank(rank: int):
+    def na(
+        q,
+        k,
+        v,
+        kernel_size,
+        stride=1,
+        dilation=1,
+        is_causal=False,
+        scale=None,
+        additional_keys=None,
+        additional_values=None,
+        return_lse=False,
+        backend="auto",
+    ):
+        return _neighborhood_attention(
+            q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys,
+            additional_values, return_lse, backend, rank=rank,
+        )
+
+    axes = {1: "L", 2: "X, Y", 3: "X, Y, Z"}[rank]
+    na.__name__ = na.__qualname__ = f"na{rank}d"
+    na.__doc__ = (
+        f"{rank}-D neighborhood attention: q ``[B, {axes}, H, D]``, k ``[B, {axes}, H_kv, D]``, "
+        f"v ``[B, {axes}, H_kv, D_v]`` -> ``[B, {axes}, H, D_v]`` (and lse ``[B, {axes}, H]``).\n\n"
+        f"Per-axis arguments take an int/bool or a tuple of {rank}. Everything else as in "
+        f"`jna.neighborhood_attention`, whose docstring lists the arguments, returns and errors."
+    )
+    return na
+
+
+na1d = _fixed_rank(1)
+na2d = _fixed_rank(2)
+na3d = _fixed_rank(3)
