@@ -1,8 +1,9 @@
 """Backend registry and the choice behind ``backend="auto"``.
 
 A backend module exposes ``NAME``, ``is_available() -> (bool, reason)``,
-``unsupported_reason(problem) -> str | None`` and ``attention(q, k, v, problem) -> (out, lse)``
-(differentiable in q, k, v, and in both outputs).
+``runs_natively() -> bool`` (False where it would only run emulated, e.g. Pallas interpret mode
+on a CPU: ``auto`` skips it there), ``unsupported_reason(problem) -> str | None`` and
+``attention(q, k, v, problem) -> (out, lse)`` (differentiable in q, k, v, and in both outputs).
 
 An explicitly named backend never falls back silently: if it cannot run the call, that is an
 error that says why. ``"auto"`` takes the first backend of `AUTO_ORDER` that is available on the
@@ -20,7 +21,7 @@ from jna.arguments import NAProblem
 _MODULES: dict[str, str | None] = {
     "reference": "jna.backends.reference",
     "fused-mosaic": None,
-    "fused-triton": None,
+    "fused-triton": "jna.backends.fused_triton",
     "unfused": None,
 }
 
@@ -66,7 +67,7 @@ def resolve(backend: str, problem: NAProblem) -> ModuleType:
             if _MODULES[name] is None:
                 continue
             module = _load(name)
-            if module.is_available()[0] and module.unsupported_reason(problem) is None:
+            if module.runs_natively() and module.unsupported_reason(problem) is None:
                 return module
         raise NotImplementedError("no jna backend supports this call")  # reference takes all
     module = _load(backend)

@@ -34,6 +34,10 @@ def is_available() -> tuple[bool, str]:
     return True, ""
 
 
+def runs_natively() -> bool:
+    return True
+
+
 def unsupported_reason(problem: NAProblem) -> str | None:
     del problem
     return None

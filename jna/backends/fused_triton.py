@@ -1,0 +1,569 @@
+"""The `fused-triton` backend: flash-style fused neighborhood attention with Pallas' Triton backend.
+
+Data flow (DESIGN.md section 2):
+
+1. `jna.plan.make_plan` tiles every axis (dilation groups folded into the batch) and lists, per
+   axis, the KV tiles each Q tile visits, which pairs are *full*, and the transpose.
+2. q/k/v are permuted so that every tile is contiguous (`jna.plan.permute`); head dims are
+   padded to a power of two there (Triton needs power-of-two block shapes).
+3. Forward kernel, one program per (Q tile, batch*group, head): an online softmax over the
+   product of the per-axis KV tile ranges. Only pairs that are not full evaluate the
+   elementwise mask, with the shared window functions of `jna.semantics` in group coordinates.
+4. Backward: ``delta = rowsum(dO * O) - dlse`` in XLA; a dQ kernel over the same visit lists;
+   a dK/dV kernel per KV tile over the transposed lists, summing over the query heads of a GQA
+   group inside the program (deterministic, no atomics).
+
+On a machine without a GPU the same kernels run in Pallas interpret mode (slow; for tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from jna import plan as planning
+from jna import semantics
+from jna.arguments import NAProblem
+
+NAME = "fused-triton"
+
+MAX_HEAD_DIM = 256
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+# Finite "minus infinity" for masked logits: keeps exp2(masked - max) at 0 without inf - inf.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+_CONFIG_FILE = pathlib.Path(__file__).resolve().parents[2] / "configs" / "fused_triton.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Availability and configuration
+# ----------------------------------------------------------------------------------------------
+
+
+def _device():
+    return jax.devices()[0]
+
+
+def _interpret() -> bool:
+    return _device().platform == "cpu"
+
+
+def is_available() -> tuple[bool, str]:
+    device = _device()
+    if device.platform == "cpu":
+        return True, "interpret mode on CPU"
+    if device.platform != "gpu":
+        return False, f"needs an NVIDIA GPU (sm80+) or a CPU (interpret mode); found {device.platform}"
+    cc = getattr(device, "compute_capability", None)
+    if cc is None or float(cc) < 8.0:
+        return False, f"needs an NVIDIA GPU of compute capability >= 8.0; found {device.device_kind} ({cc})"
+    return True, ""
+
+
+def runs_natively() -> bool:
+    """True on a GPU where the kernels compile (``auto`` only picks native backends)."""
+    return is_available()[0] and not _interpret()
+
+
+def unsupported_reason(problem: NAProblem) -> str | None:
+    for name, dim in (("head_dim", problem.head_dim), ("value_dim", problem.value_dim)):
+        if dim > MAX_HEAD_DIM:
+            return f"{name} {dim} > {MAX_HEAD_DIM}"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonConfig:
+    """Tile shapes and launch parameters of the fused Triton kernels.
+
+    ``q_tile``/``kv_tile``: per-axis tile extents (powers of two); the tokens per tile are their
+    products (the backward kernels use the same tiling, so they share the token permutation).
+    """
+
+    q_tile: tuple[int, ...]
+    kv_tile: tuple[int, ...]
+    num_warps: int = 4
+    num_stages: int = 2
+    bwd_num_warps: int = 4
+    bwd_num_stages: int = 1
+
+    def __post_init__(self):
+        for name in ("q_tile", "kv_tile"):
+            tile = tuple(int(t) for t in getattr(self, name))
+            object.__setattr__(self, name, tile)
+            for t in tile:
+                if t < 1 or t & (t - 1):
+                    raise ValueError(f"TritonConfig.{name} = {tile}: every extent must be a power of two")
+        if len(self.q_tile) != len(self.kv_tile):
+            raise ValueError(f"TritonConfig: q_tile {self.q_tile} and kv_tile {self.kv_tile} differ in rank")
+
+
+@functools.lru_cache(maxsize=None)
+def _config_table() -> dict:
+    if not _CONFIG_FILE.exists():
+        raise FileNotFoundError(
+            f"jna's tile configs are missing: {_CONFIG_FILE} (install jna from its repository, "
+            f"e.g. pip install -e .)"
+        )
+    return json.loads(_CONFIG_FILE.read_text())
+
+
+_override: list[TritonConfig] = []
+
+
+@contextlib.contextmanager
+def override_config(config: TritonConfig):
+    """Within the context, fused-triton calls use ``config`` (clamped to each problem)."""
+    _override.append(config)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def _fit_tile(tile: tuple[int, ...], params: semantics.NAParams, min_tokens: int = 16) -> tuple[int, ...]:
+    """Shrinks tile extents beyond an axis' padded group length; grows to >= ``min_tokens``."""
+    fitted = []
+    for t, length, d in zip(tile, params.spatial_shape, params.dilation):
+        group = math.ceil(length / d)
+        fitted.append(min(t, pl.next_power_of_2(group)))
+    # Triton's dot needs at least 16 rows/columns: grow the last axes (padding) if needed.
+    axis = params.rank - 1
+    while math.prod(fitted) < min_tokens:
+        fitted[axis] *= 2
+        axis = (axis - 1) % params.rank
+    return tuple(fitted)
+
+
+def default_config(problem: NAProblem) -> TritonConfig:
+    """The tile config for ``problem``: an override if set, else ``configs/fused_triton.json``."""
+    if _override:
+        base = _override[-1]
+    else:
+        table = _config_table()[str(problem.rank)]
+        dim = max(problem.head_dim, problem.value_dim)
+        entry = next(e for e in table if dim <= e["max_head_dim"])
+        base = TritonConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                               for k, v in entry.items() if k != "max_head_dim"})
+    if len(base.q_tile) != problem.rank:
+        raise ValueError(f"tile config {base} does not have {problem.rank} axes")
+    return dataclasses.replace(
+        base,
+        q_tile=_fit_tile(base.q_tile, problem.params),
+        kv_tile=_fit_tile(base.kv_tile, problem.params),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Static geometry shared by the kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything static about one kernel launch (hashable: a custom_vjp nondiff argument)."""
+
+    plan: planning.TilePlan
+    heads: int
+    kv_heads: int
+    head_dim: int  # padded to a power of two
+    value_dim: int  # padded
+    scale: float
+    dtype: object
+    config: TritonConfig
+    interpret: bool
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+
+def _unravel(index, radices):
+    """Row-major unravel of a scalar index over static or dynamic radices (last fastest)."""
+    parts = []
+    for r in reversed(radices):
+        parts.append(index % r)
+        index = index // r
+    return parts[::-1]
+
+
+def _ravel(parts, radices):
+    flat = 0
+    for p, r in zip(parts, radices):
+        flat = flat * r + p
+    return flat
+
+
+def _table(tab_ref, offset, index):
+    return tab_ref[offset + index]
+
+
+class _Geometry:
+    """In-kernel view of the plan: group lengths, tile coordinates, ranges, masks."""
+
+    def __init__(self, st: _Static, tab_ref, bg):
+        self.st, self.plan, self.tab = st, st.plan, tab_ref
+        axes = self.plan.axes
+        g = bg % self.plan.num_groups
+        self.g = _unravel(g, [a.dilation for a in axes])
+        # Length of this dilation group on each axis (a traced scalar).
+        self.lg = [semantics.group_length(ga, a.length, a.dilation) for ga, a in zip(self.g, axes)]
+
+    # Per-axis local token coordinates inside a tile: [tokens] int32 vectors.
+    @staticmethod
+    def local_coords(tile: tuple[int, ...]):
+        r = jnp.arange(math.prod(tile), dtype=jnp.int32)
+        return _unravel(r, tile)
+
+    def kv_range(self, a: int, qt_a):
+        ax, off = self.plan.axes[a], self.plan.offsets[a]
+        idx = self.g[a] * ax.num_q_tiles + qt_a
+        return _table(self.tab, off[0], idx), _table(self.tab, off[1], idx)
+
+    def q_range(self, a: int, kt_a):
+        ax, off = self.plan.axes[a], self.plan.offsets[a]
+        idx = self.g[a] * ax.num_kv_tiles + kt_a
+        return _table(self.tab, off[2], idx), _table(self.tab, off[3], idx)
+
+    def full(self, qt, kt):
+        """1 when tile pair (qt, kt) (per-axis lists) needs no mask on any axis."""
+        flag = None
+        for a, ax in enumerate(self.plan.axes):
+            idx = (self.g[a] * ax.num_q_tiles + qt[a]) * ax.num_kv_tiles + kt[a]
+            f = _table(self.tab, self.plan.offsets[a][4], idx)
+            flag = f if flag is None else flag * f
+        return flag
+
+    def window(self, a: int, x):
+        """Window [start, stop) of group coordinates ``x`` on axis ``a`` (shared rules)."""
+        ax = self.plan.axes[a]
+        args = (self.lg[a], ax.kernel_size, ax.stride, 1, ax.is_causal)
+        return semantics.window_start(x, *args, xp=jnp), semantics.window_stop(x, *args, xp=jnp)
+
+    def mask(self, windows, y):
+        """Allowed [TQ, TK] from per-axis query windows ([TQ] pairs) and key coords ([TK])."""
+        allowed = None
+        for a, ((start, stop), ya) in enumerate(zip(windows, y)):
+            ok = (start[:, None] <= ya[None, :]) & (ya[None, :] < stop[:, None]) & (ya[None, :] < self.lg[a])
+            allowed = ok if allowed is None else allowed & ok
+        return allowed
+
+
+def _dot(a, b, trans_a=False, trans_b=False, f32=False):
+    """Tensor-core product with float32 accumulation; exact float32 (no tf32) for f32 inputs."""
+    precision = jax.lax.Precision.HIGHEST if f32 else None
+    return pltriton.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static):
+    cfg, plan = st.config, st.plan
+    f32 = st.dtype == jnp.float32
+    tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
+    geo = _Geometry(st, tab_ref, pl.program_id(1))
+    qt = _unravel(pl.program_id(0), [a.num_q_tiles for a in plan.axes])
+    q_local = geo.local_coords(cfg.q_tile)
+    k_local = geo.local_coords(cfg.kv_tile)
+    windows = [geo.window(a, qt[a] * cfg.q_tile[a] + q_local[a]) for a in range(plan.rank)]
+    ranges = [geo.kv_range(a, qt[a]) for a in range(plan.rank)]
+    counts = [c for _, c in ranges]
+    total = functools.reduce(lambda x, y: x * y, counts)
+    qk_scale = st.scale * _LOG2E
+
+    q = q_ref[...]
+
+    def body(i, carry):
+        acc, m, l = carry
+        offs = _unravel(i, counts)
+        kt = [first + o for (first, _), o in zip(ranges, offs)]
+        kt_flat = _ravel(kt, [a.num_kv_tiles for a in plan.axes])
+        k = k_ref[pl.ds(kt_flat * tk, tk), :]
+        s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
+        y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
+        keep = geo.mask(windows, y) | (geo.full(qt, kt) > 0)
+        s = jnp.where(keep, s, _MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l = alpha * l + jnp.sum(p, axis=1)
+        v = v_ref[pl.ds(kt_flat * tk, tk), :]
+        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, f32=f32)
+        return acc, m_new, l
+
+    init = (
+        jnp.zeros((tq, st.value_dim), jnp.float32),
+        jnp.full((tq,), _MASK_VALUE, jnp.float32),
+        jnp.zeros((tq,), jnp.float32),
+    )
+    acc, m, l = jax.lax.fori_loop(0, total, body, init)
+    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = (m + jnp.log2(l)) * _LN2
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref, *, st: _Static):
+    cfg, plan = st.config, st.plan
+    f32 = st.dtype == jnp.float32
+    tk = plan.kv_tile_tokens
+    geo = _Geometry(st, tab_ref, pl.program_id(1))
+    qt = _unravel(pl.program_id(0), [a.num_q_tiles for a in plan.axes])
+    q_local = geo.local_coords(cfg.q_tile)
+    k_local = geo.local_coords(cfg.kv_tile)
+    windows = [geo.window(a, qt[a] * cfg.q_tile[a] + q_local[a]) for a in range(plan.rank)]
+    ranges = [geo.kv_range(a, qt[a]) for a in range(plan.rank)]
+    counts = [c for _, c in ranges]
+    total = functools.reduce(lambda x, y: x * y, counts)
+    qk_scale = st.scale * _LOG2E
+
+    q = q_ref[...]
+    do = do_ref[...]
+    lse2 = lse_ref[...] * _LOG2E  # base-2 logsumexp
+    delta = delta_ref[...]
+
+    def body(i, dq):
+        offs = _unravel(i, counts)
+        kt = [first + o for (first, _), o in zip(ranges, offs)]
+        kt_flat = _ravel(kt, [a.num_kv_tiles for a in plan.axes])
+        k = k_ref[pl.ds(kt_flat * tk, tk), :]
+        v = v_ref[pl.ds(kt_flat * tk, tk), :]
+        s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
+        y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
+        keep = geo.mask(windows, y) | (geo.full(qt, kt) > 0)
+        p = jnp.where(keep, jnp.exp2(s - lse2[:, None]), 0.0)
+        dp = _dot(do, v, trans_b=True, f32=f32)
+        ds = p * (dp - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k, f32=f32)
+
+    dq = jax.lax.fori_loop(0, total, body, jnp.zeros((plan.q_tile_tokens, st.head_dim), jnp.float32))
+    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref, dv_ref, *, st: _Static):
+    cfg, plan = st.config, st.plan
+    f32 = st.dtype == jnp.float32
+    tq = plan.q_tile_tokens
+    geo = _Geometry(st, tab_ref, pl.program_id(1))
+    kt = _unravel(pl.program_id(0), [a.num_kv_tiles for a in plan.axes])
+    q_local = geo.local_coords(cfg.q_tile)
+    k_local = geo.local_coords(cfg.kv_tile)
+    y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
+    ranges = [geo.q_range(a, kt[a]) for a in range(plan.rank)]
+    counts = [c for _, c in ranges]
+    total = functools.reduce(lambda x, y: x * y, counts)
+    qk_scale = st.scale * _LOG2E
+
+    k = k_ref[...]
+    v = v_ref[...]
+
+    def q_tile_body(i, carry, head):
+        dk, dv = carry
+        offs = _unravel(i, counts)
+        qt = [first + o for (first, _), o in zip(ranges, offs)]
+        qt_flat = _ravel(qt, [a.num_q_tiles for a in plan.axes])
+        rows = pl.ds(qt_flat * tq, tq)
+        q = q_ref[rows, head, :]
+        do = do_ref[rows, head, :]
+        lse2 = lse_ref[head, rows] * _LOG2E
+        delta = delta_ref[head, rows]
+        s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
+        windows = [geo.window(a, qt[a] * cfg.q_tile[a] + q_local[a]) for a in range(plan.rank)]
+        keep = geo.mask(windows, y) | (geo.full(qt, kt) > 0)
+        p = jnp.where(keep, jnp.exp2(s - lse2[:, None]), 0.0)
+        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, f32=f32)
+        dp = _dot(do, v, trans_b=True, f32=f32)
+        ds = p * (dp - delta[:, None])
+        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True, f32=f32)
+        return dk, dv
+
+    def head_body(head, carry):
+        return jax.lax.fori_loop(0, total, functools.partial(q_tile_body, head=head), carry)
+
+    init = (
+        jnp.zeros((plan.kv_tile_tokens, st.head_dim), jnp.float32),
+        jnp.zeros((plan.kv_tile_tokens, st.value_dim), jnp.float32),
+    )
+    dk, dv = jax.lax.fori_loop(0, st.group, head_body, init)
+    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launches
+# ----------------------------------------------------------------------------------------------
+
+
+def _tables(st: _Static):
+    tables = st.plan.tables
+    padded = np.zeros(pl.next_power_of_2(max(len(tables), 16)), np.int32)
+    padded[: len(tables)] = tables
+    return jnp.asarray(padded)
+
+
+def _params(st: _Static, backward: bool):
+    cfg = st.config
+    if backward:
+        return pltriton.CompilerParams(num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
+    return pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _forward_call(qp, kp, vp, st: _Static):
+    plan, group = st.plan, st.group
+    tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
+    nk_tokens = plan.num_kv_tiles * tk
+    bg, nq_tokens = qp.shape[0], qp.shape[1]
+    tables = _tables(st)
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, st=st),
+        grid=(plan.num_q_tiles, bg, st.heads),
+        in_specs=[
+            pl.BlockSpec((None, tq, None, st.head_dim), lambda t, b, h: (b, t, h, 0)),
+            pl.BlockSpec((None, nk_tokens, None, st.head_dim), lambda t, b, h: (b, 0, h // group, 0)),
+            pl.BlockSpec((None, nk_tokens, None, st.value_dim), lambda t, b, h: (b, 0, h // group, 0)),
+            pl.BlockSpec(tables.shape, lambda t, b, h: (0,)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, tq, None, st.value_dim), lambda t, b, h: (b, t, h, 0)),
+            pl.BlockSpec((None, None, tq), lambda t, b, h: (b, h, t)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((bg, nq_tokens, st.heads, st.value_dim), qp.dtype),
+            jax.ShapeDtypeStruct((bg, st.heads, nq_tokens), jnp.float32),
+        ],
+        compiler_params=_params(st, backward=False),
+        interpret=st.interpret,
+        name="jna_fused_na_fwd",
+    )(qp, kp, vp, tables)
+
+
+def _dq_call(qp, kp, vp, dop, lse, delta, st: _Static):
+    plan, group = st.plan, st.group
+    tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
+    nk_tokens = plan.num_kv_tiles * tk
+    bg = qp.shape[0]
+    tables = _tables(st)
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, st=st),
+        grid=(plan.num_q_tiles, bg, st.heads),
+        in_specs=[
+            pl.BlockSpec((None, tq, None, st.head_dim), lambda t, b, h: (b, t, h, 0)),
+            pl.BlockSpec((None, nk_tokens, None, st.head_dim), lambda t, b, h: (b, 0, h // group, 0)),
+            pl.BlockSpec((None, nk_tokens, None, st.value_dim), lambda t, b, h: (b, 0, h // group, 0)),
+            pl.BlockSpec((None, tq, None, st.value_dim), lambda t, b, h: (b, t, h, 0)),
+            pl.BlockSpec((None, None, tq), lambda t, b, h: (b, h, t)),
+            pl.BlockSpec((None, None, tq), lambda t, b, h: (b, h, t)),
+            pl.BlockSpec(tables.shape, lambda t, b, h: (0,)),
+        ],
+        out_specs=pl.BlockSpec((None, tq, None, st.head_dim), lambda t, b, h: (b, t, h, 0)),
+        out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),
+        compiler_params=_params(st, backward=True),
+        interpret=st.interpret,
+        name="jna_fused_na_dq",
+    )(qp, kp, vp, dop, lse, delta, tables)
+
+
+def _dkv_call(qp, kp, vp, dop, lse, delta, st: _Static):
+    plan, group = st.plan, st.group
+    tk = plan.kv_tile_tokens
+    bg, nq_tokens = qp.shape[0], qp.shape[1]
+    tables = _tables(st)
+    return pl.pallas_call(
+        functools.partial(_dkv_kernel, st=st),
+        grid=(plan.num_kv_tiles, bg, st.kv_heads),
+        in_specs=[
+            pl.BlockSpec((None, nq_tokens, group, st.head_dim), lambda t, b, h: (b, 0, h, 0)),
+            pl.BlockSpec((None, tk, None, st.head_dim), lambda t, b, h: (b, t, h, 0)),
+            pl.BlockSpec((None, tk, None, st.value_dim), lambda t, b, h: (b, t, h, 0)),
+            pl.BlockSpec((None, nq_tokens, group, st.value_dim), lambda t, b, h: (b, 0, h, 0)),
+            pl.BlockSpec((None, group, nq_tokens), lambda t, b, h: (b, h, 0)),
+            pl.BlockSpec((None, group, nq_tokens), lambda t, b, h: (b, h, 0)),
+            pl.BlockSpec(tables.shape, lambda t, b, h: (0,)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, tk, None, st.head_dim), lambda t, b, h: (b, t, h, 0)),
+            pl.BlockSpec((None, tk, None, st.value_dim), lambda t, b, h: (b, t, h, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(kp.shape, kp.dtype),
+            jax.ShapeDtypeStruct(vp.shape, vp.dtype),
+        ],
+        compiler_params=_params(st, backward=True),
+        interpret=st.interpret,
+        name="jna_fused_na_dkv",
+    )(qp, kp, vp, dop, lse, delta, tables)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused(qp, kp, vp, st: _Static):
+    """Fused NA on permuted tensors: ``(out [BG, Nq, H, Dv'], lse [BG, H, Nq])``."""
+    return tuple(_forward_call(qp, kp, vp, st))
+
+
+def _fused_fwd(qp, kp, vp, st):
+    out, lse = _forward_call(qp, kp, vp, st)
+    return (out, lse), (qp, kp, vp, out, lse)
+
+
+def _fused_bwd(st, residuals, cotangents):
+    qp, kp, vp, out, lse = residuals
+    dout, dlse = cotangents
+    # d lse_i / d s_ij = P_ij, so an lse cotangent enters as a shift of delta.
+    delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)
+    delta = delta.transpose(0, 2, 1) - dlse
+    dout = dout.astype(qp.dtype)
+    dq = _dq_call(qp, kp, vp, dout, lse, delta, st)
+    dk, dv = _dkv_call(qp, kp, vp, dout, lse, delta, st)
+    return dq, dk, dv
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _padded_dim(dim: int) -> int:
+    return max(16, pl.next_power_of_2(dim))
+
+
+def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None):
+    """Fused neighborhood attention (differentiable in q, k, v and through both outputs).
+
+    Args:
+      q: ``[B, *X, H, D]``; k: ``[B, *X, H_kv, D]``; v: ``[B, *X, H_kv, D_v]``.
+      problem: the validated call (`jna.arguments.check_call`).
+      config: tile config; default `default_config(problem)`.
+
+    Returns:
+      ``(out, lse)``: ``[B, *X, H, D_v]`` in q's dtype and ``[B, *X, H]`` float32.
+    """
+    config = config or default_config(problem)
+    plan = planning.make_plan(problem.params, config.q_tile, config.kv_tile)
+    st = _Static(
+        plan=plan,
+        heads=problem.heads,
+        kv_heads=problem.kv_heads,
+        head_dim=_padded_dim(problem.head_dim),
+        value_dim=_padded_dim(problem.value_dim),
+        scale=problem.scale,
+        dtype=jnp.dtype(problem.dtype),
+        config=config,
+        interpret=_interpret(),
+    )
+    qp = planning.permute(q, plan, "q", st.head_dim)
+    kp = planning.permute(k, plan, "kv", st.head_dim)
+    vp = planning.permute(v, plan, "kv", st.value_dim)
+    out, lse = _fused(qp, kp, vp, st)
+    spatial = problem.spatial_shape
+    out = planning.unpermute(out, plan, "q", spatial, problem.value_dim)
+    lse = planning.unpermute(lse.transpose(0, 2, 1), plan, "q", spatial)
+    return out, lse

@@ -1,0 +1,228 @@
+"""Tile planner for the fused kernels (host side, numpy, cached).
+
+The NA mask is an AND over axes, so everything a tiled kernel needs is separable: per axis,
+which KV tiles each Q tile must visit, which of those (q tile, kv tile) pairs are *full* (every
+real query of the Q tile may attend every key of the KV tile, so no elementwise mask is needed),
+and the transpose (which Q tiles touch each KV tile) for the dK/dV pass. A multi-dimensional
+tile pair is visited iff it is visited on every axis, and is full iff it is full on every axis.
+The kernels loop over the product of the per-axis ranges.
+
+Dilation is folded into the batch: within dilation group ``g`` an axis is a plain (undilated)
+NA problem of length ``Lg = ceil((L - g) / d)`` in group coordinates ``x' = x // d``. Every group
+is padded to the longest group and then to a multiple of the tile size; padded keys are masked,
+padded queries are computed on a clamped window and dropped.
+
+Layout of the permuted tensors (`permute`): ``[B * G, num_tiles * tile_tokens, H, D]`` with
+``G = prod(dilation)`` groups (row-major over axes, inside each batch entry), tiles row-major over
+the tile grid, and tokens row-major inside each tile, so each tile is one contiguous block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from jna import semantics
+
+__all__ = ["AxisPlan", "TilePlan", "make_plan", "permute", "unpermute"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AxisPlan:
+    """The tiling of one spatial axis, for every dilation group.
+
+    Tables are indexed ``[g, q_tile]``, ``[g, kv_tile]`` or ``[g, q_tile, kv_tile]``:
+
+    * ``kv_first``/``kv_count``: the contiguous range of KV tiles Q tile ``t`` visits (the union
+      of its real queries' windows; a Q tile of padding only gets its group's last query's range,
+      so that its discarded rows stay finite);
+    * ``q_first``/``q_count``: the contiguous range of Q tiles with real queries whose windows
+      touch KV tile ``t`` (0 for KV tiles of padding only);
+    * ``pair_full``: the pair needs no mask on this axis.
+    """
+
+    length: int
+    kernel_size: int
+    stride: int
+    dilation: int
+    is_causal: bool
+    q_tile: int
+    kv_tile: int
+    group_lengths: tuple[int, ...]
+    num_q_tiles: int
+    num_kv_tiles: int
+    kv_first: np.ndarray
+    kv_count: np.ndarray
+    q_first: np.ndarray
+    q_count: np.ndarray
+    pair_full: np.ndarray
+    useful_pairs: int  # allowed (query, key) pairs on this axis, summed over groups
+    computed_pairs: int  # pairs inside visited tile pairs, real Q tiles only
+
+    @property
+    def padded_group_length(self) -> int:
+        return max(self.group_lengths)
+
+
+def _plan_axis(length, kernel_size, stride, dilation, is_causal, q_tile, kv_tile) -> AxisPlan:
+    groups = [semantics.group_length(g, length, dilation) for g in range(dilation)]
+    lg_max = max(groups)
+    nq, nk = math.ceil(lg_max / q_tile), math.ceil(lg_max / kv_tile)
+    kv_first = np.zeros((dilation, nq), np.int32)
+    kv_count = np.zeros((dilation, nq), np.int32)
+    q_first = np.zeros((dilation, nk), np.int32)
+    q_count = np.zeros((dilation, nk), np.int32)
+    pair_full = np.zeros((dilation, nq, nk), bool)
+    useful = computed = 0
+    for g, lg in enumerate(groups):
+        x = np.arange(lg)
+        # In group coordinates every group is an undilated problem of length lg.
+        start = semantics.window_start(x, lg, kernel_size, stride, 1, is_causal)
+        stop = semantics.window_stop(x, lg, kernel_size, stride, 1, is_causal)
+        useful += int(np.sum(stop - start))
+        pair_any = np.zeros((nq, nk), bool)
+        for qt in range(nq):
+            lo, hi = qt * q_tile, min((qt + 1) * q_tile, lg) - 1  # real queries lo..hi
+            real = lo <= hi
+            if not real:
+                lo = hi = lg - 1
+            first, last = start[lo] // kv_tile, (stop[hi] - 1) // kv_tile
+            kv_first[g, qt], kv_count[g, qt] = first, last - first + 1
+            if not real:
+                continue
+            pair_any[qt, first : last + 1] = True
+            computed += q_tile * kv_tile * int(last - first + 1)
+            for kt in range(first, last + 1):
+                k_lo, k_hi = kt * kv_tile, (kt + 1) * kv_tile
+                pair_full[g, qt, kt] = start[hi] <= k_lo and stop[lo] >= k_hi and k_hi <= lg
+        for kt in range(nk):
+            rows = np.nonzero(pair_any[:, kt])[0]
+            if len(rows):
+                q_first[g, kt], q_count[g, kt] = rows[0], rows[-1] - rows[0] + 1
+                assert q_count[g, kt] == len(rows), "Q tiles of a KV tile must be contiguous"
+    return AxisPlan(
+        length, kernel_size, stride, dilation, is_causal, q_tile, kv_tile, tuple(groups), nq, nk,
+        kv_first, kv_count, q_first, q_count, pair_full, useful, computed,
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TilePlan:
+    """Per-axis plans of one problem plus the packed int32 table the kernels read.
+
+    ``tables`` holds, per axis, ``kv_first, kv_count, q_first, q_count`` (each ``[d, n]``) and
+    ``pair_full`` (``[d, nq, nk]``) flattened back to back; ``offsets[axis]`` gives where each
+    starts, in that order.
+    """
+
+    axes: tuple[AxisPlan, ...]
+    tables: np.ndarray
+    offsets: tuple[tuple[int, int, int, int, int], ...]
+
+    @property
+    def rank(self) -> int:
+        return len(self.axes)
+
+    @property
+    def num_groups(self) -> int:
+        return math.prod(a.dilation for a in self.axes)
+
+    @property
+    def q_tile_tokens(self) -> int:
+        return math.prod(a.q_tile for a in self.axes)
+
+    @property
+    def kv_tile_tokens(self) -> int:
+        return math.prod(a.kv_tile for a in self.axes)
+
+    @property
+    def num_q_tiles(self) -> int:
+        return math.prod(a.num_q_tiles for a in self.axes)
+
+    @property
+    def num_kv_tiles(self) -> int:
+        return math.prod(a.num_kv_tiles for a in self.axes)
+
+    @property
+    def efficiency(self) -> float:
+        """Useful (query, key) pairs over pairs computed in visited tiles (forward pass)."""
+        return math.prod(a.useful_pairs / a.computed_pairs for a in self.axes)
+
+
+@functools.lru_cache(maxsize=256)
+def make_plan(params: semantics.NAParams, q_tile: tuple[int, ...], kv_tile: tuple[int, ...]) -> TilePlan:
+    """Plans the tiling of ``params`` with Q tiles of shape ``q_tile`` and KV tiles ``kv_tile``."""
+    if len(q_tile) != params.rank or len(kv_tile) != params.rank:
+        raise ValueError(f"tile shapes {q_tile}, {kv_tile} must have {params.rank} entries")
+    axes = tuple(_plan_axis(*params.axis(a), q_tile[a], kv_tile[a]) for a in range(params.rank))
+    parts, offsets, cursor = [], [], 0
+    for ax in axes:
+        axis_offsets = []
+        for table in (ax.kv_first, ax.kv_count, ax.q_first, ax.q_count, ax.pair_full):
+            axis_offsets.append(cursor)
+            parts.append(table.astype(np.int32).ravel())
+            cursor += table.size
+        offsets.append(tuple(axis_offsets))
+    return TilePlan(axes, np.concatenate(parts), tuple(offsets))
+
+
+def permute(x, plan: TilePlan, tile: str, padded_dim: int | None = None):
+    """Reorders ``x`` ``[B, *X, H, D]`` into tile-contiguous ``[B * G, T * tile_tokens, H, D']``.
+
+    Args:
+      x: a q/k/v-like array.
+      plan: the problem's tile plan.
+      tile: ``"q"`` or ``"kv"``: which tiling to use.
+      padded_dim: pad the last axis with zeros to this size (kernels want powers of two).
+    """
+    batch, heads, dim = x.shape[0], x.shape[-2], x.shape[-1]
+    rank = plan.rank
+    widths = [(0, 0)] * x.ndim
+    shape = [batch]
+    for a, ax in enumerate(plan.axes):
+        t = ax.q_tile if tile == "q" else ax.kv_tile
+        n_tiles = ax.num_q_tiles if tile == "q" else ax.num_kv_tiles
+        widths[1 + a] = (0, n_tiles * t * ax.dilation - ax.length)
+        shape += [n_tiles, t, ax.dilation]
+    if padded_dim is not None:
+        widths[-1] = (0, padded_dim - dim)
+    x = jnp.pad(x, widths)
+    x = x.reshape(*shape, heads, x.shape[-1])
+    # [B, (n_a, t_a, d_a) per axis, H, D] -> [B, d_*, n_*, t_*, H, D]
+    order = [0]
+    order += [1 + 3 * a + 2 for a in range(rank)]
+    order += [1 + 3 * a for a in range(rank)]
+    order += [1 + 3 * a + 1 for a in range(rank)]
+    order += [1 + 3 * rank, 2 + 3 * rank]
+    x = x.transpose(order)
+    return x.reshape(batch * plan.num_groups, -1, heads, x.shape[-1])
+
+
+def unpermute(x, plan: TilePlan, tile: str, spatial_shape: tuple[int, ...], dim: int | None = None):
+    """Inverse of `permute`: ``[B * G, T * tile_tokens, H, D']`` -> ``[B, *X, H, D]``.
+
+    Works for arrays without the last axis too (``dim=None`` and ``x`` ``[B * G, T * t, H]``,
+    e.g. the logsumexp).
+    """
+    rank = plan.rank
+    trailing = x.shape[2:]
+    batch = x.shape[0] // plan.num_groups
+    tiles = [(ax.num_q_tiles, ax.q_tile) if tile == "q" else (ax.num_kv_tiles, ax.kv_tile) for ax in plan.axes]
+    x = x.reshape(
+        batch, *[ax.dilation for ax in plan.axes], *[n for n, _ in tiles], *[t for _, t in tiles], *trailing
+    )
+    # [B, d_*, n_*, t_*, ...] -> [B, (n_a, t_a, d_a) per axis, ...]
+    order = [0]
+    for a in range(rank):
+        order += [1 + rank + a, 1 + 2 * rank + a, 1 + a]
+    order += [1 + 3 * rank + i for i in range(len(trailing))]
+    x = x.transpose(order)
+    x = x.reshape(batch, *[n * t * ax.dilation for (n, t), ax in zip(tiles, plan.axes)], *trailing)
+    x = x[(slice(None), *[slice(0, n) for n in spatial_shape])]
+    if dim is not None:
+        x = x[..., :dim]
+    return x
