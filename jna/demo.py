@@ -3,7 +3,8 @@
     python -m jna.demo [--size 64] [--kernel 7] [--heads 4] [--head-dim 32] [--dtype float32]
 
 Times are medians of repeated runs after warm-up, synchronized with ``block_until_ready``.
-Beside the jna backends it times dense attention with the NA mask (``masked-dense``: what you
+Every jna backend that runs natively here is timed (Pallas backends in CPU interpret mode are
+for tests, not timing). Beside them it times dense attention with the NA mask (``masked-dense``: what you
 would write without jna, O(N^2) memory), and reports each backend's max abs error against the
 reference backend.
 """
@@ -13,26 +14,13 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jna
 from jna import backends, semantics
-
-
-def _median_ms(fn, *args, warmup: int = 2, runs: int = 10) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+from jna.timing import median_ms
 
 
 def _na_mask(params: semantics.NAParams) -> np.ndarray:
@@ -76,7 +64,7 @@ def main(argv=None) -> None:
           f"heads {args.heads}, head_dim {args.head_dim}, {dtype.name}")
 
     candidates = {}
-    for name in backends.built_backends():
+    for name in backends.native_backends():
         candidates[name] = functools.partial(jna.na2d, kernel_size=args.kernel, backend=name)
     n = args.size * args.size
     if n * n * args.batch * args.heads * 4 <= 2**31:
@@ -95,8 +83,8 @@ def main(argv=None) -> None:
         try:
             out = forward(q, k, v)
             error = float(jnp.max(jnp.abs(out.astype(jnp.float32) - reference_out.astype(jnp.float32))))
-            fwd = _median_ms(forward, q, k, v, runs=args.runs)
-            fwd_bwd = _median_ms(forward_backward, q, k, v, runs=args.runs)
+            fwd = median_ms(forward, q, k, v, repeats=args.runs)
+            fwd_bwd = median_ms(forward_backward, q, k, v, repeats=args.runs)
         except NotImplementedError as e:  # a backend this device cannot run: say so, keep going
             rows.append((name, "-", "-", f"not run: {e}"))
             continue

@@ -36,6 +36,11 @@ def built_backends() -> tuple[str, ...]:
     return tuple(name for name, module in _MODULES.items() if module is not None)
 
 
+def native_backends() -> tuple[str, ...]:
+    """Built backends that run natively on the current default device (not emulated)."""
+    return tuple(name for name in built_backends() if _load(name).runs_natively())
+
+
 def _load(name: str) -> ModuleType:
     return importlib.import_module(_MODULES[name])
 

@@ -1,0 +1,212 @@
+"""GPU check in one call: the GPU test subset, a memory check, and the benchmark table.
+
+    python benchmarks/gpu_check.py --out $OUT [--skip-tests] [--problems 2d-nat,1d-long]
+                                   [--backends fused-triton] [--budget-s 20]
+
+Writes ``gpu_check.json`` and ``gpu_check.md`` (device, jax version, date, commit) to ``--out``
+and prints the markdown table last. Commit them under ``benchmarks/results/``.
+
+Timing: median of repeated synchronized batches after warm-up (`jna.timing.median_ms`), on
+random inputs; speedups are over cuDNN dense attention measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+import traceback
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import jna  # noqa: E402
+from benchmarks import problems as problem_sets  # noqa: E402
+from jna.timing import median_ms  # noqa: E402
+
+# Problems whose reference backend is timed too (the "naive" baseline; large ones take minutes).
+REFERENCE_PROBLEMS = ("2d-nat", "2d-dinat")
+
+
+def _log(*args):
+    print(*args, flush=True)
+
+
+def run_tests(out: pathlib.Path, backends: str) -> dict:
+    """The GPU test subset: the oracle sweep and the large-shape checks for the chosen backends."""
+    env = dict(os.environ, JNA_TEST_BACKENDS=backends)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "jna_tests/test_sweep.py",
+           "jna_tests/test_gpu.py"]
+    start = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    (out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
+    summary = [l for l in proc.stdout.splitlines() if " passed" in l or " failed" in l or "error" in l]
+    result = {"returncode": proc.returncode, "summary": summary[-1] if summary else proc.stdout[-500:],
+              "seconds": round(time.time() - start, 1)}
+    _log("tests:", result)
+    return result
+
+
+def _dense_cudnn(q, k, v):
+    batch, heads, dim = q.shape[0], q.shape[-2], q.shape[-1]
+    flat = lambda x: x.reshape(batch, -1, heads, dim)
+    return jax.nn.dot_product_attention(flat(q), flat(k), flat(v), implementation="cudnn").reshape(q.shape)
+
+
+def _fwd_bwd(fn, dout):
+    def loss(q, k, v):
+        return jnp.sum(fn(q, k, v).astype(jnp.float32) * dout.astype(jnp.float32))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def _time(fn, args, budget_s: float) -> float:
+    """Median ms with a repeat count that fits the time budget."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))  # compile + first run
+    first = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    one = time.perf_counter() - first
+    del start
+    repeats = int(max(3, min(30, budget_s / max(one, 1e-4) / 2)))
+    inner = int(max(1, min(20, 0.02 / max(one, 1e-6))))
+    return median_ms(fn, *args, warmup=1, repeats=repeats, inner=inner)
+
+
+def memory_check(problem, backend: str) -> dict:
+    """Compiled temp bytes of forward and forward+backward, against the input size."""
+    q, k, v, dout = problem.inputs()
+    fn = functools.partial(jna.neighborhood_attention, backend=backend, **problem.na_kwargs)
+    input_bytes = 3 * q.size * q.dtype.itemsize
+    fwd = jax.jit(fn).lower(q, k, v).compile().memory_analysis()
+    bwd = _fwd_bwd(fn, dout).lower(q, k, v).compile().memory_analysis()
+    result = {
+        "problem": problem.name,
+        "input_bytes": int(input_bytes),
+        "forward_temp_bytes": int(fwd.temp_size_in_bytes),
+        "fwd_bwd_temp_bytes": int(bwd.temp_size_in_bytes),
+        "n_squared_bytes": int(problem.batch * problem.heads * problem.tokens ** 2 * 4),
+    }
+    _log("memory:", result)
+    return result
+
+
+def benchmark(problem, backends: list[str], budget_s: float) -> list[dict]:
+    q, k, v, dout = problem.inputs()
+    rows = []
+    candidates = {"cudnn-dense": _dense_cudnn}
+    for name in backends:
+        candidates[name] = functools.partial(jna.neighborhood_attention, backend=name, **problem.na_kwargs)
+    if problem.name in REFERENCE_PROBLEMS:
+        candidates["reference"] = functools.partial(
+            jna.neighborhood_attention, backend="reference", **problem.na_kwargs)
+    for name, fn in candidates.items():
+        row = {"problem": problem.name, "backend": name}
+        for mode, compiled in (("fwd", jax.jit(fn)), ("fwd_bwd", _fwd_bwd(fn, dout))):
+            try:
+                row[f"{mode}_ms"] = round(_time(compiled, (q, k, v), budget_s), 4)
+            except Exception as e:  # noqa: BLE001 - report (e.g. out of memory), keep going
+                row[f"{mode}_ms"] = None
+                row[f"{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                traceback.print_exc()
+        rows.append(row)
+        _log(row)
+    dense = rows[0]
+    for row in rows:
+        for mode, factor in (("fwd", 1.0), ("fwd_bwd", 3.5)):
+            t = row.get(f"{mode}_ms")
+            if t:
+                row[f"{mode}_tflops"] = round(problem.forward_flops * factor / (t * 1e-3) / 1e12, 1)
+                if dense.get(f"{mode}_ms"):
+                    row[f"{mode}_speedup_vs_cudnn"] = round(dense[f"{mode}_ms"] / t, 2)
+    return rows
+
+
+def _markdown(meta: dict, rows: list[dict], memory: list[dict], tests: dict | None) -> str:
+    lines = [
+        f"# jna GPU check",
+        "",
+        f"- device: {meta['device']}",
+        f"- jax: {meta['jax']}; date: {meta['date']}; commit: {meta['commit']}",
+        f"- dtype: bfloat16; effective TFLOP/s: fwd = 4*B*H*N*prod(K)*D, fwd+bwd = 3.5x",
+    ]
+    if tests:
+        lines.append(f"- GPU tests: {tests['summary']} (exit {tests['returncode']}, {tests['seconds']} s)")
+    lines += [
+        "",
+        "| problem | backend | fwd ms | fwd TFLOP/s | fwd vs cuDNN | fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd vs cuDNN |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda x: "-" if x is None else str(x)
+    for r in rows:
+        lines.append(
+            f"| {r['problem']} | {r['backend']} | {fmt(r.get('fwd_ms'))} | {fmt(r.get('fwd_tflops'))} | "
+            f"{fmt(r.get('fwd_speedup_vs_cudnn'))} | {fmt(r.get('fwd_bwd_ms'))} | "
+            f"{fmt(r.get('fwd_bwd_tflops'))} | {fmt(r.get('fwd_bwd_speedup_vs_cudnn'))} |"
+        )
+    for m in memory:
+        lines.append("")
+        lines.append(
+            f"Memory ({m['problem']}): inputs {m['input_bytes'] / 2**20:.0f} MiB; compiled temp "
+            f"forward {m['forward_temp_bytes'] / 2**20:.0f} MiB, forward+backward "
+            f"{m['fwd_bwd_temp_bytes'] / 2**20:.0f} MiB (an N^2 fp32 score matrix: "
+            f"{m['n_squared_bytes'] / 2**30:.0f} GiB)."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--problems", default="", help="comma-separated names (default: all public)")
+    parser.add_argument("--backends", default="fused-triton")
+    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--memory-problem", default="2d-flux")
+    parser.add_argument("--budget-s", type=float, default=15.0, help="timing budget per measurement")
+    args = parser.parse_args()
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = jax.devices()[0]
+    meta = {
+        "device": f"{device.device_kind} ({device.platform})",
+        "jax": jax.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": os.environ.get("JNA_COMMIT", "unknown"),
+    }
+    _log(meta)
+    backends = [b for b in args.backends.split(",") if b]
+    tests = None if args.skip_tests else run_tests(out, args.backends)
+
+    selected = [p for p in problem_sets.load() if not args.problems or p.name in args.problems.split(",")]
+    memory, rows = [], []
+    if not args.skip_bench:
+        mem_problem = [p for p in problem_sets.load() if p.name == args.memory_problem]
+        for p in mem_problem:
+            for b in backends:
+                try:
+                    memory.append(memory_check(p, b))
+                except Exception:  # noqa: BLE001
+                    traceback.print_exc()
+        for p in selected:
+            rows += benchmark(p, backends, args.budget_s)
+
+    (out / "gpu_check.json").write_text(json.dumps({"meta": meta, "tests": tests, "memory": memory,
+                                                    "rows": rows}, indent=1))
+    md = _markdown(meta, rows, memory, tests)
+    (out / "gpu_check.md").write_text(md)
+    print(md)
+    return 0 if (tests is None or tests["returncode"] == 0) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
