@@ -61,8 +61,9 @@ def _dense_cudnn(q, k, v):
     return jax.nn.dot_product_attention(flat(q), flat(k), flat(v), implementation="cudnn").reshape(q.shape)
 
 
-def _fwd_bwd(fn, dout):
-    def loss(q, k, v):
+def _fwd_bwd(fn):
+    """jit of the q/k/v gradients of ``sum(fn(q, k, v) * dout)`` (dout an argument, not a constant)."""
+    def loss(q, k, v, dout):
         return jnp.sum(fn(q, k, v).astype(jnp.float32) * dout.astype(jnp.float32))
 
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
@@ -87,7 +88,7 @@ def memory_check(problem, backend: str) -> dict:
     fn = functools.partial(jna.neighborhood_attention, backend=backend, **problem.na_kwargs)
     input_bytes = 3 * q.size * q.dtype.itemsize
     fwd = jax.jit(fn).lower(q, k, v).compile().memory_analysis()
-    bwd = _fwd_bwd(fn, dout).lower(q, k, v).compile().memory_analysis()
+    bwd = _fwd_bwd(fn).lower(q, k, v, dout).compile().memory_analysis()
     result = {
         "problem": problem.name,
         "input_bytes": int(input_bytes),
@@ -99,24 +100,36 @@ def memory_check(problem, backend: str) -> dict:
     return result
 
 
+def _triton_tiles(problem) -> str:
+    """The fused-triton tile choice for a problem and its tile efficiency."""
+    from jna.backends import fused_triton as ft
+    params = jna.semantics.normalize_params(problem.shape, problem.kernel_size, problem.stride,
+                                            problem.dilation, problem.is_causal)
+    cfg = ft._choose(params, problem.head_dim)
+    eff = ft.tile_efficiency(params, cfg.q_tile, cfg.kv_tile)
+    return f"q{'x'.join(map(str, cfg.q_tile))} kv{'x'.join(map(str, cfg.kv_tile))} eff {eff:.2f}"
+
+
 def benchmark(problem, backends: list[str], budget_s: float) -> list[dict]:
     q, k, v, dout = problem.inputs()
     rows = []
     candidates = {"cudnn-dense": _dense_cudnn}
     for name in backends:
         candidates[name] = functools.partial(jna.neighborhood_attention, backend=name, **problem.na_kwargs)
-    if problem.name in REFERENCE_PROBLEMS:
+    if problem.name in REFERENCE_PROBLEMS and "reference" not in backends:
         candidates["reference"] = functools.partial(
             jna.neighborhood_attention, backend="reference", **problem.na_kwargs)
     for name, fn in candidates.items():
         row = {"problem": problem.name, "backend": name}
-        for mode, compiled in (("fwd", jax.jit(fn)), ("fwd_bwd", _fwd_bwd(fn, dout))):
+        for mode, compiled, args in (("fwd", jax.jit(fn), (q, k, v)), ("fwd_bwd", _fwd_bwd(fn), (q, k, v, dout))):
             try:
-                row[f"{mode}_ms"] = round(_time(compiled, (q, k, v), budget_s), 4)
+                row[f"{mode}_ms"] = round(_time(compiled, args, budget_s), 4)
             except Exception as e:  # noqa: BLE001 - report (e.g. out of memory), keep going
                 row[f"{mode}_ms"] = None
                 row[f"{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
                 traceback.print_exc()
+        if name == "fused-triton":
+            row["tiles"] = _triton_tiles(problem)
         rows.append(row)
         _log(row)
     dense = rows[0]
@@ -142,13 +155,13 @@ def _markdown(meta: dict, rows: list[dict], memory: list[dict], tests: dict | No
         lines.append(f"- GPU tests: {tests['summary']} (exit {tests['returncode']}, {tests['seconds']} s)")
     lines += [
         "",
-        "| problem | backend | fwd ms | fwd TFLOP/s | fwd vs cuDNN | fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd vs cuDNN |",
-        "|---|---|---|---|---|---|---|---|",
+        "| problem | backend | tiles | fwd ms | fwd TFLOP/s | fwd vs cuDNN | fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd vs cuDNN |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda x: "-" if x is None else str(x)
     for r in rows:
         lines.append(
-            f"| {r['problem']} | {r['backend']} | {fmt(r.get('fwd_ms'))} | {fmt(r.get('fwd_tflops'))} | "
+            f"| {r['problem']} | {r['backend']} | {r.get('tiles', '')} | {fmt(r.get('fwd_ms'))} | {fmt(r.get('fwd_tflops'))} | "
             f"{fmt(r.get('fwd_speedup_vs_cudnn'))} | {fmt(r.get('fwd_bwd_ms'))} | "
             f"{fmt(r.get('fwd_bwd_tflops'))} | {fmt(r.get('fwd_bwd_speedup_vs_cudnn'))} |"
         )

@@ -28,7 +28,7 @@ import numpy as np
 
 from jna import semantics
 
-__all__ = ["AxisPlan", "TilePlan", "make_plan", "permute", "unpermute"]
+__all__ = ["AxisPlan", "TilePlan", "make_plan", "axis_pair_counts", "permute", "unpermute"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -66,6 +66,29 @@ class AxisPlan:
     @property
     def padded_group_length(self) -> int:
         return max(self.group_lengths)
+
+
+@functools.lru_cache(maxsize=4096)
+def axis_pair_counts(length, kernel_size, stride, dilation, is_causal, q_tile, kv_tile) -> tuple[int, int]:
+    """``(useful, computed)`` (query, key) pairs of one axis for a tiling, summed over groups.
+
+    ``useful``: allowed pairs; ``computed``: pairs inside the tile pairs a forward pass visits
+    (Q tiles with real queries only, padding included). Their ratio, multiplied over axes, is the
+    tile efficiency that bounds a tiled kernel (`TilePlan.efficiency`). Vectorized, so tile
+    choosers can score many candidates cheaply.
+    """
+    useful = computed = 0
+    for g in range(dilation):
+        lg = semantics.group_length(g, length, dilation)
+        x = np.arange(lg)
+        start = semantics.window_start(x, lg, kernel_size, stride, 1, is_causal)
+        stop = semantics.window_stop(x, lg, kernel_size, stride, 1, is_causal)
+        useful += int(np.sum(stop - start))
+        lo = np.arange(0, lg, q_tile)
+        hi = np.minimum(lo + q_tile, lg) - 1
+        counts = (stop[hi] - 1) // kv_tile - start[lo] // kv_tile + 1
+        computed += q_tile * kv_tile * int(np.sum(counts))
+    return useful, computed
 
 
 def _plan_axis(length, kernel_size, stride, dilation, is_causal, q_tile, kv_tile) -> AxisPlan:

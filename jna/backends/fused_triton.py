@@ -108,14 +108,33 @@ class TritonConfig:
             raise ValueError(f"TritonConfig: q_tile {self.q_tile} and kv_tile {self.kv_tile} differ in rank")
 
 
+@dataclasses.dataclass(frozen=True)
+class LaunchClass:
+    """A tile size (tokens per Q and KV tile) with launch parameters and its measured speed.
+
+    ``speed`` is the forward TFLOP/s measured at full tile efficiency (calibrated on the GPU by
+    ``benchmarks/calibrate_triton.py``); the chooser multiplies it by a problem's tile efficiency.
+    """
+
+    max_head_dim: int
+    q_tokens: int
+    kv_tokens: int
+    num_warps: int
+    num_stages: int
+    bwd_num_warps: int
+    bwd_num_stages: int
+    speed: float
+
+
 @functools.lru_cache(maxsize=None)
-def _config_table() -> dict:
+def launch_classes() -> tuple[LaunchClass, ...]:
+    """The launch classes of ``configs/fused_triton.json``."""
     if not _CONFIG_FILE.exists():
         raise FileNotFoundError(
             f"jna's tile configs are missing: {_CONFIG_FILE} (install jna from its repository, "
             f"e.g. pip install -e .)"
         )
-    return json.loads(_CONFIG_FILE.read_text())
+    return tuple(LaunchClass(**c) for c in json.loads(_CONFIG_FILE.read_text())["classes"])
 
 
 _override: list[TritonConfig] = []
@@ -123,7 +142,7 @@ _override: list[TritonConfig] = []
 
 @contextlib.contextmanager
 def override_config(config: TritonConfig):
-    """Within the context, fused-triton calls use ``config`` (clamped to each problem)."""
+    """Within the context, fused-triton calls use ``config`` (its tiles fitted to each problem)."""
     _override.append(config)
     try:
         yield
@@ -131,12 +150,14 @@ def override_config(config: TritonConfig):
         _override.pop()
 
 
+def _axis_caps(params: semantics.NAParams) -> list[int]:
+    """Largest useful tile extent per axis: the padded (power-of-two) longest group length."""
+    return [pl.next_power_of_2(math.ceil(n / d)) for n, d in zip(params.spatial_shape, params.dilation)]
+
+
 def _fit_tile(tile: tuple[int, ...], params: semantics.NAParams, min_tokens: int = 16) -> tuple[int, ...]:
     """Shrinks tile extents beyond an axis' padded group length; grows to >= ``min_tokens``."""
-    fitted = []
-    for t, length, d in zip(tile, params.spatial_shape, params.dilation):
-        group = math.ceil(length / d)
-        fitted.append(min(t, pl.next_power_of_2(group)))
+    fitted = [min(t, cap) for t, cap in zip(tile, _axis_caps(params))]
     # Triton's dot needs at least 16 rows/columns: grow the last axes (padding) if needed.
     axis = params.rank - 1
     while math.prod(fitted) < min_tokens:
@@ -145,23 +166,65 @@ def _fit_tile(tile: tuple[int, ...], params: semantics.NAParams, min_tokens: int
     return tuple(fitted)
 
 
+def _tile_shapes(tokens: int, caps: list[int]):
+    """All per-axis power-of-two extents within ``caps`` whose product is ``tokens``."""
+    if len(caps) == 1:
+        if tokens <= caps[0]:
+            yield (tokens,)
+        return
+    t = 1
+    while t <= min(tokens, caps[0]):
+        for rest in _tile_shapes(tokens // t, caps[1:]):
+            yield (t, *rest)
+        t *= 2
+
+
+def tile_efficiency(params: semantics.NAParams, q_tile, kv_tile) -> float:
+    """Useful over computed (query, key) pairs of a tiling (see `jna.plan.axis_pair_counts`)."""
+    eff = 1.0
+    for a in range(params.rank):
+        useful, computed = planning.axis_pair_counts(*params.axis(a), q_tile[a], kv_tile[a])
+        eff *= useful / computed
+    return eff
+
+
+@functools.lru_cache(maxsize=1024)
+def _choose(params: semantics.NAParams, dim: int) -> TritonConfig:
+    classes = [c for c in launch_classes() if dim <= c.max_head_dim]
+    bucket = min(c.max_head_dim for c in classes)
+    caps = _axis_caps(params)
+    best, best_score = None, -1.0
+    for c in (c for c in classes if c.max_head_dim == bucket):
+        for q_tile in _tile_shapes(c.q_tokens, caps):
+            for kv_tile in _tile_shapes(c.kv_tokens, caps):
+                score = tile_efficiency(params, q_tile, kv_tile) * c.speed
+                if score > best_score:
+                    best_score = score
+                    best = TritonConfig(q_tile, kv_tile, c.num_warps, c.num_stages, c.bwd_num_warps,
+                                        c.bwd_num_stages)
+    if best is None:  # the whole (padded) map is smaller than every tile class: one tile per group
+        c = min((c for c in classes if c.max_head_dim == bucket), key=lambda c: c.q_tokens)
+        tile = _fit_tile(tuple(caps), params)
+        best = TritonConfig(tile, tile, c.num_warps, c.num_stages, c.bwd_num_warps, c.bwd_num_stages)
+    return best
+
+
 def default_config(problem: NAProblem) -> TritonConfig:
-    """The tile config for ``problem``: an override if set, else ``configs/fused_triton.json``."""
+    """The tile config for ``problem``.
+
+    An `override_config` if one is active (tiles fitted to the problem), else the launch class
+    and per-axis tile shapes that maximize ``tile efficiency * calibrated speed``.
+    """
     if _override:
         base = _override[-1]
-    else:
-        table = _config_table()[str(problem.rank)]
-        dim = max(problem.head_dim, problem.value_dim)
-        entry = next(e for e in table if dim <= e["max_head_dim"])
-        base = TritonConfig(**{k: (tuple(v) if isinstance(v, list) else v)
-                               for k, v in entry.items() if k != "max_head_dim"})
-    if len(base.q_tile) != problem.rank:
-        raise ValueError(f"tile config {base} does not have {problem.rank} axes")
-    return dataclasses.replace(
-        base,
-        q_tile=_fit_tile(base.q_tile, problem.params),
-        kv_tile=_fit_tile(base.kv_tile, problem.params),
-    )
+        if len(base.q_tile) != problem.rank:
+            raise ValueError(f"tile config {base} does not have {problem.rank} axes")
+        return dataclasses.replace(
+            base,
+            q_tile=_fit_tile(base.q_tile, problem.params),
+            kv_tile=_fit_tile(base.kv_tile, problem.params),
+        )
+    return _choose(problem.params, max(problem.head_dim, problem.value_dim))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,8 +357,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static
         k = k_ref[pl.ds(kt_flat * tk, tk), :]
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
-        keep = geo.mask(windows, y) | (geo.full(qt, kt) > 0)
-        s = jnp.where(keep, s, _MASK_VALUE)
+        s = jax.lax.cond(
+            geo.full(qt, kt) > 0,
+            lambda s: s,  # a full tile pair needs no mask
+            lambda s: jnp.where(geo.mask(windows, y), s, _MASK_VALUE),
+            s,
+        )
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
@@ -312,6 +379,17 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static
     acc, m, l = jax.lax.fori_loop(0, total, body, init)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = (m + jnp.log2(l)) * _LN2
+
+
+def _masked_probs(geo: _Geometry, qt, kt, windows, y, s, lse2):
+    """Softmax probabilities ``exp2(s - lse)`` of a tile pair, zero where the mask forbids."""
+    p = jnp.exp2(s - lse2[:, None])
+    return jax.lax.cond(
+        geo.full(qt, kt) > 0,
+        lambda p: p,
+        lambda p: jnp.where(geo.mask(windows, y), p, 0.0),
+        p,
+    )
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref, *, st: _Static):
@@ -341,8 +419,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
         v = v_ref[pl.ds(kt_flat * tk, tk), :]
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
-        keep = geo.mask(windows, y) | (geo.full(qt, kt) > 0)
-        p = jnp.where(keep, jnp.exp2(s - lse2[:, None]), 0.0)
+        p = _masked_probs(geo, qt, kt, windows, y, s, lse2)
         dp = _dot(do, v, trans_b=True, f32=f32)
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, f32=f32)
@@ -380,8 +457,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
         delta = delta_ref[head, rows]
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         windows = [geo.window(a, qt[a] * cfg.q_tile[a] + q_local[a]) for a in range(plan.rank)]
-        keep = geo.mask(windows, y) | (geo.full(qt, kt) > 0)
-        p = jnp.where(keep, jnp.exp2(s - lse2[:, None]), 0.0)
+        p = _masked_probs(geo, qt, kt, windows, y, s, lse2)
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, f32=f32)
         dp = _dot(do, v, trans_b=True, f32=f32)
         ds = p * (dp - delta[:, None])
