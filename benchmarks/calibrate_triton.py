@@ -2,7 +2,7 @@
 
     python benchmarks/calibrate_triton.py [--write configs/fused_triton.json] [--out DIR]
 
-Each class is timed on a 1-D blocked problem (stride = kernel = 512 tokens, so every tile size
+Each class is timed on a 1-D blocked problem (stride = kernel = 1024 tokens, so every tile size
 divides the windows and tile efficiency is 1.0) at head_dim = the class' max_head_dim, bf16.
 Its forward TFLOP/s becomes the class' ``speed``, which the tile chooser multiplies by a
 problem's tile efficiency.
@@ -28,11 +28,21 @@ from jna.timing import median_ms  # noqa: E402
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "fused_triton.json"
 
 
+def dump(raw: dict) -> str:
+    """The config JSON with one line per class (readable diffs)."""
+    head = {k: v for k, v in raw.items() if k != "classes"}
+    lines = ["{"] + [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]
+    lines.append(' "classes": [')
+    lines.append(",\n".join(f"  {json.dumps(c)}" for c in raw["classes"]))
+    lines += [" ]", "}"]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--write", default="", help="write the calibrated JSON here")
     parser.add_argument("--length", type=int, default=16384)
-    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--heads", type=int, default=16)
     args = parser.parse_args()
@@ -71,7 +81,7 @@ def main() -> int:
               f"{entry['fwd_bwd_speed']} TFLOP/s", flush=True)
     raw["calibrated_on"] = f"{jax.devices()[0].device_kind}, jax {jax.__version__}"
     if args.write:
-        pathlib.Path(args.write).write_text(json.dumps(raw, indent=1))
+        pathlib.Path(args.write).write_text(dump(raw))
     return 0
 
 

@@ -124,6 +124,7 @@ class LaunchClass:
     bwd_num_warps: int
     bwd_num_stages: int
     speed: float
+    fwd_bwd_speed: float = 0.0  # forward+backward TFLOP/s at full efficiency (informational)
 
 
 @functools.lru_cache(maxsize=None)
