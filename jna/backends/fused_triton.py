@@ -246,6 +246,7 @@ class _Static:
     dtype: object
     config: TritonConfig
     interpret: bool
+    layout: "_Layout"
 
     @property
     def group(self) -> int:
@@ -330,12 +331,67 @@ def _dot(a, b, trans_a=False, trans_b=False, f32=False):
 
 
 # ----------------------------------------------------------------------------------------------
+# Layouts: where a tile's tokens live in the arrays the kernels see
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Token addressing of the kernel operands.
+
+    *Permuted* (the general case): q/k/v were reordered by `jna.plan.permute` into
+    ``[B * G, tiles * tile_tokens, H, D]``; a tile is one contiguous run of the single token
+    axis. *Direct* (no dilation, every axis a multiple of both tile extents, head dims already
+    powers of two): the kernels read tiles straight out of ``[B, *X, H, D]`` as
+    ``[*tile_extents, D]`` blocks, and no permutation copies are made.
+
+    ``token_shape(kind)``: the token axes of an operand; ``block(kind)``: one tile's extents on
+    them; ``index(kind, t)``: block indices of tile ``t`` (a flat tile id, traced).
+    """
+
+    direct: bool
+    plan: planning.TilePlan
+
+    def _tiles(self, kind):
+        axes = self.plan.axes
+        if kind == "q":
+            return [a.q_tile for a in axes], [a.num_q_tiles for a in axes]
+        return [a.kv_tile for a in axes], [a.num_kv_tiles for a in axes]
+
+    def token_shape(self, kind) -> tuple[int, ...]:
+        extents, counts = self._tiles(kind)
+        if self.direct:
+            return tuple(e * n for e, n in zip(extents, counts))
+        return (math.prod(extents) * math.prod(counts),)
+
+    def block(self, kind) -> tuple[int, ...]:
+        extents, _ = self._tiles(kind)
+        return tuple(extents) if self.direct else (math.prod(extents),)
+
+    def index(self, kind, t) -> tuple:
+        if self.direct:
+            return tuple(_unravel(t, self._tiles(kind)[1]))
+        return (t,)
+
+    def zeros(self, kind) -> tuple:
+        return (0,) * len(self.token_shape(kind))
+
+    def slices(self, kind, tile, tile_flat) -> tuple:
+        """In-kernel slices selecting a tile (per-axis tile ids and flat id) of a whole-map ref."""
+        extents, _ = self._tiles(kind)
+        if self.direct:
+            return tuple(pl.ds(t * e, e) for t, e in zip(tile, extents))
+        n = math.prod(extents)
+        return (pl.ds(tile_flat * n, n),)
+
+
+# ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static):
-    cfg, plan = st.config, st.plan
+    cfg, plan, lay = st.config, st.plan, st.layout
     f32 = st.dtype == jnp.float32
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
     geo = _Geometry(st, tab_ref, pl.program_id(1))
@@ -348,14 +404,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static
     total = functools.reduce(lambda x, y: x * y, counts)
     qk_scale = st.scale * _LOG2E
 
-    q = q_ref[...]
+    q = q_ref[...].reshape(tq, st.head_dim)
 
     def body(i, carry):
         acc, m, l = carry
         offs = _unravel(i, counts)
         kt = [first + o for (first, _), o in zip(ranges, offs)]
         kt_flat = _ravel(kt, [a.num_kv_tiles for a in plan.axes])
-        k = k_ref[pl.ds(kt_flat * tk, tk), :]
+        tile = lay.slices("kv", kt, kt_flat)
+        k = k_ref[(*tile, slice(None))].reshape(tk, st.head_dim)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
         s = jax.lax.cond(
@@ -368,7 +425,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l = alpha * l + jnp.sum(p, axis=1)
-        v = v_ref[pl.ds(kt_flat * tk, tk), :]
+        v = v_ref[(*tile, slice(None))].reshape(tk, st.value_dim)
         acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, f32=f32)
         return acc, m_new, l
 
@@ -378,8 +435,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static
         jnp.zeros((tq,), jnp.float32),
     )
     acc, m, l = jax.lax.fori_loop(0, total, body, init)
-    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = (m + jnp.log2(l)) * _LN2
+    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype).reshape(o_ref.shape)
+    lse_ref[...] = ((m + jnp.log2(l)) * _LN2).reshape(lse_ref.shape)
 
 
 def _masked_probs(geo: _Geometry, qt, kt, windows, y, s, lse2):
@@ -394,9 +451,9 @@ def _masked_probs(geo: _Geometry, qt, kt, windows, y, s, lse2):
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref, *, st: _Static):
-    cfg, plan = st.config, st.plan
+    cfg, plan, lay = st.config, st.plan, st.layout
     f32 = st.dtype == jnp.float32
-    tk = plan.kv_tile_tokens
+    tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
     geo = _Geometry(st, tab_ref, pl.program_id(1))
     qt = _unravel(pl.program_id(0), [a.num_q_tiles for a in plan.axes])
     q_local = geo.local_coords(cfg.q_tile)
@@ -407,17 +464,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
     total = functools.reduce(lambda x, y: x * y, counts)
     qk_scale = st.scale * _LOG2E
 
-    q = q_ref[...]
-    do = do_ref[...]
-    lse2 = lse_ref[...] * _LOG2E  # base-2 logsumexp
-    delta = delta_ref[...]
+    q = q_ref[...].reshape(tq, st.head_dim)
+    do = do_ref[...].reshape(tq, st.value_dim)
+    lse2 = lse_ref[...].reshape(tq) * _LOG2E  # base-2 logsumexp
+    delta = delta_ref[...].reshape(tq)
 
     def body(i, dq):
         offs = _unravel(i, counts)
         kt = [first + o for (first, _), o in zip(ranges, offs)]
         kt_flat = _ravel(kt, [a.num_kv_tiles for a in plan.axes])
-        k = k_ref[pl.ds(kt_flat * tk, tk), :]
-        v = v_ref[pl.ds(kt_flat * tk, tk), :]
+        tile = lay.slices("kv", kt, kt_flat)
+        k = k_ref[(*tile, slice(None))].reshape(tk, st.head_dim)
+        v = v_ref[(*tile, slice(None))].reshape(tk, st.value_dim)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
         p = _masked_probs(geo, qt, kt, windows, y, s, lse2)
@@ -425,14 +483,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, f32=f32)
 
-    dq = jax.lax.fori_loop(0, total, body, jnp.zeros((plan.q_tile_tokens, st.head_dim), jnp.float32))
-    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+    dq = jax.lax.fori_loop(0, total, body, jnp.zeros((tq, st.head_dim), jnp.float32))
+    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype).reshape(dq_ref.shape)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref, dv_ref, *, st: _Static):
-    cfg, plan = st.config, st.plan
+    cfg, plan, lay = st.config, st.plan, st.layout
     f32 = st.dtype == jnp.float32
-    tq = plan.q_tile_tokens
+    tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
     geo = _Geometry(st, tab_ref, pl.program_id(1))
     kt = _unravel(pl.program_id(0), [a.num_kv_tiles for a in plan.axes])
     q_local = geo.local_coords(cfg.q_tile)
@@ -443,19 +501,19 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
     total = functools.reduce(lambda x, y: x * y, counts)
     qk_scale = st.scale * _LOG2E
 
-    k = k_ref[...]
-    v = v_ref[...]
+    k = k_ref[...].reshape(tk, st.head_dim)
+    v = v_ref[...].reshape(tk, st.value_dim)
 
     def q_tile_body(i, carry, head):
         dk, dv = carry
         offs = _unravel(i, counts)
         qt = [first + o for (first, _), o in zip(ranges, offs)]
         qt_flat = _ravel(qt, [a.num_q_tiles for a in plan.axes])
-        rows = pl.ds(qt_flat * tq, tq)
-        q = q_ref[rows, head, :]
-        do = do_ref[rows, head, :]
-        lse2 = lse_ref[head, rows] * _LOG2E
-        delta = delta_ref[head, rows]
+        tile = lay.slices("q", qt, qt_flat)
+        q = q_ref[(*tile, head, slice(None))].reshape(tq, st.head_dim)
+        do = do_ref[(*tile, head, slice(None))].reshape(tq, st.value_dim)
+        lse2 = lse_ref[(*tile, head)].reshape(tq) * _LOG2E
+        delta = delta_ref[(*tile, head)].reshape(tq)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         windows = [geo.window(a, qt[a] * cfg.q_tile[a] + q_local[a]) for a in range(plan.rank)]
         p = _masked_probs(geo, qt, kt, windows, y, s, lse2)
@@ -469,12 +527,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
         return jax.lax.fori_loop(0, total, functools.partial(q_tile_body, head=head), carry)
 
     init = (
-        jnp.zeros((plan.kv_tile_tokens, st.head_dim), jnp.float32),
-        jnp.zeros((plan.kv_tile_tokens, st.value_dim), jnp.float32),
+        jnp.zeros((tk, st.head_dim), jnp.float32),
+        jnp.zeros((tk, st.value_dim), jnp.float32),
     )
     dk, dv = jax.lax.fori_loop(0, st.group, head_body, init)
-    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype).reshape(dk_ref.shape)
+    dv_ref[...] = dv.astype(dv_ref.dtype).reshape(dv_ref.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,28 +554,57 @@ def _params(st: _Static, backward: bool):
     return pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+class _Specs:
+    """BlockSpecs of the kernel operands for a layout (grid: (tile, batch*group, head))."""
+
+    def __init__(self, st: _Static):
+        self.lay, self.group = st.layout, st.group
+
+    def tile(self, kind, *trailing, head="h"):
+        """One tile of a ``[BG, *tokens, H, ...]`` operand (head squeezed unless ``head=None``)."""
+        lay = self.lay
+        heads = (None,) if head else ()
+
+        def index(t, b, h):
+            return (b, *lay.index(kind, t), *((h,) if head else ()), *(0,) * len(trailing))
+
+        return pl.BlockSpec((None, *lay.block(kind), *heads, *trailing), index)
+
+    def whole(self, kind, heads, *trailing):
+        """All tokens of an operand; ``heads`` None (squeezed: kv head ``h // G``) or a count."""
+        lay, group = self.lay, self.group
+        head_block = (None,) if heads is None else (heads,)
+
+        def index(t, b, h):
+            head = h // group if heads is None else h
+            return (b, *lay.zeros(kind), head, *(0,) * len(trailing))
+
+        return pl.BlockSpec((None, *lay.token_shape(kind), *head_block, *trailing), index)
+
+    @staticmethod
+    def table(tables):
+        return pl.BlockSpec(tables.shape, lambda t, b, h: (0,))
+
+
 def _forward_call(qp, kp, vp, st: _Static):
-    plan, group = st.plan, st.group
-    tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
-    nk_tokens = plan.num_kv_tiles * tk
-    bg, nq_tokens = qp.shape[0], qp.shape[1]
+    plan, lay = st.plan, st.layout
+    bg = qp.shape[0]
     tables = _tables(st)
+    spec = _Specs(st)
+    q_shape = (bg, *lay.token_shape("q"), st.heads)
     return pl.pallas_call(
         functools.partial(_forward_kernel, st=st),
         grid=(plan.num_q_tiles, bg, st.heads),
         in_specs=[
-            pl.BlockSpec((None, tq, None, st.head_dim), lambda t, b, h: (b, t, h, 0)),
-            pl.BlockSpec((None, nk_tokens, None, st.head_dim), lambda t, b, h: (b, 0, h // group, 0)),
-            pl.BlockSpec((None, nk_tokens, None, st.value_dim), lambda t, b, h: (b, 0, h // group, 0)),
-            pl.BlockSpec(tables.shape, lambda t, b, h: (0,)),
+            spec.tile("q", st.head_dim),
+            spec.whole("kv", None, st.head_dim),
+            spec.whole("kv", None, st.value_dim),
+            spec.table(tables),
         ],
-        out_specs=[
-            pl.BlockSpec((None, tq, None, st.value_dim), lambda t, b, h: (b, t, h, 0)),
-            pl.BlockSpec((None, None, tq), lambda t, b, h: (b, h, t)),
-        ],
+        out_specs=[spec.tile("q", st.value_dim), spec.tile("q")],
         out_shape=[
-            jax.ShapeDtypeStruct((bg, nq_tokens, st.heads, st.value_dim), qp.dtype),
-            jax.ShapeDtypeStruct((bg, st.heads, nq_tokens), jnp.float32),
+            jax.ShapeDtypeStruct((*q_shape, st.value_dim), qp.dtype),
+            jax.ShapeDtypeStruct(q_shape, jnp.float32),
         ],
         compiler_params=_params(st, backward=False),
         interpret=st.interpret,
@@ -526,24 +613,21 @@ def _forward_call(qp, kp, vp, st: _Static):
 
 
 def _dq_call(qp, kp, vp, dop, lse, delta, st: _Static):
-    plan, group = st.plan, st.group
-    tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
-    nk_tokens = plan.num_kv_tiles * tk
-    bg = qp.shape[0]
     tables = _tables(st)
+    spec = _Specs(st)
     return pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
-        grid=(plan.num_q_tiles, bg, st.heads),
+        grid=(st.plan.num_q_tiles, qp.shape[0], st.heads),
         in_specs=[
-            pl.BlockSpec((None, tq, None, st.head_dim), lambda t, b, h: (b, t, h, 0)),
-            pl.BlockSpec((None, nk_tokens, None, st.head_dim), lambda t, b, h: (b, 0, h // group, 0)),
-            pl.BlockSpec((None, nk_tokens, None, st.value_dim), lambda t, b, h: (b, 0, h // group, 0)),
-            pl.BlockSpec((None, tq, None, st.value_dim), lambda t, b, h: (b, t, h, 0)),
-            pl.BlockSpec((None, None, tq), lambda t, b, h: (b, h, t)),
-            pl.BlockSpec((None, None, tq), lambda t, b, h: (b, h, t)),
-            pl.BlockSpec(tables.shape, lambda t, b, h: (0,)),
+            spec.tile("q", st.head_dim),
+            spec.whole("kv", None, st.head_dim),
+            spec.whole("kv", None, st.value_dim),
+            spec.tile("q", st.value_dim),
+            spec.tile("q"),
+            spec.tile("q"),
+            spec.table(tables),
         ],
-        out_specs=pl.BlockSpec((None, tq, None, st.head_dim), lambda t, b, h: (b, t, h, 0)),
+        out_specs=spec.tile("q", st.head_dim),
         out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),
         compiler_params=_params(st, backward=True),
         interpret=st.interpret,
@@ -552,30 +636,29 @@ def _dq_call(qp, kp, vp, dop, lse, delta, st: _Static):
 
 
 def _dkv_call(qp, kp, vp, dop, lse, delta, st: _Static):
-    plan, group = st.plan, st.group
-    tk = plan.kv_tile_tokens
-    bg, nq_tokens = qp.shape[0], qp.shape[1]
     tables = _tables(st)
+    spec = _Specs(st)
+    group = st.group
+
+    def whole_q(*trailing):  # all query tokens of the G query heads of kv head h
+        lay = st.layout
+        return pl.BlockSpec((None, *lay.token_shape("q"), group, *trailing),
+                            lambda t, b, h: (b, *lay.zeros("q"), h, *(0,) * len(trailing)))
+
     return pl.pallas_call(
         functools.partial(_dkv_kernel, st=st),
-        grid=(plan.num_kv_tiles, bg, st.kv_heads),
+        grid=(st.plan.num_kv_tiles, qp.shape[0], st.kv_heads),
         in_specs=[
-            pl.BlockSpec((None, nq_tokens, group, st.head_dim), lambda t, b, h: (b, 0, h, 0)),
-            pl.BlockSpec((None, tk, None, st.head_dim), lambda t, b, h: (b, t, h, 0)),
-            pl.BlockSpec((None, tk, None, st.value_dim), lambda t, b, h: (b, t, h, 0)),
-            pl.BlockSpec((None, nq_tokens, group, st.value_dim), lambda t, b, h: (b, 0, h, 0)),
-            pl.BlockSpec((None, group, nq_tokens), lambda t, b, h: (b, h, 0)),
-            pl.BlockSpec((None, group, nq_tokens), lambda t, b, h: (b, h, 0)),
-            pl.BlockSpec(tables.shape, lambda t, b, h: (0,)),
+            whole_q(st.head_dim),
+            spec.tile("kv", st.head_dim),
+            spec.tile("kv", st.value_dim),
+            whole_q(st.value_dim),
+            whole_q(),
+            whole_q(),
+            spec.table(tables),
         ],
-        out_specs=[
-            pl.BlockSpec((None, tk, None, st.head_dim), lambda t, b, h: (b, t, h, 0)),
-            pl.BlockSpec((None, tk, None, st.value_dim), lambda t, b, h: (b, t, h, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct(kp.shape, kp.dtype),
-            jax.ShapeDtypeStruct(vp.shape, vp.dtype),
-        ],
+        out_specs=[spec.tile("kv", st.head_dim), spec.tile("kv", st.value_dim)],
+        out_shape=[jax.ShapeDtypeStruct(kp.shape, kp.dtype), jax.ShapeDtypeStruct(vp.shape, vp.dtype)],
         compiler_params=_params(st, backward=True),
         interpret=st.interpret,
         name="jna_fused_na_dkv",
@@ -584,7 +667,7 @@ def _dkv_call(qp, kp, vp, dop, lse, delta, st: _Static):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fused(qp, kp, vp, st: _Static):
-    """Fused NA on permuted tensors: ``(out [BG, Nq, H, Dv'], lse [BG, H, Nq])``."""
+    """Fused NA on kernel-layout tensors: ``(out [BG, *tokens, H, Dv'], lse [BG, *tokens, H])``."""
     return tuple(_forward_call(qp, kp, vp, st))
 
 
@@ -597,8 +680,7 @@ def _fused_bwd(st, residuals, cotangents):
     qp, kp, vp, out, lse = residuals
     dout, dlse = cotangents
     # d lse_i / d s_ij = P_ij, so an lse cotangent enters as a shift of delta.
-    delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)
-    delta = delta.transpose(0, 2, 1) - dlse
+    delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1) - dlse
     dout = dout.astype(qp.dtype)
     dq = _dq_call(qp, kp, vp, dout, lse, delta, st)
     dk, dv = _dkv_call(qp, kp, vp, dout, lse, delta, st)
@@ -610,6 +692,18 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def _padded_dim(dim: int) -> int:
     return max(16, pl.next_power_of_2(dim))
+
+
+def _direct_ok(problem: NAProblem, plan: planning.TilePlan, head_dim: int, value_dim: int) -> bool:
+    """Whether the kernels can read tiles straight from ``[B, *X, H, D]`` (no permutation)."""
+    return (
+        head_dim == problem.head_dim
+        and value_dim == problem.value_dim
+        and all(
+            a.dilation == 1 and a.length % a.q_tile == 0 and a.length % a.kv_tile == 0
+            for a in plan.axes
+        )
+    )
 
 
 def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None):
@@ -625,22 +719,28 @@ def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None):
     """
     config = config or default_config(problem)
     plan = planning.make_plan(problem.params, config.q_tile, config.kv_tile)
+    head_dim, value_dim = _padded_dim(problem.head_dim), _padded_dim(problem.value_dim)
+    direct = _direct_ok(problem, plan, head_dim, value_dim)
     st = _Static(
         plan=plan,
         heads=problem.heads,
         kv_heads=problem.kv_heads,
-        head_dim=_padded_dim(problem.head_dim),
-        value_dim=_padded_dim(problem.value_dim),
+        head_dim=head_dim,
+        value_dim=value_dim,
         scale=problem.scale,
         dtype=jnp.dtype(problem.dtype),
         config=config,
         interpret=_interpret(),
+        layout=_Layout(direct, plan),
     )
+    if direct:
+        q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+        return _fused(q, k, v, st)
     qp = planning.permute(q, plan, "q", st.head_dim)
     kp = planning.permute(k, plan, "kv", st.head_dim)
     vp = planning.permute(v, plan, "kv", st.value_dim)
     out, lse = _fused(qp, kp, vp, st)
     spatial = problem.spatial_shape
     out = planning.unpermute(out, plan, "q", spatial, problem.value_dim)
-    lse = planning.unpermute(lse.transpose(0, 2, 1), plan, "q", spatial)
+    lse = planning.unpermute(lse, plan, "q", spatial)
     return out, lse
