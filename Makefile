@@ -17,7 +17,7 @@ demo: $(VENV)/.installed
 	$(PY) -m jna.demo
 
 test: $(VENV)/.installed
-	JAX_PLATFORMS=cpu $(PY) -m pytest -n $(PYTEST_WORKERS) -q jna_tests
+	JAX_PLATFORMS=cpu $(PY) -m pytest -n $(PYTEST_WORKERS) -q -m "not gpu" jna_tests
 
 clean:
 	rm -rf $(VENV)

@@ -32,18 +32,24 @@ def parts(problem, config=None):
     cfg = config or ft.default_config(call)
     plan = planning.make_plan(call.params, cfg.q_tile, cfg.kv_tile)
     dp = ft._padded_dim(call.head_dim)
-    st = ft._Static(plan, call.heads, call.kv_heads, dp, dp, call.scale, jnp.dtype(call.dtype), cfg, False)
-    perm = jax.jit(lambda q, k, v: (planning.permute(q, plan, "q", dp), planning.permute(k, plan, "kv", dp),
-                                    planning.permute(v, plan, "kv", dp)))
+    direct = ft._direct_ok(call, plan, dp, dp)
+    st = ft._Static(plan, call.heads, call.kv_heads, dp, dp, call.scale, jnp.dtype(call.dtype), cfg, False,
+                    ft._Layout(direct, plan))
+    if direct:
+        perm = jax.jit(lambda q, k, v: (q, k, v))
+    else:
+        perm = jax.jit(lambda q, k, v: (planning.permute(q, plan, "q", dp), planning.permute(k, plan, "kv", dp),
+                                        planning.permute(v, plan, "kv", dp)))
     qp, kp, vp = perm(q, k, v)
     kernel = jax.jit(lambda qp, kp, vp: ft._fused(qp, kp, vp, st))
     out, lse = kernel(qp, kp, vp)
-    unperm = jax.jit(lambda o: planning.unpermute(o, plan, "q", call.spatial_shape, call.value_dim))
+    unperm = jax.jit(lambda o: o if direct else planning.unpermute(o, plan, "q", call.spatial_shape, call.value_dim))
     with ft.override_config(cfg):
         full = jax.jit(functools.partial(jna.neighborhood_attention, backend="fused-triton", **problem.na_kwargs))
         t_full = median_ms(full, q, k, v, repeats=20, inner=10)
     return {
         "config": f"q{cfg.q_tile} kv{cfg.kv_tile} w{cfg.num_warps} s{cfg.num_stages}",
+        "layout": "direct" if direct else "permuted",
         "eff": round(ft.tile_efficiency(call.params, cfg.q_tile, cfg.kv_tile), 3),
         "full_ms": round(t_full, 4),
         "kernel_ms": round(median_ms(kernel, qp, kp, vp, repeats=20, inner=10), 4),

@@ -3,8 +3,9 @@
 The float64 oracle is O(N^2) in Python, too slow for these sizes; the reference backend (pure
 jax.numpy, float32 HIGHEST precision on upcast inputs) is validated against the oracle by the
 sweep and serves as the comparison here. Kernel backends under test come from
-``JNA_TEST_BACKENDS`` (default: fused-triton). On a machine without a GPU these tests are
-skipped: interpret mode cannot run shapes this large, and the CPU sweep covers the kernels there.
+``JNA_TEST_BACKENDS`` (default: fused-triton). Marked ``gpu``: the CPU test command deselects
+them (interpret mode cannot run shapes this large; the CPU sweep covers the kernels there), and
+``benchmarks/gpu_check.py`` runs them on the GPU machine.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import pytest
 
 import jna
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="GPU-only large-shape checks")
+pytestmark = [
+    pytest.mark.gpu,  # the CPU test command deselects these (-m "not gpu")
+    pytest.mark.skipif(jax.default_backend() != "gpu", reason="GPU-only large-shape checks"),
+]
 
 KERNEL_BACKENDS = [
     b for b in os.environ.get("JNA_TEST_BACKENDS", "fused-triton").split(",") if b and b != "reference"

@@ -42,6 +42,7 @@ _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 # Finite "minus infinity" for masked logits: keeps exp2(masked - max) at 0 without inf - inf.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+_F32_MAX = float(np.finfo(np.float32).max)
 _CONFIG_FILE = pathlib.Path(__file__).resolve().parents[2] / "configs" / "fused_triton.json"
 
 
@@ -407,35 +408,46 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static
     q = q_ref[...].reshape(tq, st.head_dim)
 
     def body(i, carry):
-        acc, m, l = carry
+        acc, m, l, poisoned = carry
         offs = _unravel(i, counts)
         kt = [first + o for (first, _), o in zip(ranges, offs)]
         kt_flat = _ravel(kt, [a.num_kv_tiles for a in plan.axes])
         tile = lay.slices("kv", kt, kt_flat)
         k = k_ref[(*tile, slice(None))].reshape(tk, st.head_dim)
+        v = v_ref[(*tile, slice(None))].reshape(tk, st.value_dim)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
-        s = jax.lax.cond(
-            geo.full(qt, kt) > 0,
-            lambda s: s,  # a full tile pair needs no mask
-            lambda s: jnp.where(geo.mask(windows, y), s, _MASK_VALUE),
-            s,
-        )
+
+        def partial_tile(s, v):
+            allowed = geo.mask(windows, y)
+            # 0 * NaN = NaN: a non-finite value row outside a query's window would leak into
+            # its output through P @ V, so such rows are zeroed here and the queries whose
+            # windows do hold one are marked, to be set to NaN at the end.
+            bad = jnp.max(jnp.where(jnp.abs(v.astype(jnp.float32)) <= _F32_MAX, 0.0, 1.0), axis=1)
+            v = jnp.where(bad[:, None] > 0, jnp.zeros_like(v), v)
+            hits = jnp.max(jnp.where(allowed, bad[None, :], 0.0), axis=1)
+            return jnp.where(allowed, s, _MASK_VALUE), v, hits
+
+        def full_tile(s, v):  # every pair allowed: no mask, and NaNs propagate as they should
+            return s, v, jnp.zeros((tq,), jnp.float32)
+
+        s, v, hits = jax.lax.cond(geo.full(qt, kt) > 0, full_tile, partial_tile, s, v)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l = alpha * l + jnp.sum(p, axis=1)
-        v = v_ref[(*tile, slice(None))].reshape(tk, st.value_dim)
         acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, f32=f32)
-        return acc, m_new, l
+        return acc, m_new, l, jnp.maximum(poisoned, hits)
 
     init = (
         jnp.zeros((tq, st.value_dim), jnp.float32),
         jnp.full((tq,), _MASK_VALUE, jnp.float32),
         jnp.zeros((tq,), jnp.float32),
+        jnp.zeros((tq,), jnp.float32),
     )
-    acc, m, l = jax.lax.fori_loop(0, total, body, init)
-    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype).reshape(o_ref.shape)
+    acc, m, l, poisoned = jax.lax.fori_loop(0, total, body, init)
+    out = jnp.where(poisoned[:, None] > 0, jnp.nan, acc / l[:, None])
+    o_ref[...] = out.astype(o_ref.dtype).reshape(o_ref.shape)
     lse_ref[...] = ((m + jnp.log2(l)) * _LN2).reshape(lse_ref.shape)
 
 

@@ -95,20 +95,22 @@ def attention(q, k, v, problem: NAProblem):
       ``(out, lse)``: ``[B, *X, H, D_v]`` in q's dtype and ``[B, *X, H]`` float32.
     """
     params = problem.params
-    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    # Upcast before gathering: the gather's transpose (a scatter-add of every query's
+    # contribution) then accumulates key/value gradients in float32, not in bf16/fp16.
+    k, v = jnp.asarray(k).astype(jnp.float32), jnp.asarray(v).astype(jnp.float32)
     batch, heads, kv_heads = problem.batch, problem.heads, problem.kv_heads
     group = heads // kv_heads
     n = params.num_tokens
     chunk = slots_per_chunk(problem)
     num_chunks = math.ceil(params.window_size / chunk)
 
-    qg = (q.astype(jnp.float32) * problem.scale).reshape(batch, n, kv_heads, group, problem.head_dim)
+    qg = (jnp.asarray(q).astype(jnp.float32) * problem.scale).reshape(batch, n, kv_heads, group, problem.head_dim)
 
     def step(carry, chunk_index):
         m, l, acc = carry
         indices, valid = _chunk_neighbors(params, chunk_index * chunk, chunk)
-        kj = k[(slice(None), *indices)].astype(jnp.float32).reshape(batch, n, chunk, kv_heads, -1)
-        vj = v[(slice(None), *indices)].astype(jnp.float32).reshape(batch, n, chunk, kv_heads, -1)
+        kj = k[(slice(None), *indices)].reshape(batch, n, chunk, kv_heads, -1)
+        vj = v[(slice(None), *indices)].reshape(batch, n, chunk, kv_heads, -1)
         s = jnp.einsum("bnhgd,bnchd->bnhgc", qg, kj, precision=_HIGHEST)
         # `where`, not a multiply: a masked slot must not let a NaN/inf key leak in.
         s = jnp.where(valid.reshape(1, n, 1, 1, chunk), s, -jnp.inf)

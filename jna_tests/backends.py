@@ -1,0 +1,81 @@
+"""The backends under test and what each supports; the one place to add a backend.
+
+Every test that runs attention is parametrized over `active_backends()`. To put a new backend
+through the whole suite, add one `Capabilities` entry to `BACKENDS` (and drop its name from
+`NOT_YET_BUILT`). Interpret-mode Pallas backends are slow on CPU: give them smaller
+`cases` counts and `max_tokens`.
+
+`JNA_TEST_BACKENDS=name1,name2` restricts the run to some backends (e.g. on the GPU machine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a backend supports, and how much of the random sweep to spend on it.
+
+    Attributes:
+      dtypes: input dtypes it accepts (float32 is checked at 1e-4/1e-3, others by relative L2).
+      grads: whether it has a backward pass (gradient checks are generated only if True).
+      additional_kv: whether it accepts additional_keys/values.
+      head_dims: head dims (D and D_v) the sweep may draw; any value must work.
+      max_tokens: upper bound on N = prod(spatial shape) per sweep case.
+      cases: sweep cases per rank (1-D, 2-D, 3-D) for float32 forward+backward.
+      lowp_cases: sweep cases per rank for each non-float32 dtype.
+      platforms: jax platforms ("cpu", "gpu") the backend runs on (interpret mode counts).
+      interpreted_on_cpu: a Pallas backend that only interprets on CPU; large-problem tests
+        (e.g. the 65k-token memory check) leave it out there.
+      lowp_rtol: relative L2 bound for bf16/fp16 outputs and gradients (DESIGN.md section 5).
+    """
+
+    dtypes: tuple = (jnp.float32, jnp.bfloat16, jnp.float16)
+    grads: bool = True
+    additional_kv: bool = True
+    head_dims: tuple = (4, 8, 12, 16, 32)
+    max_tokens: int = 1000
+    cases: tuple = (14, 10, 8)
+    lowp_cases: tuple = (2, 2, 2)
+    platforms: tuple = ("cpu", "gpu")
+    lowp_rtol: float = 1e-2
+    interpreted_on_cpu: bool = False
+
+
+BACKENDS: dict[str, Capabilities] = {
+    "reference": Capabilities(),
+    "fused-triton": Capabilities(max_tokens=400, cases=(8, 6, 5), lowp_cases=(1, 1, 1),
+                                 interpreted_on_cpu=True),
+    # Later, e.g.:
+    # "unfused": Capabilities(max_tokens=300, cases=(6, 4, 3), interpreted_on_cpu=True),
+    # "fused-mosaic": Capabilities(dtypes=(jnp.float16, jnp.bfloat16), platforms=("gpu",)),
+}
+
+# Names the library knows but has not built yet: asking for them is a NotImplementedError.
+NOT_YET_BUILT: tuple[str, ...] = ("fused-mosaic", "unfused")
+
+
+def _platform() -> str:
+    platform = jax.default_backend()
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
+def active_backends() -> list[str]:
+    """Backends to test on this platform, optionally narrowed by ``JNA_TEST_BACKENDS``."""
+    platform = _platform()
+    wanted = os.environ.get("JNA_TEST_BACKENDS")
+    names = [n for n, caps in BACKENDS.items() if platform in caps.platforms]
+    if wanted:
+        names = [n for n in names if n in wanted.split(",")]
+    return names
+
+
+def native_backends() -> list[str]:
+    """Active backends that run natively here (not Pallas interpret mode on a CPU)."""
+    cpu = _platform() == "cpu"
+    return [n for n in active_backends() if not (cpu and BACKENDS[n].interpreted_on_cpu)]

@@ -1,0 +1,115 @@
+"""Seeded random sweep of NA problems against the float64 oracle, for every backend.
+
+Like NATTEN's own tests: ranks 1/2/3, extents 4..48 on 1-D (smaller per axis for 2-D/3-D so
+N stays under the backend's ``max_tokens``), K in [2, L] (even and odd alternate), s in [1, K],
+d in [1, L // K], random per-axis causal, GQA, D_v != D, sometimes additional keys/values and
+an explicit scale; plus fixed edge cases (K = L, s = K, K = 2, maximal dilation, all causal).
+
+float32: out and lse within 1e-4 abs, gradients of q/k/v (and additional k/v) for random
+cotangents of both out and lse within 1e-3 abs. bf16/fp16: relative L2 within the backend's
+``lowp_rtol`` (1e-2) for out, lse and gradients, against the oracle on the same rounded inputs.
+Case counts per backend come from `jna_tests.backends`; every failure prints the config.
+"""
+
+import numpy as np
+import jax.numpy as jnp
+import pytest
+
+from jna_tests.backends import BACKENDS, active_backends
+from jna_tests.common import (Config, assert_abs, assert_rel_l2, make_inputs, oracle_bwd,
+                              oracle_fwd, run_na)
+
+MAX_EXTENT = {1: 48, 2: 24, 3: 10}
+
+
+def random_config(rank: int, index: int, caps) -> Config:
+    """A random valid problem; deterministic in (rank, index)."""
+    rng = np.random.default_rng(1000 * rank + index)
+    while True:
+        shape = tuple(int(rng.integers(4, MAX_EXTENT[rank] + 1)) for _ in range(rank))
+        if np.prod(shape) <= caps.max_tokens:
+            break
+    ks = []
+    for axis, L in enumerate(shape):  # K parity alternates with the case index and axis
+        parity = (index + axis) % 2
+        ks.append(int(rng.choice([k for k in range(2, L + 1) if k % 2 == parity])))
+    dl = tuple(int(rng.integers(1, L // k + 1)) for L, k in zip(shape, ks))
+    st = tuple(int(rng.integers(1, k + 1)) for k in ks)
+    ca = tuple(bool(rng.random() < 0.4) for _ in shape)
+    heads_kv = int(rng.integers(1, 3))
+    heads = heads_kv * int(rng.integers(1, 4))
+    dim = int(rng.choice(caps.head_dims))
+    dim_v = dim if rng.random() < 0.4 else int(rng.choice(caps.head_dims))
+    n_extra = int(rng.integers(1, 9)) if caps.additional_kv and rng.random() < 0.3 else 0
+    scale = float(rng.uniform(0.1, 1.0)) if rng.random() < 0.25 else None
+    return Config(shape, tuple(ks), st, dl, ca, batch=int(rng.integers(1, 3)), heads=heads,
+                  heads_kv=heads_kv, dim=dim, dim_v=dim_v, n_extra=n_extra, scale=scale)
+
+
+def edge_configs(caps) -> list:
+    """Fixed corner cases, each of which a plausible kernel bug would break."""
+    n = 3 if caps.additional_kv else 0
+    c = [
+        Config((16,), (16,), (1,), (1,), (False,)),                         # K = L: full attention
+        Config((17,), (17,), (5,), (1,), (True,), heads=2, heads_kv=2),     # K = L causal, strided
+        Config((24,), (4,), (4,), (1,), (False,), n_extra=n),               # blocked, L % K == 0
+        Config((23,), (4,), (4,), (1,), (True,)),                           # blocked causal, ragged
+        Config((20,), (2,), (1,), (10,), (False,), dim=4, dim_v=12),        # K = 2, d = L // K
+        Config((9, 11), (9, 2), (1, 2), (1, 5), (False, True), heads=4, heads_kv=1),
+        Config((12, 8), (12, 8), (12, 8), (1, 1), (True, True), heads=3, heads_kv=3, n_extra=n),
+        Config((6, 7, 5), (3, 7, 2), (3, 1, 2), (2, 1, 2), (True, False, True), heads=2),
+        Config((8, 8, 8), (2, 2, 2), (1, 2, 1), (4, 4, 1), (False, False, False), batch=2),
+    ]
+    return [cfg for cfg in c if cfg.num_tokens <= caps.max_tokens]
+
+
+def _cases():
+    for backend in active_backends():
+        caps = BACKENDS[backend]
+        for rank in (1, 2, 3):
+            for i in range(caps.cases[rank - 1]):
+                yield pytest.param(backend, jnp.float32, random_config(rank, i, caps), i,
+                                   id=f"{backend}-f32-{rank}d-{i}")
+            for dtype in caps.dtypes:
+                if dtype == jnp.float32:
+                    continue
+                name = jnp.dtype(dtype).name
+                for i in range(caps.lowp_cases[rank - 1]):
+                    j = 100 + i  # different problems from the float32 ones
+                    yield pytest.param(backend, dtype, random_config(rank, j, caps), j,
+                                       id=f"{backend}-{name}-{rank}d-{j}")
+        for i, cfg in enumerate(edge_configs(caps)):
+            yield pytest.param(backend, jnp.float32, cfg, 500 + i, id=f"{backend}-f32-edge-{i}")
+
+
+GRAD_NAMES = ("dq", "dk", "dv", "d_additional_keys", "d_additional_values")
+
+
+@pytest.mark.parametrize("backend,dtype,cfg,seed", list(_cases()))
+def test_sweep_against_oracle(backend, dtype, cfg, seed):
+    """Out, lse and all gradients of one random problem vs the float64 oracle."""
+    caps = BACKENDS[backend]
+    inp = make_inputs(cfg, dtype, seed=seed)
+    out, lse, grads = run_na(cfg, inp, backend, grads=caps.grads)
+    want_out, want_lse = oracle_fwd(cfg, inp)
+    info = f"{cfg.short()} dtype={jnp.dtype(dtype).name} backend={backend} {cfg}"
+    assert out.dtype == dtype and lse.dtype == jnp.float32, (out.dtype, lse.dtype, info)
+    if dtype == jnp.float32:
+        assert_abs(out, want_out, 1e-4, "out", info)
+        assert_abs(lse, want_lse, 1e-4, "lse", info)
+    else:
+        assert_rel_l2(out, want_out, caps.lowp_rtol, "out", info)
+        assert_rel_l2(lse, want_lse, caps.lowp_rtol, "lse", info)
+    if not caps.grads:
+        return
+    want_grads = oracle_bwd(cfg, inp)
+    for name, g, w, x in zip(GRAD_NAMES, grads, want_grads,
+                             (inp.q, inp.k, inp.v, inp.extra_k, inp.extra_v)):
+        assert (g is None) == (w is None), (name, info)
+        if w is None:
+            continue
+        assert g.dtype == x.dtype, (name, g.dtype, x.dtype, info)
+        if dtype == jnp.float32:
+            assert_abs(g, w, 1e-3, name, info)
+        else:
+            assert_rel_l2(g, w, caps.lowp_rtol, name, info)
