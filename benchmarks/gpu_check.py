@@ -40,13 +40,17 @@ def _log(*args):
     print(*args, flush=True)
 
 
-def run_tests(out: pathlib.Path, backends: str) -> dict:
+def run_tests(out: pathlib.Path, backends: str, timeout_s: int = 330) -> dict:
     """The GPU test subset: the oracle sweep and the large-shape checks for the chosen backends."""
     env = dict(os.environ, JNA_TEST_BACKENDS=backends)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "jna_tests/test_sweep.py",
            "jna_tests/test_gpu.py"]
     start = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        (out / "gpu_tests.log").write_text(f"timed out after {timeout_s} s\n{e.stdout or ''}")
+        return {"returncode": 124, "summary": f"timed out after {timeout_s} s", "seconds": timeout_s}
     (out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
     summary = [l for l in proc.stdout.splitlines() if " passed" in l or " failed" in l or "error" in l]
     result = {"returncode": proc.returncode, "summary": summary[-1] if summary else proc.stdout[-500:],
