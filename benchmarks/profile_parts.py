@@ -2,7 +2,8 @@
 
     python benchmarks/profile_parts.py --problems 2d-nat,2d-dinat [--configs "8x8/4x8/4/2,..."]
 
-Config strings: ``q_tile/kv_tile/num_warps/num_stages`` with tiles written like ``8x16``.
+Config strings: ``q_tile/kv_tile/num_warps/num_stages[/p]`` with tiles written like ``8x16``;
+a trailing ``/p`` forces the permuted layout.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def parts(problem, config=None):
     cfg = config or ft.default_config(call)
     plan = planning.make_plan(call.params, cfg.q_tile, cfg.kv_tile)
     dp = ft._padded_dim(call.head_dim)
-    direct = ft._direct_ok(call, plan, dp, dp)
+    direct = ft._direct_ok(call, plan, dp, dp, cfg.direct_layout)
     st = ft._Static(plan, call.heads, call.kv_heads, dp, dp, call.scale, jnp.dtype(call.dtype), cfg, False,
                     ft._Layout(direct, plan))
     if direct:
@@ -59,9 +60,10 @@ def parts(problem, config=None):
 
 
 def _parse(text: str) -> ft.TritonConfig:
-    qt, kt, w, s = text.split("/")
+    """``q_tile/kv_tile/warps/stages[/p]`` (``p``: force the permuted layout)."""
+    qt, kt, w, s, *rest = text.split("/")
     tile = lambda t: tuple(int(x) for x in t.split("x"))
-    return ft.TritonConfig(tile(qt), tile(kt), int(w), int(s))
+    return ft.TritonConfig(tile(qt), tile(kt), int(w), int(s), int(w), 1, direct_layout=not rest)
 
 
 def main():

@@ -89,6 +89,8 @@ class TritonConfig:
 
     ``q_tile``/``kv_tile``: per-axis tile extents (powers of two); the tokens per tile are their
     products (the backward kernels use the same tiling, so they share the token permutation).
+    ``direct_layout``: read tiles in place from ``[B, *X, H, D]`` when the problem allows it
+    (no dilation, every axis a multiple of the tiles); False always permutes tokens first.
     """
 
     q_tile: tuple[int, ...]
@@ -97,6 +99,7 @@ class TritonConfig:
     num_stages: int = 2
     bwd_num_warps: int = 4
     bwd_num_stages: int = 1
+    direct_layout: bool = True
 
     def __post_init__(self):
         for name in ("q_tile", "kv_tile"):
@@ -248,6 +251,7 @@ class _Static:
     config: TritonConfig
     interpret: bool
     layout: "_Layout"
+    contain_nonfinite: bool = False  # the forward variant that keeps non-finite values in-window
 
     @property
     def group(self) -> int:
@@ -414,30 +418,44 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static
         kt_flat = _ravel(kt, [a.num_kv_tiles for a in plan.axes])
         tile = lay.slices("kv", kt, kt_flat)
         k = k_ref[(*tile, slice(None))].reshape(tk, st.head_dim)
-        v = v_ref[(*tile, slice(None))].reshape(tk, st.value_dim)
+        load_v = lambda: v_ref[(*tile, slice(None))].reshape(tk, st.value_dim)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
 
-        def partial_tile(s, v):
-            allowed = geo.mask(windows, y)
-            # 0 * NaN = NaN: a non-finite value row outside a query's window would leak into
-            # its output through P @ V, so such rows are zeroed here and the queries whose
-            # windows do hold one are marked, to be set to NaN at the end.
-            bad = jnp.max(jnp.where(jnp.abs(v.astype(jnp.float32)) <= _F32_MAX, 0.0, 1.0), axis=1)
-            v = jnp.where(bad[:, None] > 0, jnp.zeros_like(v), v)
-            hits = jnp.max(jnp.where(allowed, bad[None, :], 0.0), axis=1)
-            return jnp.where(allowed, s, _MASK_VALUE), v, hits
+        full = geo.full(qt, kt) > 0
+        if st.contain_nonfinite:
+            # 0 * NaN = NaN: a non-finite value row outside a query's window would leak into its
+            # output through P @ V. In partial tiles such rows are zeroed and the queries whose
+            # windows do hold one are marked, to be set to NaN at the end. (Routing v through
+            # the cond costs Triton its load pipelining, hence a separate kernel variant that
+            # runs only when v holds a non-finite value.)
+            def partial_tile(s, v):
+                allowed = geo.mask(windows, y)
+                bad = jnp.max(jnp.where(jnp.abs(v.astype(jnp.float32)) <= _F32_MAX, 0.0, 1.0), axis=1)
+                v = jnp.where(bad[:, None] > 0, jnp.zeros_like(v), v)
+                hits = jnp.max(jnp.where(allowed, bad[None, :], 0.0), axis=1)
+                return jnp.where(allowed, s, _MASK_VALUE), v, hits
 
-        def full_tile(s, v):  # every pair allowed: no mask, and NaNs propagate as they should
-            return s, v, jnp.zeros((tq,), jnp.float32)
+            def full_tile(s, v):  # every pair allowed: NaNs propagate as they should
+                return s, v, jnp.zeros((tq,), jnp.float32)
 
-        s, v, hits = jax.lax.cond(geo.full(qt, kt) > 0, full_tile, partial_tile, s, v)
+            s, v, hits = jax.lax.cond(full, full_tile, partial_tile, s, load_v())
+            poisoned = jnp.maximum(poisoned, hits)
+        else:
+            s = jax.lax.cond(
+                full,
+                lambda s: s,  # a full tile pair needs no mask
+                lambda s: jnp.where(geo.mask(windows, y), s, _MASK_VALUE),
+                s,
+            )
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l = alpha * l + jnp.sum(p, axis=1)
+        if not st.contain_nonfinite:
+            v = load_v()
         acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, f32=f32)
-        return acc, m_new, l, jnp.maximum(poisoned, hits)
+        return acc, m_new, l, poisoned
 
     init = (
         jnp.zeros((tq, st.value_dim), jnp.float32),
@@ -446,7 +464,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static
         jnp.zeros((tq,), jnp.float32),
     )
     acc, m, l, poisoned = jax.lax.fori_loop(0, total, body, init)
-    out = jnp.where(poisoned[:, None] > 0, jnp.nan, acc / l[:, None])
+    out = acc / l[:, None]
+    if st.contain_nonfinite:
+        out = jnp.where(poisoned[:, None] > 0, jnp.nan, out)
     o_ref[...] = out.astype(o_ref.dtype).reshape(o_ref.shape)
     lse_ref[...] = ((m + jnp.log2(l)) * _LN2).reshape(lse_ref.shape)
 
@@ -599,6 +619,18 @@ class _Specs:
 
 
 def _forward_call(qp, kp, vp, st: _Static):
+    """The forward kernel; its non-finite-containing variant runs only if ``v`` needs it."""
+    finite = jnp.all(jnp.isfinite(vp))
+    safe = dataclasses.replace(st, contain_nonfinite=True)
+    return jax.lax.cond(
+        finite,
+        functools.partial(_forward_launch, st=st),
+        functools.partial(_forward_launch, st=safe),
+        qp, kp, vp,
+    )
+
+
+def _forward_launch(qp, kp, vp, st: _Static):
     plan, lay = st.plan, st.layout
     bg = qp.shape[0]
     tables = _tables(st)
@@ -706,10 +738,12 @@ def _padded_dim(dim: int) -> int:
     return max(16, pl.next_power_of_2(dim))
 
 
-def _direct_ok(problem: NAProblem, plan: planning.TilePlan, head_dim: int, value_dim: int) -> bool:
+def _direct_ok(problem: NAProblem, plan: planning.TilePlan, head_dim: int, value_dim: int,
+               config_allows: bool = True) -> bool:
     """Whether the kernels can read tiles straight from ``[B, *X, H, D]`` (no permutation)."""
     return (
-        head_dim == problem.head_dim
+        config_allows
+        and head_dim == problem.head_dim
         and value_dim == problem.value_dim
         and all(
             a.dilation == 1 and a.length % a.q_tile == 0 and a.length % a.kv_tile == 0
@@ -732,7 +766,7 @@ def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None):
     config = config or default_config(problem)
     plan = planning.make_plan(problem.params, config.q_tile, config.kv_tile)
     head_dim, value_dim = _padded_dim(problem.head_dim), _padded_dim(problem.value_dim)
-    direct = _direct_ok(problem, plan, head_dim, value_dim)
+    direct = _direct_ok(problem, plan, head_dim, value_dim, config.direct_layout)
     st = _Static(
         plan=plan,
         heads=problem.heads,
