@@ -1,0 +1,239 @@
+"""CPU checks of the fused-mosaic forward kernel (`jna.backends.fused_mosaic`), no GPU needed.
+
+1. Simulation: tiny 1-D/2-D/3-D problems (stride, dilation, causal, GQA, padding, one and two
+   consumer warpgroups, 2 and 3 pipeline stages, ring wrap-around, bf16 and fp16, D 64 and 128)
+   run in the Mosaic GPU simulator (`plgpu.InterpretGPUParams`, race detection on) and are
+   compared with the float64 oracle and the reference backend. The simulator runs the same
+   kernel except for how ``P V`` is accumulated (see the backend's docstring).
+2. Lowering: the GPU variant of the kernel (P from registers, in-place accumulation) is lowered
+   for CUDA on this CPU machine for every public problem with head_dim 64/128 and for every
+   tile class; Mosaic GPU checks layouts, wgmma operand shapes, TMA boxes and the SMEM budget
+   at that point. Only PTX/SASS compilation and the run itself are left for the GPU.
+
+The simulation runs in a subprocess with ``NPROC=8``: XLA's CPU client runs host callbacks on a
+pool of NPROC threads (default: the core count), the simulator blocks inside a callback while a
+warpgroup waits at a barrier, and three warpgroups (two consumers and the producer) deadlock a
+2-core machine's pool. A subprocess also keeps the simulator's global state out of this one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jna_tests.common import Config
+
+# name: (config, q tile, kv tile, stages, dtype)
+SIM_CASES = {
+    "1d-causal-strided-dilated-gqa-padded": (
+        Config((200,), (40,), (3,), (2,), (True,), heads=2, heads_kv=1, dim=64, dim_v=64),
+        (64,), (64,), 2, "bfloat16"),
+    "1d-2wg-d128-fp16": (
+        Config((320,), (150,), (1,), (1,), (False,), heads=1, heads_kv=1, dim=128, dim_v=128),
+        (128,), (128,), 2, "float16"),
+    "1d-2wg-ring-wrap-3stages": (
+        Config((320,), (150,), (1,), (1,), (False,), heads=1, heads_kv=1, dim=64, dim_v=64),
+        (128,), (64,), 3, "bfloat16"),
+    "2d-strided-dilated-causal-gqa": (
+        Config((20, 24), (5, 7), (1, 3), (2, 1), (False, True), heads=2, heads_kv=1, dim=64,
+               dim_v=64), (8, 8), (8, 16), 2, "bfloat16"),
+    "2d-2wg-full-and-partial-pairs": (
+        Config((24, 24), (17, 17), (1, 1), (1, 1), (False, False), heads=1, heads_kv=1, dim=64,
+               dim_v=64), (8, 16), (8, 8), 2, "bfloat16"),
+    "3d-2wg": (
+        Config((6, 8, 16), (3, 4, 5), (2, 1, 3), (1, 2, 1), (True, False, False), heads=1,
+               heads_kv=1, dim=64, dim_v=64), (4, 4, 8), (4, 4, 4), 2, "bfloat16"),
+}
+
+RTOL = 1e-2  # bf16/fp16 relative L2 (DESIGN.md section 5)
+LSE_ATOL = 2e-2
+
+
+def _simulate(name: str) -> dict:
+    """Runs one case in the simulator (in the subprocess); returns its errors."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    import jna
+    from jna.arguments import check_call
+    from jna.backends import fused_mosaic
+    from jna_tests import oracle
+    from jna_tests.common import make_inputs, oracle_fwd
+
+    cfg, q_tile, kv_tile, stages, dtype = SIM_CASES[name]
+    inp = make_inputs(cfg, jnp.dtype(dtype), seed=len(name))
+    problem = check_call(inp.q, inp.k, inp.v, cfg.kernel_size, cfg.stride, cfg.dilation,
+                         cfg.is_causal, None, None, None, None)
+    config = fused_mosaic.MosaicConfig(q_tile, kv_tile, stages)
+    start = time.perf_counter()
+    out, lse = fused_mosaic._run(inp.q, inp.k, inp.v, problem, config,
+                                 plgpu.InterpretGPUParams(detect_races=True))
+    out, lse = np.asarray(out.astype(jnp.float32), np.float64), np.asarray(lse, np.float64)
+    seconds = time.perf_counter() - start
+    races = bool(interpret_pallas_call.get_races().races_found)
+    o_out, o_lse = oracle_fwd(cfg, inp)
+    up = lambda x: x.astype(jnp.float32)
+    r_out, r_lse = jna.neighborhood_attention(up(inp.q), up(inp.k), up(inp.v), **cfg.na_kwargs(),
+                                              return_lse=True, backend="reference")
+    nan_inf = lambda e: float("inf") if not np.isfinite(e) else float(e)
+    return dict(
+        name=name,
+        seconds=seconds,
+        races=races,
+        finite=bool(np.all(np.isfinite(out)) and np.all(np.isfinite(lse))),
+        out_rel_l2=nan_inf(oracle.rel_l2(out, o_out)),
+        lse_abs=nan_inf(np.max(np.abs(lse - o_lse))),
+        ref_out_rel_l2=nan_inf(oracle.rel_l2(out, np.asarray(r_out, np.float64))),
+        ref_lse_abs=nan_inf(np.max(np.abs(lse - np.asarray(r_lse, np.float64)))),
+        steps_max=int(max(np.prod(c) for c in _visit_counts(problem, config))),
+    )
+
+
+def _visit_counts(problem, config):
+    from jna import plan as planning
+
+    plan = planning.make_plan(problem.params, config.q_tile, config.kv_tile)
+    grids = np.meshgrid(*[a.kv_count.max(axis=0) for a in plan.axes], indexing="ij")
+    return zip(*[g.ravel() for g in grids])
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", NPROC=os.environ.get("JNA_SIM_NPROC", "8"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "jna_tests.test_fused_mosaic_sim", *SIM_CASES],
+        env=env, capture_output=True, text=True, timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            results[row["name"]] = row
+    if not results:
+        pytest.fail(f"simulation subprocess failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return results, proc.stderr[-4000:]
+
+
+def test_simulated_kernel_matches_oracle(simulated):
+    """All simulated cases (one test: the subprocess runs once even under pytest-xdist)."""
+    results, stderr = simulated
+    failures = []
+    for name in SIM_CASES:
+        r = results.get(name)
+        if r is None:
+            failures.append(f"{name}: no result (crashed?)\n{stderr}")
+            continue
+        problems = []
+        if r["races"]:
+            problems.append("the simulator's race detector fired")
+        if not r["finite"]:
+            problems.append("non-finite output or lse")
+        if r["out_rel_l2"] > RTOL or r["ref_out_rel_l2"] > RTOL:
+            problems.append(f"out rel L2 {r['out_rel_l2']:.3g} (oracle), "
+                            f"{r['ref_out_rel_l2']:.3g} (reference)")
+        if r["lse_abs"] > LSE_ATOL or r["ref_lse_abs"] > LSE_ATOL:
+            problems.append(f"lse abs err {r['lse_abs']:.3g} (oracle), {r['ref_lse_abs']:.3g} (reference)")
+        if problems:
+            failures.append(f"{name}: " + "; ".join(problems))
+    assert not failures, "\n".join(failures)
+
+
+def test_cases_cover_the_pipeline():
+    """The cases wrap the K/V ring (more steps than stages) with one and two consumer
+    warpgroups, and visit tile pairs that skip the mask in 1-D and in 2-D."""
+    from jna import plan as planning
+    from jna.arguments import check_call
+    from jna.backends import fused_mosaic
+    from jna_tests.common import make_inputs
+
+    wraps, unmasked_ranks = set(), set()
+    for cfg, q_tile, kv_tile, stages, dtype in SIM_CASES.values():
+        inp = make_inputs(cfg, jnp.dtype(dtype))
+        problem = check_call(inp.q, inp.k, inp.v, cfg.kernel_size, cfg.stride, cfg.dilation,
+                             cfg.is_causal, None, None, None, None)
+        config = fused_mosaic.MosaicConfig(q_tile, kv_tile, stages)
+        if max(np.prod(c) for c in _visit_counts(problem, config)) > stages:
+            wraps.add(config.q_tokens // 64)
+        plan = planning.make_plan(problem.params, q_tile, kv_tile)
+        if all(a.pair_full.any() for a in plan.axes):
+            unmasked_ranks.add(plan.rank)
+    assert wraps == {1, 2}
+    assert {1, 2} <= unmasked_ranks
+
+
+# ------------------------------------------------------------------------------------------
+# Lowering of the GPU variant (no simulator)
+# ------------------------------------------------------------------------------------------
+
+
+def _problem(shape, kernel_size, stride=1, dilation=1, is_causal=False, heads=4, kv_heads=2,
+             dim=128, batch=1, dtype=jnp.bfloat16):
+    from jna import semantics
+    from jna.arguments import NAProblem
+
+    params = semantics.normalize_params(shape, kernel_size, stride, dilation, is_causal)
+    return NAProblem(params, batch, heads, kv_heads, dim, dim, jnp.dtype(dtype), dim ** -0.5, 0)
+
+
+def _public_problems():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "configs", "problems", "public.json")
+    with open(path) as f:
+        return [p for p in json.load(f)["problems"] if p["head_dim"] in (64, 128)]
+
+
+@pytest.mark.parametrize("name", [p["name"] for p in _public_problems()])
+def test_public_problem_lowers_for_gpu(name):
+    from jna.backends import fused_mosaic
+
+    p = next(p for p in _public_problems() if p["name"] == name)
+    problem = _problem(p["shape"], p["kernel_size"], p["stride"], p["dilation"], p["is_causal"],
+                       heads=p["heads"], kv_heads=p["heads"], dim=p["head_dim"], batch=p["batch"])
+    text = fused_mosaic.lower_for_gpu(problem).as_text()
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("tokens", [(128, 128, 2), (128, 64, 3), (64, 128, 2), (64, 64, 3)])
+def test_tile_classes_lower_for_gpu(tokens, dim):
+    from jna.backends import fused_mosaic
+
+    q_tokens, kv_tokens, stages = tokens
+    problem = _problem((48, 40), (13, 9), (1, 3), (1, 2), (True, False), dim=dim,
+                       dtype=jnp.float16)
+    config = fused_mosaic.MosaicConfig((8, q_tokens // 8), (8, kv_tokens // 8), stages)
+    assert "mosaic_gpu" in fused_mosaic.lower_for_gpu(problem, config).as_text()
+
+
+def test_three_stages_of_128x128_fit_at_d128_and_four_do_not():
+    from jna.backends import fused_mosaic
+
+    problem = _problem((4096,), 512)
+    fused_mosaic.lower_for_gpu(problem, fused_mosaic.MosaicConfig((128,), (128,), 3))
+    with pytest.raises(ValueError, match="shared memory"):
+        fused_mosaic.lower_for_gpu(problem, fused_mosaic.MosaicConfig((128,), (128,), 4))
+
+
+def test_default_config_and_support():
+    from jna.backends import fused_mosaic
+
+    for problem in (_problem((5, 6), 3, dim=64), _problem((30, 48, 80), (18, 24, 24)),
+                    _problem((32768,), 2048)):
+        config = fused_mosaic.default_config(problem)
+        assert config.q_tokens in (64, 128) and config.kv_tokens in (64, 128)
+    assert fused_mosaic.unsupported_reason(_problem((64,), 8, dim=32)) is not None
+    assert fused_mosaic.unsupported_reason(_problem((64,), 8, dtype=jnp.float32)) is not None
+    assert fused_mosaic.unsupported_reason(_problem((64,), 8)) is None
+
+
+if __name__ == "__main__":  # the simulation subprocess: one JSON line per case
+    for case in sys.argv[1:] or list(SIM_CASES):
+        print(json.dumps(_simulate(case)), flush=True)
