@@ -395,28 +395,44 @@ class _Layout:
 # ----------------------------------------------------------------------------------------------
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static):
-    cfg, plan, lay = st.config, st.plan, st.layout
-    f32 = st.dtype == jnp.float32
-    tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
+def _q_tile_program(st: _Static, tab_ref):
+    """Per-program state of a kernel over one Q tile (grid: Q tile, batch*group, head).
+
+    Returns the geometry, this program's per-axis Q tile ids, the tile-local key coordinates of
+    a KV tile, its queries' per-axis windows, the per-axis ``(first, count)`` KV tile ranges to
+    visit, and their product (the trip count).
+    """
+    plan, cfg = st.plan, st.config
     geo = _Geometry(st, tab_ref, pl.program_id(1))
     qt = _unravel(pl.program_id(0), [a.num_q_tiles for a in plan.axes])
     q_local = geo.local_coords(cfg.q_tile)
     k_local = geo.local_coords(cfg.kv_tile)
     windows = [geo.window(a, qt[a] * cfg.q_tile[a] + q_local[a]) for a in range(plan.rank)]
     ranges = [geo.kv_range(a, qt[a]) for a in range(plan.rank)]
-    counts = [c for _, c in ranges]
-    total = functools.reduce(lambda x, y: x * y, counts)
+    total = functools.reduce(lambda x, y: x * y, [c for _, c in ranges])
+    return geo, qt, k_local, windows, ranges, total
+
+
+def _visit(st: _Static, ranges, i, kind: str):
+    """Step ``i`` of the product of per-axis tile ranges: per-axis tile ids and in-kernel slices."""
+    tiles = _unravel(i, [c for _, c in ranges])
+    tiles = [first + t for (first, _), t in zip(ranges, tiles)]
+    counts = [a.num_kv_tiles if kind == "kv" else a.num_q_tiles for a in st.plan.axes]
+    return tiles, st.layout.slices(kind, tiles, _ravel(tiles, counts))
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static):
+    cfg, plan, lay = st.config, st.plan, st.layout
+    f32 = st.dtype == jnp.float32
+    tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
+    geo, qt, k_local, windows, ranges, total = _q_tile_program(st, tab_ref)
     qk_scale = st.scale * _LOG2E
 
     q = q_ref[...].reshape(tq, st.head_dim)
 
     def body(i, carry):
         acc, m, l, poisoned = carry
-        offs = _unravel(i, counts)
-        kt = [first + o for (first, _), o in zip(ranges, offs)]
-        kt_flat = _ravel(kt, [a.num_kv_tiles for a in plan.axes])
-        tile = lay.slices("kv", kt, kt_flat)
+        kt, tile = _visit(st, ranges, i, "kv")
         k = k_ref[(*tile, slice(None))].reshape(tk, st.head_dim)
         load_v = lambda: v_ref[(*tile, slice(None))].reshape(tk, st.value_dim)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
@@ -486,14 +502,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
     cfg, plan, lay = st.config, st.plan, st.layout
     f32 = st.dtype == jnp.float32
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
-    geo = _Geometry(st, tab_ref, pl.program_id(1))
-    qt = _unravel(pl.program_id(0), [a.num_q_tiles for a in plan.axes])
-    q_local = geo.local_coords(cfg.q_tile)
-    k_local = geo.local_coords(cfg.kv_tile)
-    windows = [geo.window(a, qt[a] * cfg.q_tile[a] + q_local[a]) for a in range(plan.rank)]
-    ranges = [geo.kv_range(a, qt[a]) for a in range(plan.rank)]
-    counts = [c for _, c in ranges]
-    total = functools.reduce(lambda x, y: x * y, counts)
+    geo, qt, k_local, windows, ranges, total = _q_tile_program(st, tab_ref)
     qk_scale = st.scale * _LOG2E
 
     q = q_ref[...].reshape(tq, st.head_dim)
@@ -502,10 +511,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
     delta = delta_ref[...].reshape(tq)
 
     def body(i, dq):
-        offs = _unravel(i, counts)
-        kt = [first + o for (first, _), o in zip(ranges, offs)]
-        kt_flat = _ravel(kt, [a.num_kv_tiles for a in plan.axes])
-        tile = lay.slices("kv", kt, kt_flat)
+        kt, tile = _visit(st, ranges, i, "kv")
         k = k_ref[(*tile, slice(None))].reshape(tk, st.head_dim)
         v = v_ref[(*tile, slice(None))].reshape(tk, st.value_dim)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
@@ -538,10 +544,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
 
     def q_tile_body(i, carry, head):
         dk, dv = carry
-        offs = _unravel(i, counts)
-        qt = [first + o for (first, _), o in zip(ranges, offs)]
-        qt_flat = _ravel(qt, [a.num_q_tiles for a in plan.axes])
-        tile = lay.slices("q", qt, qt_flat)
+        qt, tile = _visit(st, ranges, i, "q")
         q = q_ref[(*tile, head, slice(None))].reshape(tq, st.head_dim)
         do = do_ref[(*tile, head, slice(None))].reshape(tq, st.value_dim)
         lse2 = lse_ref[(*tile, head)].reshape(tq) * _LOG2E
