@@ -149,11 +149,11 @@ def benchmark(problem, backends: list[str], budget_s: float) -> list[dict]:
 
 def _markdown(meta: dict, rows: list[dict], memory: list[dict], tests: dict | None) -> str:
     lines = [
-        f"# jna GPU check",
+        "# jna GPU check",
         "",
         f"- device: {meta['device']}",
         f"- jax: {meta['jax']}; date: {meta['date']}; commit: {meta['commit']}",
-        f"- dtype: bfloat16; effective TFLOP/s: fwd = 4*B*H*N*prod(K)*D, fwd+bwd = 3.5x",
+        "- dtype: bfloat16; effective TFLOP/s: fwd = 4*B*H*N*prod(K)*D, fwd+bwd = 3.5x",
     ]
     if tests:
         lines.append(f"- GPU tests: {tests['summary']} (exit {tests['returncode']}, {tests['seconds']} s)")

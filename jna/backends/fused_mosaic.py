@@ -13,7 +13,7 @@ Same data flow as `jna.backends.fused_triton` (DESIGN.md section 2), built for H
 3. Consumers: ``S = Q K^T`` and ``O += P V`` with `plgpu.wgmma`, online softmax in float32
    registers (base 2, as the Triton kernel), the elementwise mask only on partial tile pairs
    (the plan's ``pair_full`` flags), built from the shared window functions through
-   `fused_triton._Geometry` (per query row: window bounds; per key column: tile-local
+   `jna.backends.tiling.Geometry` (per query row: window bounds; per key column: tile-local
    coordinates; the 2-D part is only compares).
 4. Output through SMEM + TMA; the float32 logsumexp is written ``[B*G, H, tokens]`` (so one
    warpgroup's 64 rows are one contiguous TMA box) and transposed in XLA.
@@ -47,13 +47,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jna import plan as planning
 from jna import semantics
 from jna.arguments import NAProblem
-from jna.backends import fused_triton as _ft
+from jna.backends import tiling
 
 NAME = "fused-mosaic"
 
-_LOG2E = _ft._LOG2E
-_LN2 = _ft._LN2
-_MASK_VALUE = _ft._MASK_VALUE
+_LOG2E = tiling.LOG2E
+_LN2 = tiling.LN2
+_MASK_VALUE = tiling.MASK_VALUE
 
 _ROWS = 64  # query rows per consumer warpgroup (the M of one wgmma)
 _WGMMA = plgpu.Layout.WGMMA
@@ -154,16 +154,16 @@ _CLASSES = (
 
 @functools.lru_cache(maxsize=1024)
 def _choose(params: semantics.NAParams) -> MosaicConfig:
-    caps = _ft._axis_caps(params)
+    caps = tiling.axis_caps(params)
     best, best_score = None, -1.0
     for q_tokens, kv_tokens, stages, speed in _CLASSES:
-        for q_tile in _ft._tile_shapes(q_tokens, caps):
-            for kv_tile in _ft._tile_shapes(kv_tokens, caps):
-                score = _ft.tile_efficiency(params, q_tile, kv_tile) * speed
+        for q_tile in tiling.tile_shapes(q_tokens, caps):
+            for kv_tile in tiling.tile_shapes(kv_tokens, caps):
+                score = tiling.tile_efficiency(params, q_tile, kv_tile) * speed
                 if score > best_score:
                     best_score, best = score, MosaicConfig(q_tile, kv_tile, stages)
     if best is None:  # the whole padded map holds fewer than 64 tokens: one 64-token tile
-        tile = _ft._fit_tile(tuple(caps), params, min_tokens=64)
+        tile = tiling.fit_tile(tuple(caps), params, min_tokens=64)
         best = MosaicConfig(tile, tile, 2)
     return best
 
@@ -180,7 +180,7 @@ def default_config(problem: NAProblem) -> MosaicConfig:
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-    """Everything static about one launch. ``plan`` is what `fused_triton._Geometry` reads."""
+    """Everything static about one launch. ``plan`` is what `jna.backends.tiling.Geometry` reads."""
 
     plan: planning.TilePlan
     heads: int
@@ -209,7 +209,7 @@ class _Static:
 
 
 def _pow2_unravel(index, radices):
-    """`fused_triton._unravel` for power-of-two radices and non-negative indices (shift, and)."""
+    """`jna.backends.tiling.unravel` for power-of-two radices and non-negative indices (shift, and)."""
     parts, shift = [], 0
     for r in reversed(radices):
         parts.append(lax.shift_right_logical(index, shift) & (r - 1) if shift else index & (r - 1))
@@ -234,16 +234,16 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
     wg = lax.axis_index("wg")
 
     # Plan lookups, shared by producer and consumers (a few scalar loads from GMEM).
-    geo = _ft._Geometry(st, tab_ref, bg)
-    qt = _ft._unravel(qt_flat, [a.num_q_tiles for a in plan.axes])
+    geo = tiling.Geometry(st.plan, tab_ref, bg)
+    qt = tiling.unravel(qt_flat, [a.num_q_tiles for a in plan.axes])
     ranges = [geo.kv_range(a, qt[a]) for a in range(rank)]
     counts = [c for _, c in ranges]
     total = functools.reduce(lambda x, y: x * y, counts)  # >= 1 for every Q tile
 
     def kv_tile(step):
-        offs = _ft._unravel(step, counts)
+        offs = tiling.unravel(step, counts)
         kt = [first + o for (first, _), o in zip(ranges, offs)]
-        return kt, _ft._ravel(kt, [a.num_kv_tiles for a in plan.axes])
+        return kt, tiling.ravel(kt, [a.num_kv_tiles for a in plan.axes])
 
     @pl.when(wg < nwg)
     def _consumer():
@@ -256,7 +256,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
         # Per query row: its window on each axis, in group coordinates (shared rules), with the
         # stop clamped to the group length (padding keys are never allowed).
         rows = plgpu.broadcasted_iota(jnp.int32, (_ROWS,), 0, layout=_WGMMA_ROW) + wg * _ROWS
-        q_local = _ft._unravel(rows, cfg.q_tile)
+        q_local = tiling.unravel(rows, cfg.q_tile)
         windows = []
         for a in range(rank):
             start, stop = geo.window(a, qt[a] * cfg.q_tile[a] + q_local[a])
@@ -593,13 +593,13 @@ def _sweep(problems, repeats: int = 10):
         q, k, v = (_random((b, *shape, h, d), jnp.bfloat16, s) for s in (1, 2, 3))
         problem = _problem_of(q, k, v, p["kernel_size"], p["stride"], p["dilation"], p["is_causal"])
         flops = 4.0 * b * h * math.prod(shape) * math.prod(p["kernel_size"]) * d
-        caps = _ft._axis_caps(problem.params)
+        caps = tiling.axis_caps(problem.params)
         for q_tokens, kv_tokens, stages, _ in _CLASSES:
-            shapes = [(qt, kt) for qt in _ft._tile_shapes(q_tokens, caps)
-                      for kt in _ft._tile_shapes(kv_tokens, caps)]
+            shapes = [(qt, kt) for qt in tiling.tile_shapes(q_tokens, caps)
+                      for kt in tiling.tile_shapes(kv_tokens, caps)]
             if not shapes:
                 continue
-            qt, kt = max(shapes, key=lambda s: _ft.tile_efficiency(problem.params, *s))
+            qt, kt = max(shapes, key=lambda s: tiling.tile_efficiency(problem.params, *s))
             config = MosaicConfig(qt, kt, stages)
             name = f"{q_tokens}/{kv_tokens}x{stages}"
             try:

@@ -34,14 +34,22 @@ from jax.experimental.pallas import triton as pltriton
 from jna import plan as planning
 from jna import semantics
 from jna.arguments import NAProblem
+from jna.backends.tiling import (
+    LN2 as _LN2,
+    LOG2E as _LOG2E,
+    MASK_VALUE as _MASK_VALUE,
+    Geometry,
+    axis_caps,
+    fit_tile,
+    ravel,
+    tile_efficiency,
+    tile_shapes,
+    unravel,
+)
 
 NAME = "fused-triton"
 
 MAX_HEAD_DIM = 256
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
-# Finite "minus infinity" for masked logits: keeps exp2(masked - max) at 0 without inf - inf.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _F32_MAX = float(np.finfo(np.float32).max)
 _CONFIG_FILE = pathlib.Path(__file__).resolve().parents[2] / "configs" / "fused_triton.json"
 
@@ -155,53 +163,15 @@ def override_config(config: TritonConfig):
         _override.pop()
 
 
-def _axis_caps(params: semantics.NAParams) -> list[int]:
-    """Largest useful tile extent per axis: the padded (power-of-two) longest group length."""
-    return [pl.next_power_of_2(math.ceil(n / d)) for n, d in zip(params.spatial_shape, params.dilation)]
-
-
-def _fit_tile(tile: tuple[int, ...], params: semantics.NAParams, min_tokens: int = 16) -> tuple[int, ...]:
-    """Shrinks tile extents beyond an axis' padded group length; grows to >= ``min_tokens``."""
-    fitted = [min(t, cap) for t, cap in zip(tile, _axis_caps(params))]
-    # Triton's dot needs at least 16 rows/columns: grow the last axes (padding) if needed.
-    axis = params.rank - 1
-    while math.prod(fitted) < min_tokens:
-        fitted[axis] *= 2
-        axis = (axis - 1) % params.rank
-    return tuple(fitted)
-
-
-def _tile_shapes(tokens: int, caps: list[int]):
-    """All per-axis power-of-two extents within ``caps`` whose product is ``tokens``."""
-    if len(caps) == 1:
-        if tokens <= caps[0]:
-            yield (tokens,)
-        return
-    t = 1
-    while t <= min(tokens, caps[0]):
-        for rest in _tile_shapes(tokens // t, caps[1:]):
-            yield (t, *rest)
-        t *= 2
-
-
-def tile_efficiency(params: semantics.NAParams, q_tile, kv_tile) -> float:
-    """Useful over computed (query, key) pairs of a tiling (see `jna.plan.axis_pair_counts`)."""
-    eff = 1.0
-    for a in range(params.rank):
-        useful, computed = planning.axis_pair_counts(*params.axis(a), q_tile[a], kv_tile[a])
-        eff *= useful / computed
-    return eff
-
-
 @functools.lru_cache(maxsize=1024)
 def _choose(params: semantics.NAParams, dim: int) -> TritonConfig:
     classes = [c for c in launch_classes() if dim <= c.max_head_dim]
     bucket = min(c.max_head_dim for c in classes)
-    caps = _axis_caps(params)
+    caps = axis_caps(params)
     best, best_score = None, -1.0
     for c in (c for c in classes if c.max_head_dim == bucket):
-        for q_tile in _tile_shapes(c.q_tokens, caps):
-            for kv_tile in _tile_shapes(c.kv_tokens, caps):
+        for q_tile in tile_shapes(c.q_tokens, caps):
+            for kv_tile in tile_shapes(c.kv_tokens, caps):
                 score = tile_efficiency(params, q_tile, kv_tile) * c.speed
                 if score > best_score:
                     best_score = score
@@ -209,7 +179,7 @@ def _choose(params: semantics.NAParams, dim: int) -> TritonConfig:
                                         c.bwd_num_stages)
     if best is None:  # the whole (padded) map is smaller than every tile class: one tile per group
         c = min((c for c in classes if c.max_head_dim == bucket), key=lambda c: c.q_tokens)
-        tile = _fit_tile(tuple(caps), params)
+        tile = fit_tile(tuple(caps), params)
         best = TritonConfig(tile, tile, c.num_warps, c.num_stages, c.bwd_num_warps, c.bwd_num_stages)
     return best
 
@@ -226,8 +196,8 @@ def default_config(problem: NAProblem) -> TritonConfig:
             raise ValueError(f"tile config {base} does not have {problem.rank} axes")
         return dataclasses.replace(
             base,
-            q_tile=_fit_tile(base.q_tile, problem.params),
-            kv_tile=_fit_tile(base.kv_tile, problem.params),
+            q_tile=fit_tile(base.q_tile, problem.params),
+            kv_tile=fit_tile(base.kv_tile, problem.params),
         )
     return _choose(problem.params, max(problem.head_dim, problem.value_dim))
 
@@ -256,77 +226,6 @@ class _Static:
     @property
     def group(self) -> int:
         return self.heads // self.kv_heads
-
-
-def _unravel(index, radices):
-    """Row-major unravel of a scalar index over static or dynamic radices (last fastest)."""
-    parts = []
-    for r in reversed(radices):
-        parts.append(index % r)
-        index = index // r
-    return parts[::-1]
-
-
-def _ravel(parts, radices):
-    flat = 0
-    for p, r in zip(parts, radices):
-        flat = flat * r + p
-    return flat
-
-
-def _table(tab_ref, offset, index):
-    return tab_ref[offset + index]
-
-
-class _Geometry:
-    """In-kernel view of the plan: group lengths, tile coordinates, ranges, masks."""
-
-    def __init__(self, st: _Static, tab_ref, bg):
-        self.st, self.plan, self.tab = st, st.plan, tab_ref
-        axes = self.plan.axes
-        g = bg % self.plan.num_groups
-        self.g = _unravel(g, [a.dilation for a in axes])
-        # Length of this dilation group on each axis (a traced scalar).
-        self.lg = [semantics.group_length(ga, a.length, a.dilation) for ga, a in zip(self.g, axes)]
-
-    # Per-axis local token coordinates inside a tile: [tokens] int32 vectors.
-    @staticmethod
-    def local_coords(tile: tuple[int, ...]):
-        r = jnp.arange(math.prod(tile), dtype=jnp.int32)
-        return _unravel(r, tile)
-
-    def kv_range(self, a: int, qt_a):
-        ax, off = self.plan.axes[a], self.plan.offsets[a]
-        idx = self.g[a] * ax.num_q_tiles + qt_a
-        return _table(self.tab, off[0], idx), _table(self.tab, off[1], idx)
-
-    def q_range(self, a: int, kt_a):
-        ax, off = self.plan.axes[a], self.plan.offsets[a]
-        idx = self.g[a] * ax.num_kv_tiles + kt_a
-        return _table(self.tab, off[2], idx), _table(self.tab, off[3], idx)
-
-    def full(self, qt, kt):
-        """1 when tile pair (qt, kt) (per-axis lists) needs no mask on any axis."""
-        flag = None
-        for a, ax in enumerate(self.plan.axes):
-            idx = (self.g[a] * ax.num_q_tiles + qt[a]) * ax.num_kv_tiles + kt[a]
-            f = _table(self.tab, self.plan.offsets[a][4], idx)
-            flag = f if flag is None else flag * f
-        return flag
-
-    def window(self, a: int, x):
-        """Window [start, stop) of group coordinates ``x`` on axis ``a`` (shared rules)."""
-        ax = self.plan.axes[a]
-        args = (self.lg[a], ax.kernel_size, ax.stride, 1, ax.is_causal)
-        return semantics.window_start(x, *args, xp=jnp), semantics.window_stop(x, *args, xp=jnp)
-
-    def mask(self, windows, y):
-        """Allowed [TQ, TK] from per-axis query windows ([TQ] pairs) and key coords ([TK])."""
-        allowed = None
-        for a, ((start, stop), ya) in enumerate(zip(windows, y)):
-            ok = (start[:, None] <= ya[None, :]) & (ya[None, :] < stop[:, None]) & (ya[None, :] < self.lg[a])
-            allowed = ok if allowed is None else allowed & ok
-        return allowed
 
 
 def _dot(a, b, trans_a=False, trans_b=False, f32=False):
@@ -375,7 +274,7 @@ class _Layout:
 
     def index(self, kind, t) -> tuple:
         if self.direct:
-            return tuple(_unravel(t, self._tiles(kind)[1]))
+            return tuple(unravel(t, self._tiles(kind)[1]))
         return (t,)
 
     def zeros(self, kind) -> tuple:
@@ -403,8 +302,8 @@ def _q_tile_program(st: _Static, tab_ref):
     visit, and their product (the trip count).
     """
     plan, cfg = st.plan, st.config
-    geo = _Geometry(st, tab_ref, pl.program_id(1))
-    qt = _unravel(pl.program_id(0), [a.num_q_tiles for a in plan.axes])
+    geo = Geometry(st.plan, tab_ref, pl.program_id(1))
+    qt = unravel(pl.program_id(0), [a.num_q_tiles for a in plan.axes])
     q_local = geo.local_coords(cfg.q_tile)
     k_local = geo.local_coords(cfg.kv_tile)
     windows = [geo.window(a, qt[a] * cfg.q_tile[a] + q_local[a]) for a in range(plan.rank)]
@@ -415,14 +314,14 @@ def _q_tile_program(st: _Static, tab_ref):
 
 def _visit(st: _Static, ranges, i, kind: str):
     """Step ``i`` of the product of per-axis tile ranges: per-axis tile ids and in-kernel slices."""
-    tiles = _unravel(i, [c for _, c in ranges])
+    tiles = unravel(i, [c for _, c in ranges])
     tiles = [first + t for (first, _), t in zip(ranges, tiles)]
     counts = [a.num_kv_tiles if kind == "kv" else a.num_q_tiles for a in st.plan.axes]
-    return tiles, st.layout.slices(kind, tiles, _ravel(tiles, counts))
+    return tiles, st.layout.slices(kind, tiles, ravel(tiles, counts))
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static):
-    cfg, plan, lay = st.config, st.plan, st.layout
+    cfg, plan = st.config, st.plan
     f32 = st.dtype == jnp.float32
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
     geo, qt, k_local, windows, ranges, total = _q_tile_program(st, tab_ref)
@@ -487,7 +386,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static
     lse_ref[...] = ((m + jnp.log2(l)) * _LN2).reshape(lse_ref.shape)
 
 
-def _masked_probs(geo: _Geometry, qt, kt, windows, y, s, lse2):
+def _masked_probs(geo: Geometry, qt, kt, windows, y, s, lse2):
     """Softmax probabilities ``exp2(s - lse)`` of a tile pair, zero where the mask forbids."""
     p = jnp.exp2(s - lse2[:, None])
     return jax.lax.cond(
@@ -499,7 +398,7 @@ def _masked_probs(geo: _Geometry, qt, kt, windows, y, s, lse2):
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref, *, st: _Static):
-    cfg, plan, lay = st.config, st.plan, st.layout
+    cfg, plan = st.config, st.plan
     f32 = st.dtype == jnp.float32
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
     geo, qt, k_local, windows, ranges, total = _q_tile_program(st, tab_ref)
@@ -526,11 +425,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref, dv_ref, *, st: _Static):
-    cfg, plan, lay = st.config, st.plan, st.layout
+    cfg, plan = st.config, st.plan
     f32 = st.dtype == jnp.float32
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
-    geo = _Geometry(st, tab_ref, pl.program_id(1))
-    kt = _unravel(pl.program_id(0), [a.num_kv_tiles for a in plan.axes])
+    geo = Geometry(st.plan, tab_ref, pl.program_id(1))
+    kt = unravel(pl.program_id(0), [a.num_kv_tiles for a in plan.axes])
     q_local = geo.local_coords(cfg.q_tile)
     k_local = geo.local_coords(cfg.kv_tile)
     y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]

@@ -16,7 +16,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jna import semantics
 from jna.arguments import NAProblem

@@ -1,0 +1,133 @@
+"""Backend-neutral pieces shared by the fused kernels (Triton and Mosaic GPU).
+
+Host side: the tile-shape search space (`axis_caps`, `tile_shapes`, `fit_tile`) and the tile
+efficiency that scores it. In kernels: `Geometry`, the in-kernel view of a `jna.plan.TilePlan`
+(this program's dilation group and group lengths, the per-axis visit ranges and full flags read
+from the packed plan tables, and the edge masks built from the window functions of
+`jna.semantics`), plus `unravel`/`ravel` for tile and step indices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from jna import plan as planning
+from jna import semantics
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+# Finite "minus infinity" for masked logits: keeps exp2(masked - max) at 0 without inf - inf.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def axis_caps(params: semantics.NAParams) -> list[int]:
+    """Largest useful tile extent per axis: the padded (power-of-two) longest group length."""
+    return [pl.next_power_of_2(math.ceil(n / d)) for n, d in zip(params.spatial_shape, params.dilation)]
+
+
+def fit_tile(tile: tuple[int, ...], params: semantics.NAParams, min_tokens: int = 16) -> tuple[int, ...]:
+    """Shrinks tile extents beyond an axis' padded group length; grows to >= ``min_tokens``."""
+    fitted = [min(t, cap) for t, cap in zip(tile, axis_caps(params))]
+    # Triton's dot needs at least 16 rows/columns: grow the last axes (padding) if needed.
+    axis = params.rank - 1
+    while math.prod(fitted) < min_tokens:
+        fitted[axis] *= 2
+        axis = (axis - 1) % params.rank
+    return tuple(fitted)
+
+
+def tile_shapes(tokens: int, caps: list[int]):
+    """All per-axis power-of-two extents within ``caps`` whose product is ``tokens``."""
+    if len(caps) == 1:
+        if tokens <= caps[0]:
+            yield (tokens,)
+        return
+    t = 1
+    while t <= min(tokens, caps[0]):
+        for rest in tile_shapes(tokens // t, caps[1:]):
+            yield (t, *rest)
+        t *= 2
+
+
+def tile_efficiency(params: semantics.NAParams, q_tile, kv_tile) -> float:
+    """Useful over computed (query, key) pairs of a tiling (see `jna.plan.axis_pair_counts`)."""
+    eff = 1.0
+    for a in range(params.rank):
+        useful, computed = planning.axis_pair_counts(*params.axis(a), q_tile[a], kv_tile[a])
+        eff *= useful / computed
+    return eff
+
+
+def unravel(index, radices):
+    """Row-major unravel of a scalar index over static or dynamic radices (last fastest)."""
+    parts = []
+    for r in reversed(radices):
+        parts.append(index % r)
+        index = index // r
+    return parts[::-1]
+
+
+def ravel(parts, radices):
+    flat = 0
+    for p, r in zip(parts, radices):
+        flat = flat * r + p
+    return flat
+
+
+def _table(tab_ref, offset, index):
+    return tab_ref[offset + index]
+
+
+class Geometry:
+    """In-kernel view of the plan: group lengths, tile coordinates, ranges, masks."""
+
+    def __init__(self, plan: planning.TilePlan, tab_ref, bg):
+        self.plan, self.tab = plan, tab_ref
+        axes = self.plan.axes
+        g = bg % self.plan.num_groups
+        self.g = unravel(g, [a.dilation for a in axes])
+        # Length of this dilation group on each axis (a traced scalar).
+        self.lg = [semantics.group_length(ga, a.length, a.dilation) for ga, a in zip(self.g, axes)]
+
+    # Per-axis local token coordinates inside a tile: [tokens] int32 vectors.
+    @staticmethod
+    def local_coords(tile: tuple[int, ...]):
+        r = jnp.arange(math.prod(tile), dtype=jnp.int32)
+        return unravel(r, tile)
+
+    def kv_range(self, a: int, qt_a):
+        ax, off = self.plan.axes[a], self.plan.offsets[a]
+        idx = self.g[a] * ax.num_q_tiles + qt_a
+        return _table(self.tab, off[0], idx), _table(self.tab, off[1], idx)
+
+    def q_range(self, a: int, kt_a):
+        ax, off = self.plan.axes[a], self.plan.offsets[a]
+        idx = self.g[a] * ax.num_kv_tiles + kt_a
+        return _table(self.tab, off[2], idx), _table(self.tab, off[3], idx)
+
+    def full(self, qt, kt):
+        """1 when tile pair (qt, kt) (per-axis lists) needs no mask on any axis."""
+        flag = None
+        for a, ax in enumerate(self.plan.axes):
+            idx = (self.g[a] * ax.num_q_tiles + qt[a]) * ax.num_kv_tiles + kt[a]
+            f = _table(self.tab, self.plan.offsets[a][4], idx)
+            flag = f if flag is None else flag * f
+        return flag
+
+    def window(self, a: int, x):
+        """Window [start, stop) of group coordinates ``x`` on axis ``a`` (shared rules)."""
+        ax = self.plan.axes[a]
+        args = (self.lg[a], ax.kernel_size, ax.stride, 1, ax.is_causal)
+        return semantics.window_start(x, *args, xp=jnp), semantics.window_stop(x, *args, xp=jnp)
+
+    def mask(self, windows, y):
+        """Allowed [TQ, TK] from per-axis query windows ([TQ] pairs) and key coords ([TK])."""
+        allowed = None
+        for a, ((start, stop), ya) in enumerate(zip(windows, y)):
+            ok = (start[:, None] <= ya[None, :]) & (ya[None, :] < stop[:, None]) & (ya[None, :] < self.lg[a])
+            allowed = ok if allowed is None else allowed & ok
+        return allowed
