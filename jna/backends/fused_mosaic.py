@@ -47,6 +47,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jna import plan as planning
 from jna import semantics
 from jna.arguments import NAProblem
+from jna.backends import device
 from jna.backends import tiling
 
 NAME = "fused-mosaic"
@@ -68,24 +69,13 @@ _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # ----------------------------------------------------------------------------------------------
 
 
-def _device():
-    return jax.devices()[0]
-
-
 def _interpret() -> bool:
-    return _device().platform == "cpu"
+    return device.emulated()
 
 
 def is_available() -> tuple[bool, str]:
-    device = _device()
-    if device.platform == "cpu":
-        return True, "Mosaic GPU simulator on CPU"
-    if device.platform != "gpu":
-        return False, f"needs an NVIDIA Hopper GPU (sm90) or a CPU (simulator); found {device.platform}"
-    cc = getattr(device, "compute_capability", None)
-    if cc is None or not 9.0 <= float(cc) < 10.0:
-        return False, f"needs an NVIDIA Hopper GPU (sm90, wgmma); found {device.device_kind} ({cc})"
-    return True, ""
+    return device.gpu_availability(9.0, 10.0, "an NVIDIA Hopper GPU (sm90, wgmma)",
+                                   "Mosaic GPU simulator on CPU")
 
 
 def runs_natively() -> bool:
@@ -683,8 +673,8 @@ def _main(argv=None) -> int:
     parser.add_argument("--sweep", action="store_true",
                         help="also time every tile class per problem (calibration; several minutes)")
     args = parser.parse_args(argv)
-    device = _device()
-    print(f"jax {jax.__version__} on {device.device_kind} ({device.platform}); "
+    dev = device.default_device()
+    print(f"jax {jax.__version__} on {dev.device_kind} ({dev.platform}); "
           f"fused-mosaic: {is_available()}")
     if not runs_natively():
         print("fused-mosaic needs a Hopper GPU for this script; on CPU run "

@@ -34,6 +34,7 @@ from jax.experimental.pallas import triton as pltriton
 from jna import plan as planning
 from jna import semantics
 from jna.arguments import NAProblem
+from jna.backends import device
 from jna.backends.tiling import (
     LN2 as _LN2,
     LOG2E as _LOG2E,
@@ -59,24 +60,13 @@ _CONFIG_FILE = pathlib.Path(__file__).resolve().parents[2] / "configs" / "fused_
 # ----------------------------------------------------------------------------------------------
 
 
-def _device():
-    return jax.devices()[0]
-
-
 def _interpret() -> bool:
-    return _device().platform == "cpu"
+    return device.emulated()
 
 
 def is_available() -> tuple[bool, str]:
-    device = _device()
-    if device.platform == "cpu":
-        return True, "interpret mode on CPU"
-    if device.platform != "gpu":
-        return False, f"needs an NVIDIA GPU (sm80+) or a CPU (interpret mode); found {device.platform}"
-    cc = getattr(device, "compute_capability", None)
-    if cc is None or float(cc) < 8.0:
-        return False, f"needs an NVIDIA GPU of compute capability >= 8.0; found {device.device_kind} ({cc})"
-    return True, ""
+    return device.gpu_availability(8.0, float("inf"), "an NVIDIA GPU of compute capability >= 8.0",
+                                   "interpret mode on CPU")
 
 
 def runs_natively() -> bool:
