@@ -114,6 +114,17 @@ def _triton_tiles(problem) -> str:
     return f"q{'x'.join(map(str, cfg.q_tile))} kv{'x'.join(map(str, cfg.kv_tile))} eff {eff:.2f}"
 
 
+def _mosaic_tiles(problem) -> str:
+    """The fused-mosaic tile choice for a problem and its tile efficiency."""
+    from jna.backends import fused_mosaic as fm
+    params = jna.semantics.normalize_params(problem.shape, problem.kernel_size, problem.stride,
+                                            problem.dilation, problem.is_causal)
+    cfg = fm._choose(params)
+    eff = fm.tiling.tile_efficiency(params, cfg.q_tile, cfg.kv_tile)
+    return (f"q{'x'.join(map(str, cfg.q_tile))} kv{'x'.join(map(str, cfg.kv_tile))} "
+            f"s{cfg.num_stages} eff {eff:.2f}")
+
+
 def benchmark(problem, backends: list[str], budget_s: float) -> list[dict]:
     q, k, v, dout = problem.inputs()
     rows = []
@@ -134,6 +145,8 @@ def benchmark(problem, backends: list[str], budget_s: float) -> list[dict]:
                 traceback.print_exc()
         if name == "fused-triton":
             row["tiles"] = _triton_tiles(problem)
+        if name == "fused-mosaic":
+            row["tiles"] = _mosaic_tiles(problem)
         rows.append(row)
         _log(row)
     dense = rows[0]

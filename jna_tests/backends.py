@@ -33,6 +33,8 @@ class Capabilities:
       interpreted_on_cpu: a Pallas backend that only interprets on CPU; large-problem tests
         (e.g. the 65k-token memory check) leave it out there.
       lowp_rtol: relative L2 bound for bf16/fp16 outputs and gradients (DESIGN.md section 5).
+      same_value_dim: the backend needs D_v == D (the sweep draws equal dims; edge cases are
+        run at ``head_dims[0]``).
     """
 
     dtypes: tuple = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -45,19 +47,21 @@ class Capabilities:
     platforms: tuple = ("cpu", "gpu")
     lowp_rtol: float = 1e-2
     interpreted_on_cpu: bool = False
+    same_value_dim: bool = False
 
 
 BACKENDS: dict[str, Capabilities] = {
     "reference": Capabilities(),
     "fused-triton": Capabilities(max_tokens=400, cases=(8, 6, 5), lowp_cases=(1, 1, 1),
                                  interpreted_on_cpu=True),
-    # Later, e.g.:
-    # "unfused": Capabilities(max_tokens=300, cases=(6, 4, 3), interpreted_on_cpu=True),
-    # "fused-mosaic": Capabilities(dtypes=(jnp.float16, jnp.bfloat16), platforms=("gpu",)),
+    # Hopper only (the CPU suite runs its kernels in the Mosaic GPU simulator instead:
+    # jna_tests/test_fused_mosaic_sim.py).
+    "fused-mosaic": Capabilities(dtypes=(jnp.bfloat16, jnp.float16), head_dims=(64, 128),
+                                 same_value_dim=True, lowp_cases=(5, 4, 3), platforms=("gpu",)),
 }
 
 # Names the library knows but has not built yet: asking for them is a NotImplementedError.
-NOT_YET_BUILT: tuple[str, ...] = ("fused-mosaic", "unfused")
+NOT_YET_BUILT: tuple[str, ...] = ("unfused",)
 
 
 def _platform() -> str:

@@ -1,11 +1,13 @@
-"""CPU checks of the fused-mosaic forward kernel (`jna.backends.fused_mosaic`), no GPU needed.
+"""CPU checks of the fused-mosaic kernels (`jna.backends.fused_mosaic`), no GPU needed.
 
 1. Simulation: tiny 1-D/2-D/3-D problems (stride, dilation, causal, GQA, padding, one and two
    consumer warpgroups, 2 and 3 pipeline stages, ring wrap-around, bf16 and fp16, D 64 and 128)
-   run in the Mosaic GPU simulator (`plgpu.InterpretGPUParams`, race detection on) and are
-   compared with the float64 oracle and the reference backend. The simulator runs the same
-   kernel except for how ``P V`` is accumulated (see the backend's docstring).
-2. Lowering: the GPU variant of the kernel (P from registers, in-place accumulation) is lowered
+   run forward and backward in the Mosaic GPU simulator (`plgpu.InterpretGPUParams`, race
+   detection on) and are compared with the float64 oracle (out, lse, dq, dk, dv for random
+   cotangents of out and lse) and the reference backend. The simulator runs the same kernels
+   except for how register operands of wgmma are fed (see the backend's docstring).
+2. Lowering: the GPU variant of the kernels (operands from registers, in-place accumulation),
+   forward and backward, is lowered
    for CUDA on this CPU machine for every public problem with head_dim 64/128 and for every
    tile class; Mosaic GPU checks layouts, wgmma operand shapes, TMA boxes and the SMEM budget
    at that point. Only PTX/SASS compilation and the run itself are left for the GPU.
@@ -58,6 +60,7 @@ LSE_ATOL = 2e-2
 
 def _simulate(name: str) -> dict:
     """Runs one case in the simulator (in the subprocess); returns its errors."""
+    import jax
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -65,7 +68,7 @@ def _simulate(name: str) -> dict:
     from jna.arguments import check_call
     from jna.backends import fused_mosaic
     from jna_tests import oracle
-    from jna_tests.common import make_inputs, oracle_fwd
+    from jna_tests.common import make_inputs, oracle_bwd, oracle_fwd
 
     cfg, q_tile, kv_tile, stages, dtype = SIM_CASES[name]
     inp = make_inputs(cfg, jnp.dtype(dtype), seed=len(name))
@@ -73,12 +76,16 @@ def _simulate(name: str) -> dict:
                          cfg.is_causal, None, None, None, None)
     config = fused_mosaic.MosaicConfig(q_tile, kv_tile, stages)
     start = time.perf_counter()
-    out, lse = fused_mosaic._run(inp.q, inp.k, inp.v, problem, config,
-                                 plgpu.InterpretGPUParams(detect_races=True))
+    sim = plgpu.InterpretGPUParams(detect_races=True)
+    (out, lse), vjp = jax.vjp(lambda q, k, v: fused_mosaic._run(q, k, v, problem, config, sim),
+                              inp.q, inp.k, inp.v)
+    grads = vjp((inp.dout.astype(out.dtype), inp.dlse))
     out, lse = np.asarray(out.astype(jnp.float32), np.float64), np.asarray(lse, np.float64)
+    grads = [np.asarray(g.astype(jnp.float32), np.float64) for g in grads]
     seconds = time.perf_counter() - start
     races = bool(interpret_pallas_call.get_races().races_found)
     o_out, o_lse = oracle_fwd(cfg, inp)
+    o_grads = oracle_bwd(cfg, inp)[:3]
     up = lambda x: x.astype(jnp.float32)
     r_out, r_lse = jna.neighborhood_attention(up(inp.q), up(inp.k), up(inp.v), **cfg.na_kwargs(),
                                               return_lse=True, backend="reference")
@@ -87,7 +94,8 @@ def _simulate(name: str) -> dict:
         name=name,
         seconds=seconds,
         races=races,
-        finite=bool(np.all(np.isfinite(out)) and np.all(np.isfinite(lse))),
+        finite=bool(all(np.all(np.isfinite(x)) for x in (out, lse, *grads))),
+        grad_rel_l2=[nan_inf(oracle.rel_l2(g, w)) for g, w in zip(grads, o_grads)],
         out_rel_l2=nan_inf(oracle.rel_l2(out, o_out)),
         lse_abs=nan_inf(np.max(np.abs(lse - o_lse))),
         ref_out_rel_l2=nan_inf(oracle.rel_l2(out, np.asarray(r_out, np.float64))),
@@ -109,7 +117,7 @@ def simulated():
     env = dict(os.environ, JAX_PLATFORMS="cpu", NPROC=os.environ.get("JNA_SIM_NPROC", "8"))
     proc = subprocess.run(
         [sys.executable, "-m", "jna_tests.test_fused_mosaic_sim", *SIM_CASES],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=900,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     results = {}
@@ -139,6 +147,9 @@ def test_simulated_kernel_matches_oracle(simulated):
         if r["out_rel_l2"] > RTOL or r["ref_out_rel_l2"] > RTOL:
             problems.append(f"out rel L2 {r['out_rel_l2']:.3g} (oracle), "
                             f"{r['ref_out_rel_l2']:.3g} (reference)")
+        for g, err in zip(("dq", "dk", "dv"), r["grad_rel_l2"]):
+            if err > RTOL:
+                problems.append(f"{g} rel L2 {err:.3g} (oracle)")
         if r["lse_abs"] > LSE_ATOL or r["ref_lse_abs"] > LSE_ATOL:
             problems.append(f"lse abs err {r['lse_abs']:.3g} (oracle), {r['ref_lse_abs']:.3g} (reference)")
         if problems:
@@ -197,8 +208,8 @@ def test_public_problem_lowers_for_gpu(name):
     p = next(p for p in _public_problems() if p["name"] == name)
     problem = _problem(p["shape"], p["kernel_size"], p["stride"], p["dilation"], p["is_causal"],
                        heads=p["heads"], kv_heads=p["heads"], dim=p["head_dim"], batch=p["batch"])
-    text = fused_mosaic.lower_for_gpu(problem).as_text()
-    assert "mosaic_gpu" in text
+    text = fused_mosaic.lower_for_gpu(problem, backward=True).as_text()
+    assert text.count("mosaic_gpu") >= 3  # forward, dQ, dK/dV
 
 
 @pytest.mark.parametrize("dim", [64, 128])
@@ -210,7 +221,7 @@ def test_tile_classes_lower_for_gpu(tokens, dim):
     problem = _problem((48, 40), (13, 9), (1, 3), (1, 2), (True, False), dim=dim,
                        dtype=jnp.float16)
     config = fused_mosaic.MosaicConfig((8, q_tokens // 8), (8, kv_tokens // 8), stages)
-    assert "mosaic_gpu" in fused_mosaic.lower_for_gpu(problem, config).as_text()
+    assert fused_mosaic.lower_for_gpu(problem, config, backward=True).as_text().count("mosaic_gpu") >= 3
 
 
 def test_three_stages_of_128x128_fit_at_d128_and_four_do_not():

@@ -36,7 +36,34 @@ CASES = {
     "2d": ((64, 64), (13, 9), (1, 3), (1, 2), (False, False), 4, 2, 128, 64),
     "2d-causal": ((40, 56), 11, 2, 1, (True, False), 2, 2, 64, 64),
     "3d": ((12, 16, 20), (5, 7, 6), (2, 1, 3), (1, 2, 1), (True, False, False), 4, 2, 32, 32),
+    "2d-d64": ((64, 64), (13, 9), (1, 3), (1, 2), (False, False), 4, 2, 64, 64),
+    "3d-d128": ((12, 16, 20), (5, 7, 6), (2, 1, 3), (1, 2, 1), (True, False, False), 4, 2, 128, 128),
 }
+
+
+def _problem(case, dtype, batch=2):
+    from jna import semantics
+    from jna.arguments import NAProblem
+
+    shape, ks, st, dl, ca, heads, kv_heads, dim, vdim = CASES[case]
+    params = semantics.normalize_params(shape, ks, st, dl, ca)
+    return NAProblem(params, batch, heads, kv_heads, dim, vdim, jnp.dtype(dtype), dim ** -0.5, 0)
+
+
+def _supported(backend, case, dtype) -> bool:
+    """Whether ``backend`` takes the case (fused-mosaic: bf16/fp16 and D = D_v in {64, 128})."""
+    from jna import backends
+
+    return backends._load(backend).unsupported_reason(_problem(case, dtype)) is None
+
+
+def _large_cases():
+    for backend in KERNEL_BACKENDS:
+        for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+            for case in sorted(CASES):
+                if _supported(backend, case, dtype):
+                    yield pytest.param(case, dtype, backend,
+                                       id=f"{backend}-{jnp.dtype(dtype).name}-{case}")
 
 
 def _rel_l2(got, want):
@@ -44,9 +71,7 @@ def _rel_l2(got, want):
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case,dtype,backend", list(_large_cases()))
 def test_large_against_reference(case, dtype, backend):
     shape, ks, st, dl, ca, heads, kv_heads, dim, vdim = CASES[case]
     keys = jax.random.split(jax.random.key(sorted(CASES).index(case)), 5)
@@ -82,7 +107,7 @@ def test_large_against_reference(case, dtype, backend):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_deterministic(backend):
     """Same inputs, bitwise-identical outputs and gradients across runs (no atomics)."""
-    shape, ks, st, dl, ca, heads, kv_heads, dim, vdim = CASES["2d"]
+    shape, ks, st, dl, ca, heads, kv_heads, dim, vdim = CASES["2d-d64"]
     keys = jax.random.split(jax.random.key(1), 3)
     q = jax.random.normal(keys[0], (1, *shape, heads, dim), jnp.bfloat16)
     k = jax.random.normal(keys[1], (1, *shape, kv_heads, dim), jnp.bfloat16)
@@ -95,3 +120,29 @@ def test_deterministic(backend):
         again = [np.asarray(x) for x in grad(q, k, v)]
         for a, b in zip(first, again):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_video_scale_index_arithmetic(backend):
+    """``B * N * H * D > 2**31`` elements in q: the last batch element's output and gradients
+    equal those of a call on that element alone (bitwise: same kernel, same tiles), so no
+    index or offset wraps around. 3-D map 16x64x64, H 8 (MQA: one kv head), D 128, B 33."""
+    shape, ks, heads, dim, batch = (16, 64, 64), (3, 7, 7), 8, 128, 33
+    assert batch * np.prod(shape) * heads * dim > 2**31
+    keys = jax.random.split(jax.random.key(7), 4)
+    q = jax.random.normal(keys[0], (batch, *shape, heads, dim), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (batch, *shape, 1, dim), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (batch, *shape, 1, dim), jnp.bfloat16)
+    dout = jax.random.normal(keys[3], (batch, *shape, heads, dim), jnp.bfloat16)
+    fn = functools.partial(jna.na3d, kernel_size=ks, backend=backend)
+
+    def out_and_grads(q, k, v, dout):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out[-1], *(g[-1] for g in vjp(dout))
+
+    big = [np.asarray(x) for x in jax.jit(out_and_grads)(q, k, v, dout)]
+    small = [np.asarray(x) for x in jax.jit(out_and_grads)(q[-1:], k[-1:], v[-1:], dout[-1:])]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), big, small):
+        assert np.all(np.isfinite(a.astype(np.float32))), name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+

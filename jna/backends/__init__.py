@@ -20,7 +20,7 @@ from jna.arguments import NAProblem
 # Every backend name jna knows, with the module that implements it (None: planned, not built).
 _MODULES: dict[str, str | None] = {
     "reference": "jna.backends.reference",
-    "fused-mosaic": None,
+    "fused-mosaic": "jna.backends.fused_mosaic",
     "fused-triton": "jna.backends.fused_triton",
     "unfused": None,
 }

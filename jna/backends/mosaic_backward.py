@@ -1,0 +1,312 @@
+"""The fused Mosaic GPU backward kernels: dQ over each Q tile's KV visit list, dK/dV over each
+KV tile's transposed list (DESIGN.md section 2). Deterministic: no atomics; GQA sums dK/dV over
+the query heads of a group inside the kernel.
+
+Both kernels are warp specialized like the forward: consumer warpgroups own 64 rows of the
+CTA's tile (Q rows for dQ, K/V rows for dK/dV), a producer warpgroup streams the visited tiles
+with TMA into a 2-stage SMEM ring. The visited tiles are processed in 64-token sub-tiles, so a
+consumer holds at most two ``[64, 64]`` float32 score blocks beside its ``[64, D]`` accumulators
+(dK and dV together are 128 registers per thread at D=128).
+
+With ``c = scale * log2(e)`` and the forward's logsumexp ``lse`` (natural log):
+``P = exp2(S c - lse log2 e)``, ``dP = dO V^T``, ``dS = P (dP - delta)`` with
+``delta = rowsum(dO * O) - dlse``; ``dQ = scale dS K``, ``dK = scale dS^T Q``, ``dV = P^T dO``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jna.backends import tiling
+from jna.backends.mosaic_common import (
+    ROWS, WGMMA, WGMMA_COL, WGMMA_ROW, Static, iota, key_coords, kv_tile_visits, mask_logits,
+    q_tile_visits, query_windows, smem,
+)
+
+_LOG2E = tiling.LOG2E
+_STAGES = 2
+_SUB = 64  # tokens per sub-tile of a visited tile
+
+
+def _accumulate(st: Static, acc, a, b_ref, staging):
+    """``acc + a @ b_ref`` with ``a`` in registers (GPU) or staged through SMEM (simulator)."""
+    if not st.simulated:
+        def mma(acc_ref):
+            plgpu.wgmma(acc_ref, a, b_ref)
+
+        return pl.run_state(mma)(plgpu.ACC.init(acc))
+    staging[...] = a
+    plgpu.commit_smem()
+
+    def mma(acc_ref):
+        plgpu.wgmma(acc_ref, staging, b_ref)
+        return acc_ref[...]
+
+    return acc + pl.run_scoped(mma, plgpu.ACC(acc.shape, jnp.float32))
+
+
+def _two_products(a1, b1, a2, b2, n: int):
+    """``(a1 @ b1, a2 @ b2)``, ``[64, n]`` float32 each, both wgmmas in flight before one wait."""
+    def mma(r1, r2):
+        plgpu.wgmma(r1, a1, b1)
+        plgpu.wgmma(r2, a2, b2)
+        return r1[...], r2[...]
+
+    return pl.run_scoped(mma, plgpu.ACC((ROWS, n), jnp.float32), plgpu.ACC((ROWS, n), jnp.float32))
+
+
+def _producer(total, issue_step, free):
+    """Fills the ring: step ``i`` goes to slot ``i % 2`` once its previous reader released it."""
+    for i in range(_STAGES):
+        pl.when(i < total)(functools.partial(issue_step, i, i))
+
+    @pl.loop(0, total - _STAGES)
+    def _(i):
+        slot = lax.rem(i, _STAGES)
+        plgpu.barrier_wait(free.at[slot])
+        issue_step(i + _STAGES, slot)
+
+    for s in range(_STAGES):  # drain (see mosaic_forward)
+        pl.when(s < total)(lambda s=s: plgpu.barrier_wait(free.at[s]))
+
+
+# ----------------------------------------------------------------------------------------------
+# dQ
+# ----------------------------------------------------------------------------------------------
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref, scoped, *, st: Static):
+    (q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring, staging), row_bars, ring_bars, free = scoped
+    plan, cfg = st.plan, st.config
+    nwg, tq, tk, dim = st.q_warpgroups, cfg.q_tokens, cfg.kv_tokens, st.head_dim
+
+    qt_flat = lax.axis_index("q")
+    bg = lax.axis_index("bg")
+    head = lax.axis_index("h")
+    wg = lax.axis_index("wg")
+    geo = tiling.Geometry(plan, tab_ref, bg)
+    qt = tiling.unravel(qt_flat, [a.num_q_tiles for a in plan.axes])
+    total, kv_tile = kv_tile_visits(geo, qt)
+
+    @pl.when(wg < nwg)
+    def _consumer():
+        if nwg > 1:
+            plgpu.set_max_registers(232, action="increase")
+        rows = pl.ds(qt_flat * tq + wg * ROWS, ROWS)
+        q_slot, do_slot = q_smem.at[wg], do_smem.at[wg]
+        sources = (q_ref.at[bg, rows, head], do_ref.at[bg, rows, head], lse_ref.at[bg, head, rows],
+                   delta_ref.at[bg, head, rows])
+        for src, dst, bar in zip(sources, (q_slot, do_slot, lse_smem.at[wg], delta_smem.at[wg]), row_bars):
+            plgpu.copy_gmem_to_smem(src, dst, bar.at[wg])
+        windows = query_windows(geo, qt, cfg.q_tile, iota(ROWS, WGMMA_ROW, wg * ROWS))
+        for bar in row_bars:
+            plgpu.barrier_wait(bar.at[wg])
+        lse2 = plgpu.load(lse_smem.at[wg], layout=WGMMA_ROW) * _LOG2E
+        delta = plgpu.load(delta_smem.at[wg], layout=WGMMA_ROW)
+        qk_scale = st.scale * _LOG2E
+        k_ready, v_ready = ring_bars
+
+        def body(step, dq):
+            slot = lax.rem(step, _STAGES)
+            kt, _ = kv_tile(step)
+            full = geo.full(qt, kt) > 0
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
+            for j in range(tk // _SUB):
+                k_sub = k_ring.at[slot, pl.ds(j * _SUB, _SUB)]
+                v_sub = v_ring.at[slot, pl.ds(j * _SUB, _SUB)]
+                s, dp = _two_products(q_slot, k_sub.T, do_slot, v_sub.T, _SUB)
+
+                def mask(s, j=j):
+                    keys = key_coords(kt, cfg.kv_tile, iota(_SUB, WGMMA_COL, j * _SUB))
+                    return mask_logits(s, windows, keys, 0)
+
+                s = lax.cond(full, lambda s: s, mask, s)
+                p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse2, s.shape, [0]))
+                ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
+                dq = _accumulate(st, dq, ds.astype(st.dtype), k_sub,
+                                 staging.at[wg] if st.simulated else None)
+            plgpu.barrier_arrive(free.at[slot])
+            return dq
+
+        dq = plgpu.layout_cast(jnp.zeros((ROWS, dim), jnp.float32), WGMMA)
+        dq = lax.fori_loop(0, total, body, dq)
+        q_slot[...] = (dq * st.scale).astype(st.dtype)  # Q's slot is free after the last S
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_slot, dq_ref.at[bg, rows, head])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == nwg)
+    def _():
+        if nwg > 1:
+            plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(head, st.group)
+
+        def issue(step, slot):
+            _, kt_flat = kv_tile(step)
+            tokens = pl.ds(kt_flat * tk, tk)
+            for ref, ring, ready in zip((k_ref, v_ref), (k_ring, v_ring), ring_bars):
+                plgpu.copy_gmem_to_smem(ref.at[bg, tokens, kv_head], ring.at[slot], ready.at[slot])
+
+        _producer(total, issue, free)
+
+
+def dq_call(qp, kp, vp, dop, lse, delta, st: Static):
+    """dQ ``[BG, Nq, H, D]`` (in q's dtype) from permuted q/k/v/dO, ``lse``/``delta`` ``[BG, H, Nq]``."""
+    plan, cfg = st.plan, st.config
+    nwg, dim = st.q_warpgroups, st.head_dim
+
+    def entry(*refs):
+        scratch = (
+            smem((nwg, ROWS, dim), st.dtype),
+            smem((nwg, ROWS, dim), st.dtype),
+            plgpu.SMEM((nwg, ROWS), jnp.float32),
+            plgpu.SMEM((nwg, ROWS), jnp.float32),
+            smem((_STAGES, cfg.kv_tokens, dim), st.dtype),
+            smem((_STAGES, cfg.kv_tokens, dim), st.dtype),
+            smem((nwg, ROWS, _SUB), st.dtype) if st.simulated else None,
+        )
+        row_bars = (plgpu.Barrier(num_barriers=nwg),) * 4
+        ring_bars = (plgpu.Barrier(num_barriers=_STAGES),) * 2
+        free = plgpu.Barrier(num_arrivals=nwg, num_barriers=_STAGES)
+        pl.run_scoped(lambda *scoped: _dq_kernel(*refs, scoped, st=st),
+                      scratch, row_bars, ring_bars, free, collective_axes="wg")
+
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct(qp.shape, st.dtype),
+        grid=(plan.num_q_tiles, qp.shape[0], st.heads),
+        grid_names=("q", "bg", "h"),
+        num_threads=nwg + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
+        interpret=st.simulator,
+    )(qp, kp, vp, dop, lse, delta, jnp.asarray(plan.tables))
+
+
+# ----------------------------------------------------------------------------------------------
+# dK, dV
+# ----------------------------------------------------------------------------------------------
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref, dv_ref, scoped, *,
+                st: Static):
+    (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, staging), row_bars, ring_bars, free = scoped
+    plan, cfg = st.plan, st.config
+    nwg, tq, tk, dim = st.kv_warpgroups, cfg.q_tokens, cfg.kv_tokens, st.head_dim
+
+    kt_flat = lax.axis_index("kv")
+    bg = lax.axis_index("bg")
+    kv_head = lax.axis_index("h")
+    wg = lax.axis_index("wg")
+    geo = tiling.Geometry(plan, tab_ref, bg)
+    kt = tiling.unravel(kt_flat, [a.num_kv_tiles for a in plan.axes])
+    total, q_tile = q_tile_visits(geo, kt, st.group)
+
+    @pl.when(wg < nwg)
+    def _consumer():
+        if nwg > 1:
+            plgpu.set_max_registers(232, action="increase")
+        rows = pl.ds(kt_flat * tk + wg * ROWS, ROWS)
+        k_slot, v_slot = k_smem.at[wg], v_smem.at[wg]
+        for src, dst, bar in zip((k_ref, v_ref), (k_slot, v_slot), row_bars):
+            plgpu.copy_gmem_to_smem(src.at[bg, rows, kv_head], dst, bar.at[wg])
+        keys = key_coords(kt, cfg.kv_tile, iota(ROWS, WGMMA_ROW, wg * ROWS))  # along the rows
+        for bar in row_bars:
+            plgpu.barrier_wait(bar.at[wg])
+        qk_scale = st.scale * _LOG2E
+        q_ready, do_ready, lse_ready, delta_ready = ring_bars
+
+        def body(step, carry):
+            dk, dv = carry
+            slot = lax.rem(step, _STAGES)
+            _, qt, _ = q_tile(step)
+            full = geo.full(qt, kt) > 0
+            for bar in ring_bars:
+                plgpu.barrier_wait(bar.at[slot])
+            for j in range(tq // _SUB):
+                cols = pl.ds(j * _SUB, _SUB)
+                q_sub, do_sub = q_ring.at[slot, cols], do_ring.at[slot, cols]
+                lse2 = plgpu.load(lse_ring.at[slot, cols], layout=WGMMA_COL) * _LOG2E
+                delta = plgpu.load(delta_ring.at[slot, cols], layout=WGMMA_COL)
+                # Transposed scores: keys along the rows, queries along the columns.
+                st_, dpt = _two_products(k_slot, q_sub.T, v_slot, do_sub.T, _SUB)
+
+                def mask(s, j=j, qt=qt):
+                    windows = query_windows(geo, qt, cfg.q_tile, iota(_SUB, WGMMA_COL, j * _SUB))
+                    return mask_logits(s, windows, keys, 1)
+
+                st_ = lax.cond(full, lambda s: s, mask, st_)
+                pt = jnp.exp2(st_ * qk_scale - lax.broadcast_in_dim(lse2, st_.shape, [1]))
+                dst = pt * (dpt - lax.broadcast_in_dim(delta, st_.shape, [1]))
+                dv = _accumulate(st, dv, pt.astype(st.dtype), do_sub,
+                                 staging.at[wg, 0] if st.simulated else None)
+                dk = _accumulate(st, dk, dst.astype(st.dtype), q_sub,
+                                 staging.at[wg, 1] if st.simulated else None)
+            plgpu.barrier_arrive(free.at[slot])
+            return dk, dv
+
+        zeros = plgpu.layout_cast(jnp.zeros((ROWS, dim), jnp.float32), WGMMA)
+        dk, dv = lax.fori_loop(0, total, body, (zeros, zeros))
+        k_slot[...] = (dk * st.scale).astype(st.dtype)
+        v_slot[...] = dv.astype(st.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_slot, dk_ref.at[bg, rows, kv_head])
+        plgpu.copy_smem_to_gmem(v_slot, dv_ref.at[bg, rows, kv_head])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == nwg)
+    def _():
+        if nwg > 1:
+            plgpu.set_max_registers(40, action="decrease")
+
+        def issue(step, slot):
+            j, _, qt_flat = q_tile(step)
+            head = kv_head * st.group + j
+            tokens = pl.ds(qt_flat * tq, tq)
+            sources = (q_ref.at[bg, tokens, head], do_ref.at[bg, tokens, head],
+                       lse_ref.at[bg, head, tokens], delta_ref.at[bg, head, tokens])
+            for src, ring, ready in zip(sources, (q_ring, do_ring, lse_ring, delta_ring), ring_bars):
+                plgpu.copy_gmem_to_smem(src, ring.at[slot], ready.at[slot])
+
+        _producer(total, issue, free)
+
+
+def dkv_call(qp, kp, vp, dop, lse, delta, st: Static):
+    """dK, dV ``[BG, Nk, H_kv, D]`` (in k's dtype) from the same operands as `dq_call`."""
+    plan, cfg = st.plan, st.config
+    nwg, dim = st.kv_warpgroups, st.head_dim
+
+    def entry(*refs):
+        scratch = (
+            smem((nwg, ROWS, dim), st.dtype),
+            smem((nwg, ROWS, dim), st.dtype),
+            smem((_STAGES, cfg.q_tokens, dim), st.dtype),
+            smem((_STAGES, cfg.q_tokens, dim), st.dtype),
+            plgpu.SMEM((_STAGES, cfg.q_tokens), jnp.float32),
+            plgpu.SMEM((_STAGES, cfg.q_tokens), jnp.float32),
+            smem((nwg, 2, ROWS, _SUB), st.dtype) if st.simulated else None,
+        )
+        row_bars = (plgpu.Barrier(num_barriers=nwg),) * 2
+        ring_bars = (plgpu.Barrier(num_barriers=_STAGES),) * 4
+        free = plgpu.Barrier(num_arrivals=nwg, num_barriers=_STAGES)
+        pl.run_scoped(lambda *scoped: _dkv_kernel(*refs, scoped, st=st),
+                      scratch, row_bars, ring_bars, free, collective_axes="wg")
+
+    shape = jax.ShapeDtypeStruct(kp.shape, st.dtype)
+    return plgpu.kernel(
+        entry,
+        out_type=[shape, shape],
+        grid=(plan.num_kv_tiles, kp.shape[0], st.kv_heads),
+        grid_names=("kv", "bg", "h"),
+        num_threads=nwg + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
+        interpret=st.simulator,
+    )(qp, kp, vp, dop, lse, delta, jnp.asarray(plan.tables))

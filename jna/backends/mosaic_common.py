@@ -1,0 +1,201 @@
+"""Pieces shared by the fused Mosaic GPU kernels (`mosaic_forward`, `mosaic_backward`).
+
+`MosaicConfig` (tile shapes, pipeline depth), `Static` (everything static about one launch),
+the SMEM operand layout for wgmma, the wgmma register layouts, and the in-kernel helpers the
+kernels share: the visit lists read from the plan (`q_tile_visits`, `kv_tile_visits`) and the
+edge mask built from the shared window functions (`mask_logits`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jna import plan as planning
+from jna.backends import tiling
+
+ROWS = 64  # rows per consumer warpgroup (the M of one wgmma)
+WGMMA = plgpu.Layout.WGMMA
+WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)  # a [64] vector along the rows of a WGMMA array
+WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)  # a [N] vector along its columns
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """Tile shapes and pipeline depth of the fused Mosaic GPU kernels.
+
+    ``q_tile``/``kv_tile``: per-axis extents (powers of two). A Q tile holds 64 or 128 tokens
+    (one or two consumer warpgroups of 64 rows in the forward and dQ kernels), a KV tile 64 or
+    128 tokens (one or two consumer warpgroups in the dK/dV kernel).
+    ``num_stages``: depth of the forward's K/V SMEM ring (2 or 3; 3 with 128x128 tiles at D=128
+    uses 224 KiB of the 227 KiB of SMEM). The backward kernels use 2 stages.
+    """
+
+    q_tile: tuple[int, ...]
+    kv_tile: tuple[int, ...]
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("q_tile", "kv_tile"):
+            tile = tuple(int(t) for t in getattr(self, name))
+            object.__setattr__(self, name, tile)
+            for t in tile:
+                if t < 1 or t & (t - 1):
+                    raise ValueError(f"MosaicConfig.{name} = {tile}: every extent must be a power of two")
+            if math.prod(tile) not in (64, 128):
+                raise ValueError(f"MosaicConfig.{name} = {tile}: must hold 64 or 128 tokens")
+        if len(self.q_tile) != len(self.kv_tile):
+            raise ValueError(f"MosaicConfig: q_tile {self.q_tile} and kv_tile {self.kv_tile} differ in rank")
+        if self.num_stages not in (2, 3, 4):
+            raise ValueError(f"MosaicConfig.num_stages = {self.num_stages}: must be 2, 3 or 4")
+
+    @property
+    def q_tokens(self) -> int:
+        return math.prod(self.q_tile)
+
+    @property
+    def kv_tokens(self) -> int:
+        return math.prod(self.kv_tile)
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """Everything static about one launch (hashable: a custom_vjp nondiff argument).
+
+    ``plan`` is what `jna.backends.tiling.Geometry` reads. ``simulator``: Mosaic GPU simulator
+    parameters, or None on the GPU. The simulator (jax 0.11.2) implements neither `pl.run_state`
+    nor wgmma with its A operand in registers, so simulated kernels stage that operand (P, dS)
+    through SMEM and accumulate into a fresh accumulator that is added; on the GPU they use
+    FA3's in-place accumulation from registers. Everything else is the same code.
+    """
+
+    plan: planning.TilePlan
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+    dtype: object
+    config: MosaicConfig
+    simulator: plgpu.InterpretGPUParams | None
+
+    @property
+    def simulated(self) -> bool:
+        return self.simulator is not None
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+    @property
+    def q_warpgroups(self) -> int:
+        return self.config.q_tokens // ROWS
+
+    @property
+    def kv_warpgroups(self) -> int:
+        return self.config.kv_tokens // ROWS
+
+
+def smem(shape, dtype):
+    """SMEM tile in the wgmma operand layout: (8, 64) tiles, 128-byte swizzle."""
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def pow2_unravel(index, radices):
+    """`jna.backends.tiling.unravel` for power-of-two radices and non-negative indices (shift, and)."""
+    parts, shift = [], 0
+    for r in reversed(radices):
+        parts.append(lax.shift_right_logical(index, shift) & (r - 1) if shift else index & (r - 1))
+        shift += r.bit_length() - 1
+    return parts[::-1]
+
+
+def sync(barrier):
+    plgpu.barrier_arrive(barrier)
+    plgpu.barrier_wait(barrier)
+
+
+def _product(counts):
+    return functools.reduce(lambda x, y: x * y, counts)
+
+
+def kv_tile_visits(geo: tiling.Geometry, qt):
+    """The KV tiles Q tile ``qt`` visits: ``(total, visit)``, ``visit(step) -> (kt, kt_flat)``.
+
+    The list is the product of the per-axis ranges of the plan (every Q tile visits >= 1).
+    """
+    plan = geo.plan
+    ranges = [geo.kv_range(a, qt[a]) for a in range(plan.rank)]
+    counts = [c for _, c in ranges]
+
+    def visit(step):
+        offs = tiling.unravel(step, counts)
+        kt = [first + o for (first, _), o in zip(ranges, offs)]
+        return kt, tiling.ravel(kt, [a.num_kv_tiles for a in plan.axes])
+
+    return _product(counts), visit
+
+
+def q_tile_visits(geo: tiling.Geometry, kt, group: int):
+    """The (query head, Q tile) pairs KV tile ``kt`` visits, heads outermost.
+
+    Returns ``(total, visit)``, ``visit(step) -> (j, qt, qt_flat)`` with ``j`` the query head
+    within the kv head's group. A KV tile of padding only visits none.
+    """
+    plan = geo.plan
+    ranges = [geo.q_range(a, kt[a]) for a in range(plan.rank)]
+    counts = [c for _, c in ranges]
+    per_head = _product(counts)
+
+    def visit(step):
+        j, rest = (lax.div(step, per_head), lax.rem(step, per_head)) if group > 1 else (0, step)
+        offs = tiling.unravel(rest, counts)
+        qt = [first + o for (first, _), o in zip(ranges, offs)]
+        return j, qt, tiling.ravel(qt, [a.num_q_tiles for a in plan.axes])
+
+    return per_head * group, visit
+
+
+def query_windows(geo: tiling.Geometry, qt, q_tile, index):
+    """Per axis ``(start, stop)`` of the windows of tile-local query indices ``index`` (a vector in
+    any layout) of Q tile ``qt``, in group coordinates, the stop clamped to the group length (so
+    padding keys are never allowed)."""
+    local = pow2_unravel(index, q_tile)
+    windows = []
+    for a in range(geo.plan.rank):
+        start, stop = geo.window(a, qt[a] * q_tile[a] + local[a])
+        windows.append((start, jnp.minimum(stop, geo.lg[a])))
+    return windows
+
+
+def key_coords(kt, kv_tile, index):
+    """Per axis group coordinates of tile-local key indices ``index`` of KV tile ``kt``."""
+    local = pow2_unravel(index, kv_tile)
+    return [kt[a] * kv_tile[a] + local[a] for a in range(len(kv_tile))]
+
+
+def mask_logits(s, windows, keys, query_axis: int):
+    """``s`` with the pairs outside the windows set to -inf.
+
+    ``s`` is ``[64, N]`` in the WGMMA layout with queries along ``query_axis`` (0: rows, the
+    forward and dQ kernels; 1: columns, the dK/dV kernel's transposed logits); ``windows`` are
+    per-axis ``(start, stop)`` vectors along that axis and ``keys`` per-axis key coordinates
+    along the other. Only compares and ands: the window rules were applied to the vectors.
+    """
+    key_axis = 1 - query_axis
+    allowed = None
+    for (start, stop), y in zip(windows, keys):
+        lo = lax.broadcast_in_dim(start, s.shape, [query_axis])
+        hi = lax.broadcast_in_dim(stop, s.shape, [query_axis])
+        yy = lax.broadcast_in_dim(y, s.shape, [key_axis])
+        ok = (lo <= yy) & (yy < hi)
+        allowed = ok if allowed is None else allowed & ok
+    return jnp.where(allowed, s, -jnp.inf)
+
+
+def iota(n: int, layout, offset=0):
+    return plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=layout) + offset

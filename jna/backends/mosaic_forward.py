@@ -1,0 +1,223 @@
+"""The fused Mosaic GPU forward kernel: ``(out, lse)`` of one NA call on permuted tensors.
+
+One CTA per (Q tile, batch*group, head), warp specialized like FA3
+(`jax.experimental.pallas.ops.gpu.attention_mgpu`): ``Q tile tokens / 64`` consumer warpgroups
+(1 or 2) each own 64 query rows; one producer warpgroup walks the same KV visit list and streams
+K/V tiles with TMA into a ``num_stages`` SMEM ring guarded by barriers. Consumers: ``S = Q K^T``
+and ``O += P V`` with wgmma, online softmax in float32 registers (base 2), the elementwise mask
+only on partial tile pairs (the plan's ``pair_full`` flags). Output through SMEM + TMA; the
+float32 logsumexp is written ``[B*G, H, tokens]`` so one warpgroup's 64 rows are one contiguous
+TMA box.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jna.backends import tiling
+from jna.backends.mosaic_common import (
+    ROWS, WGMMA, WGMMA_COL, WGMMA_ROW, Static, key_coords, kv_tile_visits, mask_logits,
+    query_windows, smem, sync, iota,
+)
+
+_LOG2E = tiling.LOG2E
+_LN2 = tiling.LN2
+_MASK_VALUE = tiling.MASK_VALUE
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st: Static):
+    (q_smem, k_smem, v_smem, lse_smem, p_smem), (q_bars, k_bars, v_bars), (k_free, v_free), sched = scoped
+    plan, cfg = st.plan, st.config
+    stages, nwg = cfg.num_stages, st.q_warpgroups
+    tq, tk, dim = cfg.q_tokens, cfg.kv_tokens, st.head_dim
+
+    qt_flat = lax.axis_index("q")
+    bg = lax.axis_index("bg")
+    head = lax.axis_index("h")
+    wg = lax.axis_index("wg")
+
+    # Plan lookups, shared by producer and consumers (a few scalar loads from GMEM).
+    geo = tiling.Geometry(plan, tab_ref, bg)
+    qt = tiling.unravel(qt_flat, [a.num_q_tiles for a in plan.axes])
+    total, kv_tile = kv_tile_visits(geo, qt)
+
+    @pl.when(wg < nwg)
+    def _consumer():
+        if nwg > 1:
+            plgpu.set_max_registers(232, action="increase")
+        q_slot, lse_slot = q_smem.at[wg], lse_smem.at[wg]
+        base = qt_flat * tq + wg * ROWS
+        plgpu.copy_gmem_to_smem(q_ref.at[bg, pl.ds(base, ROWS), head], q_slot, q_bars.at[wg])
+        windows = query_windows(geo, qt, cfg.q_tile, iota(ROWS, WGMMA_ROW, wg * ROWS))
+
+        qk_scale = st.scale * _LOG2E
+        m = plgpu.layout_cast(jnp.full((ROWS,), _MASK_VALUE, jnp.float32), WGMMA_ROW)
+        l = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), WGMMA_ROW)
+        acc = plgpu.layout_cast(jnp.zeros((ROWS, dim), jnp.float32), WGMMA)
+
+        plgpu.barrier_wait(q_bars.at[wg])
+        plgpu.barrier_wait(k_bars.at[0])  # step 0 always exists
+        if nwg > 1:
+            pl.when(wg == 1)(lambda: sync(sched))
+
+        def mask(s, kt):
+            # Key coordinates are recomputed here rather than carried through the loop: as [tk]
+            # column vectors they would pin tk/4 registers per axis for the whole loop.
+            return mask_logits(s, windows, key_coords(kt, cfg.kv_tile, iota(tk, WGMMA_COL)), 0)
+
+        def body(step, carry):
+            acc, m, l = carry
+            slot = lax.rem(step, stages)
+            kt, _ = kv_tile(step)
+            full = geo.full(qt, kt) > 0  # table loads issued ahead of the wgmma wait
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_slot, k_smem.at[slot].T)
+                if nwg > 1:
+                    sync(sched)
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((ROWS, tk), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            s = lax.cond(full, lambda s: s, lambda s: mask(s, kt), s)
+
+            # Raw logits s, m in scaled base-2 units: p = exp2(s * c - m) is one FMA per logit.
+            # Masked logits are -inf (p = 0 exactly) while m starts finite (_MASK_VALUE), so a
+            # row whose keys are all masked in this tile keeps m and gets p = 0, never NaN.
+            # (A finite mask value would be wrong here: the compiler contracts s * c - m into
+            # an FMA, and the rounding error of a huge masked s * c reaches exp2 as +-1e30.)
+            m_new = jnp.maximum(m, s.max(axis=1) * qk_scale)
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            l = l * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p16 = p.astype(st.dtype)
+            if nwg > 1:
+                acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+                plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(v_bars.at[slot])
+                plgpu.barrier_wait(sched)
+            else:
+                plgpu.barrier_wait(v_bars.at[slot])
+
+            def wait_next_k():
+                @pl.when(step + 1 < total)
+                def _():
+                    plgpu.barrier_wait(k_bars.at[lax.rem(step + 1, stages)])
+
+            if not st.simulated:  # FA3: P from registers, accumulate in place
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    wait_next_k()
+
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            else:  # the simulator's wgmma reads A from SMEM only and has no run_state
+                p_slot = p_smem.at[wg]
+                p_slot[...] = p16
+                plgpu.commit_smem()
+
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p_slot, v_smem.at[slot])
+                    wait_next_k()
+                    return acc_ref[...]
+
+                acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS, dim), jnp.float32))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_new, l
+
+        acc, m, l = lax.fori_loop(0, total, body, (acc, m, l))
+        if nwg > 1:
+            pl.when(wg == 0)(lambda: sync(sched))
+
+        # Q's SMEM slot is free once this warpgroup's last Q K^T is done: it stages the output.
+        q_slot[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(st.dtype)
+        lse_slot[...] = (m + jnp.log2(l)) * _LN2
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_slot, o_ref.at[bg, pl.ds(base, ROWS), head])
+        plgpu.copy_smem_to_gmem(lse_slot, lse_ref.at[bg, head, pl.ds(base, ROWS)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == nwg)
+    def _producer():
+        if nwg > 1:
+            plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(head, st.group)
+
+        def issue(step, slot, wait: bool):
+            """TMA of KV tile ``step`` into ring ``slot`` (after its last reader released it)."""
+            _, kt_flat = kv_tile(step)
+            tokens = pl.ds(kt_flat * tk, tk)
+            for ref, buf, ready, free in ((k_ref, k_smem, k_bars, k_free), (v_ref, v_smem, v_bars, v_free)):
+                if wait:
+                    plgpu.barrier_wait(free.at[slot])
+                plgpu.copy_gmem_to_smem(ref.at[bg, tokens, kv_head], buf.at[slot], ready.at[slot])
+
+        for i in range(stages):
+            pl.when(i < total)(functools.partial(issue, i, i, False))
+
+        @pl.loop(0, total - stages)
+        def _(i):
+            issue(i + stages, lax.rem(i, stages), True)
+
+        # Drain: observe the consumers' releases of the last steps. Nearly free on the GPU (the
+        # producer has nothing left to do); the simulator insists that every waiter of a
+        # barrier has seen all of its phases before the barrier is deallocated.
+        for s in range(stages):
+            @pl.when(s < total)
+            def _():
+                plgpu.barrier_wait(k_free.at[s])
+                plgpu.barrier_wait(v_free.at[s])
+
+
+def forward_call(qp, kp, vp, st: Static):
+    """``qp`` ``[BG, Nq, H, D]``, ``kp``/``vp`` ``[BG, Nk, H_kv, D]`` (permuted by ``st.plan``)
+    -> ``out`` ``[BG, Nq, H, D]``, ``lse`` ``[BG, H, Nq]`` float32 (natural log)."""
+    plan, cfg = st.plan, st.config
+    bg, nq = qp.shape[0], qp.shape[1]
+    nwg, stages = st.q_warpgroups, cfg.num_stages
+
+    def entry(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref):
+        scratch = (
+            smem((nwg, ROWS, st.head_dim), st.dtype),
+            smem((stages, cfg.kv_tokens, st.head_dim), st.dtype),
+            smem((stages, cfg.kv_tokens, st.head_dim), st.dtype),
+            plgpu.SMEM((nwg, ROWS), jnp.float32),
+            smem((nwg, ROWS, cfg.kv_tokens), st.dtype) if st.simulated else None,
+        )
+        arrivals = (
+            plgpu.Barrier(num_barriers=nwg),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+        )
+        consumed = (plgpu.Barrier(num_arrivals=nwg, num_barriers=stages),) * 2
+        sched = plgpu.Barrier(num_arrivals=nwg) if nwg > 1 else None
+        pl.run_scoped(
+            lambda *scoped: _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, st=st),
+            scratch,
+            arrivals,
+            consumed,
+            sched,
+            collective_axes="wg",
+        )
+
+    return plgpu.kernel(
+        entry,
+        out_type=[
+            jax.ShapeDtypeStruct(qp.shape, qp.dtype),
+            jax.ShapeDtypeStruct((bg, st.heads, nq), jnp.float32),
+        ],
+        grid=(plan.num_q_tiles, bg, st.heads),
+        grid_names=("q", "bg", "h"),
+        num_threads=nwg + 1,
+        thread_name="wg",
+        # Row max/sum in the wgmma layout reduce within warps: no cross-warp scratch needed,
+        # which leaves room for a third 128x128 K/V stage at D=128.
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
+        interpret=st.simulator,
+    )(qp, kp, vp, jnp.asarray(plan.tables))
