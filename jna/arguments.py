@@ -258,8 +258,8 @@ def check_rpb(rpb, problem: NAProblem) -> None:
 def check_av_call(attn, v, kernel_size, stride, dilation, is_causal, rank: int | None) -> NAProblem:
     """Validates ``na*d_av(attn, v, ...)``: attn ``[B, *X, H, prod(K)]``, v ``[B, *X, H_kv, D_v]``.
 
-    ``attn`` may be float32 or v's dtype. The returned problem's ``head_dim`` is ``prod(K)``
-    (the width of attn) and its dtype is v's.
+    ``attn`` may be float32 or v's dtype. The returned problem's ``head_dim`` is ``D_v`` (there
+    is no q; ``prod(K)`` is the width of attn) and its dtype is v's.
 
     Raises:
       ValueError: naming the argument, axis and value of the first problem found.
@@ -315,7 +315,7 @@ def check_av_call(attn, v, kernel_size, stride, dilation, is_causal, rank: int |
         batch=int(batch),
         heads=int(heads),
         kv_heads=int(kv_heads),
-        head_dim=int(params.window_size),
+        head_dim=int(v.shape[-1]),
         value_dim=int(v.shape[-1]),
         dtype=dtype,
         scale=1.0,

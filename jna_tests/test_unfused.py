@@ -195,6 +195,15 @@ def test_av_takes_half_precision_weights():
     assert_rel_l2(out, oracle.av(f64(attn), f64(v), table), 1e-2, "bf16 av")
 
 
+def test_window_wider_than_head_dims():
+    """prod(K) = 260 slots (more than any head dim a kernel takes): qk and av still run."""
+    case = Case((264,), (260,), (1,), (1,), (False,), heads=1, heads_kv=1, dim=4, dim_v=4)
+    q, k, v, _, attn, _, _ = _inputs(case, jnp.float32, seed=7)
+    table = case.table()
+    assert_abs(jna.na1d_qk(q, k, 260), oracle.qk(f64(q), f64(k), table), 1e-4, "qk K=260")
+    assert_abs(jna.na1d_av(attn, v, 260), oracle.av(f64(attn), f64(v), table), 1e-4, "av K=260")
+
+
 # ---- the oracle itself --------------------------------------------------------------------------
 
 
@@ -420,6 +429,45 @@ def test_module_rel_pos_bias_causal_is_not_implemented():
     module = jna.NeighborhoodAttention1D(num_heads=2, kernel_size=3, is_causal=True, rel_pos_bias=True)
     with pytest.raises(NotImplementedError):
         module.init(jax.random.key(0), jnp.zeros((1, 8, 8)))
+
+
+# ---- Triton lowering without a GPU ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernels_lower_to_triton_for_cuda(dtype, monkeypatch):
+    """Every unfused kernel (forward and backward, QK with rpb, AV) lowers to Triton IR for an
+    sm90 GPU, cross-lowered from this machine with `jax.export` (Triton rejects what interpret
+    mode accepts, e.g. non-power-of-two tensor shapes). Compiling the IR to PTX still needs the
+    GPU. Uses two private hooks: the GPU-info query and the backend's interpret switch."""
+    from types import SimpleNamespace
+
+    from jax import export
+
+    from jna.backends import unfused
+
+    pcr = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
+    monkeypatch.setattr(pcr.gpu_info_lib, "get_gpu_info", lambda: SimpleNamespace(compute_capability=90))
+    monkeypatch.setattr(unfused, "_interpret", lambda: False)
+    spec = jax.ShapeDtypeStruct
+    window = dict(kernel_size=(5, 7), stride=(1, 2), dilation=(2, 1), is_causal=(False, True))
+    q, k, v = spec((2, 20, 24, 4, 24), dtype), spec((2, 20, 24, 2, 24), dtype), spec((2, 20, 24, 2, 40), dtype)
+    na = lambda q, k, v: jna.na2d(q, k, v, **window, backend="unfused").astype(jnp.float32).sum()
+    qk = lambda q, k, r: jna.na1d_qk(q, k, 17, rpb=r).sum()
+    av = lambda a, v: jna.na1d_av(a, v, 17, dilation=2).astype(jnp.float32).sum()
+    calls = {
+        "na2d fwd+bwd": (jax.value_and_grad(na, argnums=(0, 1, 2)), (q, k, v)),
+        "na1d_qk rpb fwd+bwd": (jax.value_and_grad(qk, argnums=(0, 1, 2)),
+                                (spec((1, 300, 4, 64), dtype), spec((1, 300, 2, 64), dtype),
+                                 spec((4, 33), jnp.float32))),
+        "na1d_av fwd+bwd": (jax.value_and_grad(av, argnums=(0, 1)),
+                            (spec((1, 300, 4, 17), jnp.float32), spec((1, 300, 1, 8), dtype))),
+    }
+    triton = "__gpu$xla.gpu.triton"
+    for name, (fn, args) in calls.items():
+        exported = export.export(jax.jit(fn), platforms=["cuda"],
+                                 disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(*args)
+        assert exported.mlir_module().count(triton) >= 3, name
 
 
 # ---- GPU: larger problems against the reference backend ------------------------------------------
