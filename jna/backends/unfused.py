@@ -35,6 +35,7 @@ tensor-core product, as flash attention does with its probabilities.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -440,8 +441,31 @@ def _padded_dim(dim: int) -> int:
     return max(16, pl.next_power_of_2(dim))
 
 
+_override: list[fused_triton.TritonConfig] = []
+
+
+@contextlib.contextmanager
+def override_config(config: fused_triton.TritonConfig):
+    """Within the context, unfused calls use ``config``'s tiles and launch parameters (fitted to
+    each problem like `fused_triton.override_config`, which this does not affect)."""
+    _override.append(config)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def default_config(problem: NAProblem) -> fused_triton.TritonConfig:
+    """Tiles and launch parameters: an active `override_config`, else fused-triton's choice
+    (tile efficiency x calibrated speed; not yet calibrated for these kernels)."""
+    if _override:
+        with fused_triton.override_config(_override[-1]):
+            return fused_triton.default_config(problem)
+    return fused_triton.default_config(problem)
+
+
 def _static(problem: NAProblem) -> _Static:
-    cfg = fused_triton.default_config(problem)
+    cfg = default_config(problem)
     plan = planning.make_plan(problem.params, cfg.q_tile, cfg.kv_tile)
     return _Static(plan=plan, heads=problem.heads, kv_heads=problem.kv_heads, scale=problem.scale,
                    interpret=_interpret(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
