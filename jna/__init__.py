@@ -4,6 +4,8 @@ Public API:
   na1d, na2d, na3d, neighborhood_attention: fused neighborhood attention (forward and backward).
   merge_attentions: combine attentions over disjoint key sets through their logsumexp.
   NeighborhoodAttention1D/2D/3D: Flax linen modules (jna.nn).
+  na1d_qk/na2d_qk/na3d_qk, na1d_av/na2d_av/na3d_av: unfused ops exposing the attention logits
+    (with optional relative positional bias) and applying weights (jna.unfused).
   semantics: the exact window rules (NATTEN 0.21), usable on host and in kernels.
 """
 
@@ -11,6 +13,16 @@ from jna import semantics
 from jna.backends import KNOWN_BACKENDS, built_backends
 from jna.functional import na1d, na2d, na3d, neighborhood_attention
 from jna.merge import merge_attentions
+from jna.unfused import (
+    na1d_av,
+    na1d_qk,
+    na2d_av,
+    na2d_qk,
+    na3d_av,
+    na3d_qk,
+    neighborhood_attention_av,
+    neighborhood_attention_qk,
+)
 from jna.nn import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 
 __version__ = "0.1.0"
@@ -21,6 +33,14 @@ __all__ = [
     "na3d",
     "neighborhood_attention",
     "merge_attentions",
+    "na1d_qk",
+    "na2d_qk",
+    "na3d_qk",
+    "na1d_av",
+    "na2d_av",
+    "na3d_av",
+    "neighborhood_attention_qk",
+    "neighborhood_attention_av",
     "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",

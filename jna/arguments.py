@@ -18,7 +18,7 @@ import numpy as np
 
 from jna import semantics
 
-__all__ = ["NAProblem", "check_call", "SUPPORTED_DTYPES"]
+__all__ = ["NAProblem", "check_call", "check_qk_call", "check_av_call", "check_rpb", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
@@ -201,4 +201,123 @@ def check_call(
         dtype=dtype,
         scale=scale,
         num_extra=num_extra,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Unfused ops (`jna.na*d_qk`, `jna.na*d_av`): the same rules, other tensors.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_qk_call(q, k, kernel_size, stride, dilation, is_causal, scale, rank: int | None) -> NAProblem:
+    """Validates ``na*d_qk(q, k, ...)``: q ``[B, *X, H, D]``, k ``[B, *X, H_kv, D]``.
+
+    The returned problem has ``value_dim == head_dim`` (there is no v).
+
+    Raises:
+      ValueError: naming the argument, axis and value of the first problem found.
+    """
+    k = _array_like("k", k)
+    return check_call(q, k, k, kernel_size, stride, dilation, is_causal, scale, None, None, rank)
+
+
+def check_rpb(rpb, problem: NAProblem) -> None:
+    """Validates a relative positional bias ``rpb: [H, 2K_1 - 1, ..., 2K_n - 1]`` for a qk call.
+
+    Raises:
+      NotImplementedError: with causal masking or stride > 1 on any axis (NATTEN 0.17 defines
+        the bias for non-causal, stride-1 windows only).
+      ValueError: naming ``rpb`` when it is not a float array of that shape.
+    """
+    rpb = _array_like("rpb", rpb)
+    params = problem.params
+    for axis in range(params.rank):
+        if params.is_causal[axis]:
+            raise NotImplementedError(
+                f"rpb (relative positional bias) is not supported with is_causal[{axis}] = True; "
+                f"it is defined for non-causal windows only."
+            )
+        if params.stride[axis] != 1:
+            raise NotImplementedError(
+                f"rpb (relative positional bias) is not supported with stride[{axis}] = "
+                f"{params.stride[axis]}; it is defined for stride 1 only."
+            )
+    want = (problem.heads, *(2 * k - 1 for k in params.kernel_size))
+    if tuple(rpb.shape) != want:
+        raise ValueError(
+            f"rpb has shape {tuple(rpb.shape)}, expected [heads, 2*kernel_size - 1 per axis] = "
+            f"{list(want)}."
+        )
+    if jnp.dtype(rpb.dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"rpb has dtype {jnp.dtype(rpb.dtype).name}; supported dtypes are float32, float16 and "
+            f"bfloat16."
+        )
+
+
+def check_av_call(attn, v, kernel_size, stride, dilation, is_causal, rank: int | None) -> NAProblem:
+    """Validates ``na*d_av(attn, v, ...)``: attn ``[B, *X, H, prod(K)]``, v ``[B, *X, H_kv, D_v]``.
+
+    ``attn`` may be float32 or v's dtype. The returned problem's ``head_dim`` is ``D_v`` (there
+    is no q; ``prod(K)`` is the width of attn) and its dtype is v's.
+
+    Raises:
+      ValueError: naming the argument, axis and value of the first problem found.
+    """
+    attn, v = _array_like("attn", attn), _array_like("v", v)
+    for name, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation),
+                        ("is_causal", is_causal)):
+        _static_int(name, value)
+    if rank is None:
+        rank = attn.ndim - 3
+        if rank not in (1, 2, 3):
+            raise ValueError(
+                f"attn has {attn.ndim} dimensions {tuple(attn.shape)}; it takes "
+                f"[batch, *spatial (1 to 3 axes), heads, prod(kernel_size)], i.e. 4 to 6 dimensions."
+            )
+    for name, x in (("attn", attn), ("v", v)):
+        if x.ndim != rank + 3:
+            raise ValueError(
+                f"{name} has {x.ndim} dimensions {tuple(x.shape)}, expected {rank + 3}: "
+                f"[batch, {rank} spatial axes, heads, channels] for {rank}-D neighborhood attention."
+            )
+    dtype = jnp.dtype(v.dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"v has dtype {dtype.name}; supported dtypes are float32, float16 and bfloat16.")
+    attn_dtype = jnp.dtype(attn.dtype)
+    if attn_dtype not in (jnp.dtype(jnp.float32), dtype):
+        raise ValueError(
+            f"attn has dtype {attn_dtype.name}; it must be float32 or v's dtype ({dtype.name})."
+        )
+    batch, spatial = attn.shape[0], tuple(attn.shape[1:-2])
+    if v.shape[0] != batch:
+        raise ValueError(f"v.shape[0] (batch) = {v.shape[0]} differs from attn's batch {batch}.")
+    for axis, (n_v, n_a) in enumerate(zip(v.shape[1:-2], spatial)):
+        if n_v != n_a:
+            raise ValueError(f"v.shape[{axis + 1}] (spatial axis {axis}) = {n_v} differs from attn's {n_a}.")
+    heads, kv_heads = attn.shape[-2], v.shape[-2]
+    if kv_heads < 1 or heads % kv_heads != 0:
+        raise ValueError(
+            f"attn's heads ({heads}) must be a multiple of v's heads ({kv_heads}) for grouped-query "
+            f"attention."
+        )
+    for name, n in (("heads", heads), ("value_dim", v.shape[-1]), ("batch", batch)):
+        if n < 1:
+            raise ValueError(f"attn/v have an empty {name} dimension.")
+    params = semantics.normalize_params(spatial, kernel_size, stride, dilation, is_causal)
+    if attn.shape[-1] != params.window_size:
+        raise ValueError(
+            f"attn's last axis has {attn.shape[-1]} entries; it must be prod(kernel_size) = "
+            f"{params.window_size} (the window slots)."
+        )
+    return NAProblem(
+        params=params,
+        batch=int(batch),
+        heads=int(heads),
+        kv_heads=int(kv_heads),
+        head_dim=int(v.shape[-1]),
+        value_dim=int(v.shape[-1]),
+        dtype=dtype,
+        scale=1.0,
+        num_extra=0,
     )

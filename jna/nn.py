@@ -1,7 +1,9 @@
 """Flax linen modules: neighborhood attention layers mirroring NATTEN's.
 
 Thin over the functional core: a fused QKV projection, `jna.neighborhood_attention`, and an
-output projection with dropout.
+output projection with dropout. With ``rel_pos_bias=True`` the layer has NATTEN 0.17's relative
+positional bias ``rpb`` and attends through the unfused ops instead (`jna.unfused`: logits with
+bias -> float32 softmax -> weighted sum).
 """
 
 from __future__ import annotations
@@ -9,11 +11,24 @@ from __future__ import annotations
 from typing import Any, Sequence, Union
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from jna import semantics
 from jna.functional import neighborhood_attention
+from jna.unfused import neighborhood_attention_av, neighborhood_attention_qk
 
-__all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D"]
+__all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D", "rpb_init"]
+
+
+def rpb_init(key, shape, dtype=jnp.float32):
+    """NATTEN 0.17's bias init: ``trunc_normal_(rpb, std=.02, mean=0., a=-2., b=2.)``.
+
+    A normal of standard deviation 0.02 truncated to the absolute interval ``[-2, 2]``
+    (100 standard deviations, as in torch's ``trunc_normal_``).
+    """
+    std = 0.02
+    return (std * jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, jnp.float32)).astype(dtype)
 
 IntOrTuple = Union[int, Sequence[int]]
 BoolOrTuple = Union[bool, Sequence[bool]]
@@ -32,6 +47,10 @@ class _NeighborhoodAttention(nn.Module):
       qkv_bias: whether the fused QKV projection has a bias.
       qk_scale: logit scale; default ``head_dim ** -0.5``.
       proj_drop: dropout rate after the output projection.
+      rel_pos_bias: add NATTEN 0.17's relative positional bias, a parameter ``rpb`` of shape
+        ``[num_heads, 2K_1 - 1, ..., 2K_n - 1]`` initialized by `rpb_init`; the layer then runs
+        the unfused ops (`jna.unfused`) and ignores ``backend``. Non-causal, stride 1 only
+        (otherwise NotImplementedError).
       backend: jna backend (``"auto"`` by default).
       dtype: computation dtype (None: inferred from inputs and params).
       param_dtype: parameter dtype.
@@ -45,6 +64,7 @@ class _NeighborhoodAttention(nn.Module):
     qkv_bias: bool = True
     qk_scale: float | None = None
     proj_drop: float = 0.0
+    rel_pos_bias: bool = False
     backend: str = "auto"
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -79,10 +99,20 @@ class _NeighborhoodAttention(nn.Module):
         )(x)
         qkv = qkv.reshape(*x.shape[:-1], 3, self.num_heads, head_dim)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-        out = neighborhood_attention(
-            q, k, v, self.kernel_size, stride=self.stride, dilation=self.dilation,
-            is_causal=self.is_causal, scale=self.qk_scale, backend=self.backend,
-        )
+        if self.rel_pos_bias:
+            kernel_size = semantics.normalize_per_axis("kernel_size", self.kernel_size, self.rank, int)
+            rpb = self.param("rpb", rpb_init, (self.num_heads, *(2 * k - 1 for k in kernel_size)),
+                             self.param_dtype)
+            window = dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation,
+                          is_causal=self.is_causal)
+            logits = neighborhood_attention_qk(q, k, **window, rpb=rpb, scale=self.qk_scale)
+            attn = jax.nn.softmax(logits, axis=-1)  # float32
+            out = neighborhood_attention_av(attn, v, **window)
+        else:
+            out = neighborhood_attention(
+                q, k, v, self.kernel_size, stride=self.stride, dilation=self.dilation,
+                is_causal=self.is_causal, scale=self.qk_scale, backend=self.backend,
+            )
         out = out.reshape(*x.shape[:-1], channels)
         out = nn.Dense(channels, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)
         return nn.Dropout(rate=self.proj_drop)(out, deterministic=deterministic)

@@ -40,6 +40,7 @@ __all__ = [
     "neighbor",
     "key_allowed",
     "axis_neighbor_table",
+    "relative_position_index",
 ]
 
 _AXIS_PARAMS = ("kernel_size", "stride", "dilation")
@@ -229,6 +230,19 @@ def neighbor(x, j, length: int, kernel_size: int, stride: int, dilation: int, is
     else:
         valid = yg == yg  # all True, with the broadcast shape of the inputs
     return g + dilation * yg, valid
+
+
+def relative_position_index(x, j, length: int, kernel_size: int, stride: int, dilation: int,
+                            is_causal: bool, xp=np):
+    """Relative-positional-bias index of window slot ``j`` of query ``x`` on one axis.
+
+    NATTEN 0.17's rule: the bias of (query ``x``, key ``y``) is ``rpb[(y' - x') + K - 1]`` in
+    group coordinates (``x' = x // d``, ``y' = y // d``), an index in ``[0, 2K - 2]``; a bias
+    table has ``2K - 1`` entries per axis. Defined for non-causal windows (NATTEN never had
+    causal bias); with stride 1 every window holds its query, so ``|y' - x'| <= K - 1``.
+    """
+    y, _ = neighbor(x, j, length, kernel_size, stride, dilation, is_causal, xp)
+    return y // dilation - x // dilation + kernel_size - 1
 
 
 def key_allowed(x, y, length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool, xp=np):

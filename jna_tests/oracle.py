@@ -173,3 +173,117 @@ def rel_l2(got, want) -> float:
     got = np.asarray(got, np.float64)
     want = np.asarray(want, np.float64)
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+# ---- unfused ops (attention logits per window slot) ---------------------------------------------
+
+
+def slot_table(shape, kernel_size, stride=1, dilation=1, is_causal=False):
+    """``[N, prod(K)]`` int: flat key index of each (query, window slot), ``-1`` where masked.
+
+    From the rule above, per axis: a query's allowed keys in increasing order are its slots
+    ``0, 1, ...`` (NATTEN's window order); a causal window holds fewer than ``K`` keys, its
+    remaining slots are masked. Slots are row-major over the per-axis slots.
+    """
+    shape = tuple(shape)
+    rank = len(shape)
+    ks, st, dl, ca = (per_axis(a, rank) for a in (kernel_size, stride, dilation, is_causal))
+    lists = [[[y for y in range(shape[a]) if axis_allowed(x, y, shape[a], ks[a], st[a], dl[a], bool(ca[a]))]
+              for x in range(shape[a])] for a in range(rank)]
+    n, kk = math.prod(shape), math.prod(ks)
+    table = np.full((n, kk), -1, np.int64)
+    queries = np.indices(shape).reshape(rank, -1).T
+    slots = np.indices(ks).reshape(rank, -1).T
+    for qi, x in enumerate(queries):
+        for si, j in enumerate(slots):
+            keys = [lists[a][x[a]][j[a]] if j[a] < len(lists[a][x[a]]) else None for a in range(rank)]
+            if None not in keys:
+                table[qi, si] = np.ravel_multi_index(keys, shape)
+    return table
+
+
+def rpb_table(shape, kernel_size, dilation=1):
+    """``[N, prod(K)]`` int: flat index into ``rpb[h]`` (``[2K_1 - 1, ...]``) per (query, slot).
+
+    NATTEN 0.17: per axis ``(y // d - x // d) + K - 1`` (non-causal, stride 1).
+    """
+    shape = tuple(shape)
+    rank = len(shape)
+    ks, dl = per_axis(kernel_size, rank), per_axis(dilation, rank)
+    table = slot_table(shape, ks, 1, dl, False)
+    queries = np.indices(shape).reshape(rank, -1).T
+    out = np.zeros_like(table)
+    for qi, x in enumerate(queries):
+        ys = np.stack(np.unravel_index(table[qi], shape), axis=-1)  # [KK, rank]
+        rel = [(ys[:, a] // dl[a]) - (x[a] // dl[a]) + ks[a] - 1 for a in range(rank)]
+        out[qi] = np.ravel_multi_index(rel, [2 * k - 1 for k in ks])
+    return out
+
+
+def qk(q, k, table, scale=None, rpb=None, rpb_index=None):
+    """Logits ``[B, *X, H, KK]`` (float64, ``-inf`` where masked) from q/k ``[B, *X, H(_kv), D]``."""
+    spatial = q.shape[1:-2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, _ = _flatten(q, k, k)
+    group = q.shape[2] // k.shape[2]
+    kh = np.repeat(k, group, axis=2)
+    kj = kh[:, np.maximum(table, 0)]  # [B, N, KK, H, D]
+    logits = scale * np.einsum("bnhd,bnjhd->bnhj", q, kj)
+    if rpb is not None:
+        bias = np.asarray(rpb, np.float64).reshape(rpb.shape[0], -1)[:, rpb_index]  # [H, N, KK]
+        logits = logits + bias.transpose(1, 0, 2)[None]
+    logits = np.where(table[None, :, None, :] >= 0, logits, -np.inf)
+    return logits.reshape(q.shape[0], *spatial, q.shape[2], -1)
+
+
+def qk_bwd(q, k, table, dlogits, scale=None, rpb_shape=None, rpb_index=None):
+    """Hand backward of `qk`: ``(dq, dk, drpb or None)``; masked slots carry no gradient."""
+    spatial, k_shape = q.shape[1:-2], k.shape
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, _ = _flatten(q, k, k)
+    b, n, h, _ = q.shape
+    group = h // k.shape[2]
+    dl = np.asarray(dlogits, np.float64).reshape(b, n, h, -1)
+    dl = np.where(table[None, :, None, :] >= 0, dl, 0.0)
+    kh = np.repeat(k, group, axis=2)
+    dq = scale * np.einsum("bnhj,bnjhd->bnhd", dl, kh[:, np.maximum(table, 0)])
+    dkh = np.zeros_like(kh)
+    contrib = scale * np.einsum("bnhj,bnhd->bnjhd", dl, q)  # to key table[n, j]
+    np.add.at(dkh, (slice(None), np.maximum(table, 0)), contrib)
+    dk = dkh.reshape(b, -1, k.shape[2], group, q.shape[-1]).sum(3).reshape(k_shape)
+    drpb = None
+    if rpb_shape is not None:
+        drpb = np.zeros((h, math.prod(rpb_shape[1:])))
+        np.add.at(drpb, (slice(None), rpb_index), dl.sum(0).transpose(1, 0, 2))
+        drpb = drpb.reshape(rpb_shape)
+    return dq.reshape(b, *spatial, h, -1), dk, drpb
+
+
+def av(attn, v, table):
+    """``out [B, *X, H, D_v]`` = sum over slots of ``attn * v[key]``; masked slots ignored."""
+    spatial = attn.shape[1:-2]
+    b, h = attn.shape[0], attn.shape[-2]
+    a = np.asarray(attn, np.float64).reshape(b, -1, h, attn.shape[-1])
+    a = np.where(table[None, :, None, :] >= 0, a, 0.0)
+    v = np.asarray(v, np.float64).reshape(b, -1, v.shape[-2], v.shape[-1])
+    vh = np.repeat(v, h // v.shape[2], axis=2)
+    out = np.einsum("bnhj,bnjhd->bnhd", a, vh[:, np.maximum(table, 0)])
+    return out.reshape(b, *spatial, h, -1)
+
+
+def av_bwd(attn, v, table, dout):
+    """Hand backward of `av`: ``(dattn, dv)``; masked slots of dattn are 0."""
+    v_shape = v.shape
+    b, h = attn.shape[0], attn.shape[-2]
+    a = np.asarray(attn, np.float64).reshape(b, -1, h, attn.shape[-1])
+    a = np.where(table[None, :, None, :] >= 0, a, 0.0)
+    v = np.asarray(v, np.float64).reshape(b, -1, v.shape[-2], v.shape[-1])
+    group = h // v.shape[2]
+    vh = np.repeat(v, group, axis=2)
+    do = np.asarray(dout, np.float64).reshape(b, -1, h, v.shape[-1])
+    dattn = np.einsum("bnhd,bnjhd->bnhj", do, vh[:, np.maximum(table, 0)])
+    dattn = np.where(table[None, :, None, :] >= 0, dattn, 0.0)
+    dvh = np.zeros_like(vh)
+    np.add.at(dvh, (slice(None), np.maximum(table, 0)), np.einsum("bnhj,bnhd->bnjhd", a, do))
+    dv = dvh.reshape(b, -1, v.shape[2], group, v.shape[-1]).sum(3).reshape(v_shape)
+    return dattn.reshape(attn.shape), dv

@@ -22,7 +22,7 @@ _MODULES: dict[str, str | None] = {
     "reference": "jna.backends.reference",
     "fused-mosaic": "jna.backends.fused_mosaic",
     "fused-triton": "jna.backends.fused_triton",
-    "unfused": None,
+    "unfused": "jna.backends.unfused",  # not in AUTO_ORDER: explicit only
 }
 
 # Preference of "auto", fastest first.

@@ -31,6 +31,7 @@ backend and times the public problems against cuDNN (``--sweep``: every tile cla
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +60,17 @@ def _interpret() -> bool:
 
 
 def is_available() -> tuple[bool, str]:
+    if _interpret() and _simulator_threads() < 4:
+        # The simulator blocks one host-callback thread per waiting warpgroup (up to 3): with
+        # fewer threads in XLA's CPU pool it deadlocks instead of failing.
+        return False, (f"the Mosaic GPU simulator on CPU needs >= 4 host threads; this process "
+                       f"has NPROC={_simulator_threads()} (set NPROC=8 before starting Python)")
     return device.gpu_availability(9.0, 10.0, "an NVIDIA Hopper GPU (sm90, wgmma)",
                                    "Mosaic GPU simulator on CPU")
+
+
+def _simulator_threads() -> int:
+    return int(os.environ.get("NPROC", os.cpu_count() or 1))
 
 
 def runs_natively() -> bool:
