@@ -196,3 +196,18 @@ def test_partition_spec():
 
 def test_exported():
     assert jna.sharding is js
+
+
+def test_bench_sharding_cpu_smoke(tmp_path):
+    """benchmarks/bench_sharding.py runs end to end on 8 virtual CPU devices (tiny shapes)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "benchmarks/bench_sharding.py", "--cpu-smoke", "--repeats", "1",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench_sharding.json").read_text())["rows"]
+    modes = {(r["problem"], r["mode"], r["devices"]) for r in rows if r.get("ok")}
+    for problem in ("3d-hunyuan (tiny)", "2d-flux (tiny)"):
+        for mode, devices in (("spatial", 2), ("spatial", 4), ("batch", 2), ("batch", 4)):
+            assert (problem, mode, devices) in modes, (problem, mode, devices, rows)
