@@ -65,6 +65,8 @@ CASES = {
     "1d-causal-dilated-strided-slab": Case((64,), (5,), (2,), (2,), (True,), mesh=(("sp", 4),),
                                            spatial_axis="sp", method="slab"),
     "1d-stride-not-aligned": Case((48,), (5,), (5,), mesh=(("sp", 4),), spatial_axis="sp"),
+    # Blocked attention with shards a multiple of the block: no halo, no communication.
+    "1d-blocked-no-halo": Case((64,), (8,), (8,), mesh=(("sp", 4),), spatial_axis="sp"),
     "1d-extra-kv": Case((32,), (5,), (1,), (3,), mesh=(("sp", 4),), spatial_axis="sp", n_extra=3),
     # 2-D: batch x spatial mesh; head x spatial with GQA, sharding the second axis.
     "2d-batch-x-spatial-dilated": Case((32, 10), (5, 3), (1, 1), (2, 1), (False, False), batch=2,

@@ -75,7 +75,10 @@ def _check(name, row) -> list[str]:
         other = set(collectives) - {"collective-permute"}
         if other:
             problems.append(f"{program} has collectives other than the halo permutes: {collectives}")
-        if case.spatial_axis:
+        if case.spatial_axis and row["halo"][:2] == [0, 0]:
+            if collectives:
+                problems.append(f"{program}: communicates without a halo: {collectives}")
+        elif case.spatial_axis:
             left, right, n = row["halo"]
             if not collectives.get("collective-permute"):
                 problems.append(f"{program}: no collective-permute (halo exchange) found")
