@@ -15,6 +15,8 @@ for the public problems 1d-long, 2d-flux and 3d-hunyuan on 2/4/8 GPUs. Nothing r
   the shard runs a whole NA problem on its slab (``slab``, what fused-triton does today);
 * communication time: bytes / 450 GB/s (realistic NVLink per GPU and direction on H100 SXM) plus
   15 us latency per message;
+* 8 GPUs also as a 2-D mesh, 2 head shards x 4 spatial shards (head sharding moves nothing and
+  halves both the halo and the compute);
 * efficiency = T_1 / (P * T_P), with T_P = compute + communication (no overlap) or
   max(compute, communication) (halo exchange overlapped with the interior tiles).
 """
@@ -76,32 +78,36 @@ def rows(problems=("1d-long", "2d-flux", "3d-hunyuan")):
             continue
         m = MEASURED[p.name]
         params = semantics.normalize_params(p.shape, **p.na_kwargs)
-        for gpus in GPUS:
+        layouts = [(gpus, 1) for gpus in GPUS] + [(8, 2)]  # (GPUs, head shards); 8 = 2 heads x 4
+        for gpus, head_shards in layouts:
+            shards = gpus // head_shards
+            heads = p.heads // head_shards
             for dim in range(params.rank):
-                row = dict(problem=p.name, gpus=gpus, dim=dim, length=p.shape[dim])
+                row = dict(problem=p.name, gpus=gpus, head_shards=head_shards, dim=dim,
+                           length=p.shape[dim])
                 try:
-                    h = js.halo(params, gpus, dim)
+                    h = js.halo(params, shards, dim)
                 except ValueError as e:
                     row["error"] = "halo > shard" if "halo" in str(e) else "not divisible"
                     out.append(row)
                     continue
                 cross = p.batch * math.prod(n for a, n in enumerate(p.shape) if a != dim)
-                row_bytes = cross * p.heads * (2 * p.head_dim) * 2  # K and V, bf16
+                row_bytes = cross * heads * (2 * p.head_dim) * 2  # K and V, bf16
                 fwd_bytes = (h.left + h.right) * row_bytes
                 comm_fwd = fwd_bytes / LINK_BYTES_PER_S + 2 * LATENCY_S
                 row.update(shard=h.shard_size, left=h.left, right=h.right,
                            halo_mib=fwd_bytes / 2**20, comm_fwd_ms=comm_fwd * 1e3,
-                           gflop_shard=4 * p.batch * p.heads * (p.tokens // gpus)
+                           gflop_shard=4 * p.batch * heads * (p.tokens // shards)
                            * math.prod(p.kernel_size) * p.head_dim / 1e9)
                 for route in ("offset", "slab"):
-                    if route == "slab" and not js.slab_plan(params, gpus, dim).ok:
+                    if route == "slab" and not js.slab_plan(params, shards, dim).ok:
                         continue
                     frac = shard_compute_fraction(params, h, m["q_tile"], m["kv_tile"], route)
                     if route == "slab":
-                        row["slab_rows"] = js.slab_plan(params, gpus, dim).size
+                        row["slab_rows"] = js.slab_plan(params, shards, dim).size
                     for mode, comm_factor in (("fwd", 1), ("fwd_bwd", 2)):
                         t1 = m[mode]
-                        compute = t1 * frac
+                        compute = t1 * frac / head_shards
                         comm = comm_fwd * 1e3 * comm_factor
                         row[f"{route}_{mode}_compute_ms"] = compute
                         row[f"{route}_{mode}_eff_serial"] = t1 / (gpus * (compute + comm))
@@ -114,7 +120,7 @@ def best_rows(all_rows):
     """Per (problem, gpus): the sharded axis with the best native-offset forward efficiency."""
     best = {}
     for r in all_rows:
-        key = (r["problem"], r["gpus"])
+        key = (r["problem"], r["gpus"], r["head_shards"])
         if "error" in r:
             prev = best.get(key)
             if prev is None or "error" in prev:
@@ -127,12 +133,18 @@ def best_rows(all_rows):
     return list(best.values())
 
 
+def _layout(r) -> str:
+    if r["head_shards"] == 1:
+        return str(r["gpus"])
+    return f"{r['gpus']} ({r['head_shards']} heads x {r['gpus'] // r['head_shards']} spatial)"
+
+
 def markdown(all_rows) -> str:
     lines = ["### Halo widths and bytes (every shardable axis)", "",
              "| problem | GPUs | axis (length) | rows/shard | halo left/right | halo KV bytes fwd (MiB) | comm fwd (ms) | GFLOP/shard fwd |",
              "|---|---|---|---|---|---|---|---|"]
     for r in all_rows:
-        head = f"| {r['problem']} | {r['gpus']} | {r['dim']} ({r['length']}) |"
+        head = f"| {r['problem']} | {_layout(r)} | {r['dim']} ({r['length']}) |"
         if "error" in r:
             lines.append(f"{head} — | {r['error']} | | | |")
             continue
@@ -147,13 +159,13 @@ def markdown(all_rows) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     for r in best_rows(all_rows):
         if "error" in r:
-            lines.append(f"| {r['problem']} | {r['gpus']} | none ({r['error']}) | | | | | | |")
+            lines.append(f"| {r['problem']} | {_layout(r)} | none ({r['error']}) | | | | | | |")
             continue
         slab = ("—", "—", "—")
         if "slab_fwd_eff_serial" in r:
             slab = (str(r["slab_rows"]), f"{r['slab_fwd_eff_serial']:.2f}", f"{r['slab_fwd_bwd_eff_serial']:.2f}")
         lines.append(
-            f"| {r['problem']} | {r['gpus']} | {r['dim']} | {r['offset_fwd_compute_ms']:.2f} | "
+            f"| {r['problem']} | {_layout(r)} | {r['dim']} | {r['offset_fwd_compute_ms']:.2f} | "
             f"{r['offset_fwd_eff_serial']:.2f} / {r['offset_fwd_eff_overlap']:.2f} | "
             f"{r['offset_fwd_bwd_eff_serial']:.2f} / {r['offset_fwd_bwd_eff_overlap']:.2f} | "
             f"{slab[0]} | {slab[1]} | {slab[2]} |")
