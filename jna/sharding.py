@@ -41,9 +41,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -436,10 +435,12 @@ def neighborhood_attention(
     if len(set(used)) != len(used):
         raise ValueError(f"a mesh axis is used twice among batch_axis, head_axis, spatial_axis: {used}.")
     if problem.batch % nb:
-        raise ValueError(f"batch {problem.batch} is not divisible by the {nb} shards of batch_axis={batch_axis!r}.")
+        raise ValueError(f"batch {problem.batch} is not divisible by the {nb} shards of "
+                         f"batch_axis={batch_axis!r}.")
     for what, count in (("q heads", problem.heads), ("kv heads", problem.kv_heads)):
         if count % nh:
-            raise ValueError(f"{what} ({count}) are not divisible by the {nh} shards of head_axis={head_axis!r}.")
+            raise ValueError(f"{what} ({count}) are not divisible by the {nh} shards of "
+                             f"head_axis={head_axis!r}.")
 
     spec = partition_spec(rank, batch_axis, head_axis, spatial_axis, spatial_dim)
     lse_spec = partition_spec(rank, batch_axis, head_axis, spatial_axis, spatial_dim, trailing=False)

@@ -90,6 +90,10 @@ CASES = {
                                head_axis=("model",)),
     # Errors.
     "1d-shard-smaller-than-halo": Case((32,), (12,), spatial_axis="sp", expect_error="ValueError"),
+    "1d-heads-not-divisible": Case((16,), (5,), heads=3, heads_kv=3, mesh=(("model", 2),),
+                                   head_axis="model", expect_error="ValueError"),
+    "1d-length-not-divisible": Case((30,), (5,), mesh=(("sp", 4),), spatial_axis="sp",
+                                    expect_error="ValueError"),
     "1d-slab-inexact-raises": Case((48,), (5,), (5,), mesh=(("sp", 4),), spatial_axis="sp",
                                    method="slab", expect_error="NotImplementedError"),
     # fused-triton (Pallas interpret mode on CPU: tiny problems).

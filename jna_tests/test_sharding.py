@@ -214,3 +214,45 @@ def test_bench_sharding_cpu_smoke(tmp_path):
     for problem in ("3d-hunyuan (tiny)", "2d-flux (tiny)"):
         for mode, devices in (("spatial", 2), ("spatial", 4), ("batch", 2), ("batch", 4)):
             assert (problem, mode, devices) in modes, (problem, mode, devices, rows)
+
+
+def _route_problem(length, kernel_size, stride):
+    import jax.numpy as jnp
+
+    from jna.arguments import check_call
+
+    x = jnp.zeros((1, length, 2, 8))
+    return check_call(x, x, x, kernel_size, stride, 1, False, None, None, None, None)
+
+
+def test_spatial_routes_never_fall_back_silently(monkeypatch):
+    """Explicit backends raise when neither route applies; ``auto`` falls back with a warning."""
+    from jna import backends
+    from jna.backends import fused_triton
+
+    exact = _route_problem(48, 5, 1)  # 4 shards: the slab route is exact
+    inexact = _route_problem(48, 5, 5)  # stride groups straddle the 12-row shards
+    h_exact, h_inexact = js.halo(exact.params, 4), js.halo(inexact.params, 4)
+    assert js.slab_plan(exact.params, 4).ok and not js.slab_plan(inexact.params, 4).ok
+
+    assert js._spatial_route("reference", inexact, h_inexact, "auto")[1] == "offset"
+    assert js._spatial_route("reference", exact, h_exact, "slab")[1] == "slab"
+    with pytest.raises(NotImplementedError, match="no exact slab"):
+        js._spatial_route("reference", inexact, h_inexact, "slab")
+    with pytest.raises(ValueError, match="method"):
+        js._spatial_route("reference", exact, h_exact, "fast")
+
+    # What a GPU sees: fused-triton is available and `auto` resolves to it.
+    monkeypatch.setattr(fused_triton, "is_available", lambda: (True, ""))
+    real_resolve = backends.resolve
+    monkeypatch.setattr(backends, "resolve", lambda name, problem: fused_triton if name in (
+        "auto", "fused-triton") else real_resolve(name, problem))
+    module, route = js._spatial_route("fused-triton", exact, h_exact, "auto")
+    assert (module.NAME, route) == ("fused-triton", "slab")
+    with pytest.raises(NotImplementedError, match="takes no query offset"):
+        js._spatial_route("fused-triton", exact, h_exact, "offset")
+    with pytest.raises(NotImplementedError, match="no exact slab"):
+        js._spatial_route("fused-triton", inexact, h_inexact, "auto")
+    with pytest.warns(UserWarning, match="using backend 'reference'"):
+        module, route = js._spatial_route("auto", inexact, h_inexact, "auto")
+    assert (module.NAME, route) == ("reference", "offset")
