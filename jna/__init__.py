@@ -7,9 +7,10 @@ Public API:
   na1d_qk/na2d_qk/na3d_qk, na1d_av/na2d_av/na3d_av: unfused ops exposing the attention logits
     (with optional relative positional bias) and applying weights (jna.unfused).
   semantics: the exact window rules (NATTEN 0.21), usable on host and in kernels.
+  sharding: the same ops over a device mesh (batch/head parallel, spatial halo exchange).
 """
 
-from jna import semantics
+from jna import semantics, sharding
 from jna.backends import KNOWN_BACKENDS, built_backends
 from jna.functional import na1d, na2d, na3d, neighborhood_attention
 from jna.merge import merge_attentions
@@ -45,6 +46,7 @@ __all__ = [
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
     "semantics",
+    "sharding",
     "KNOWN_BACKENDS",
     "built_backends",
 ]

@@ -50,15 +50,29 @@ def slots_per_chunk(problem: NAProblem, budget: int = GATHER_BUDGET_ELEMENTS) ->
     return int(max(1, min(problem.params.window_size, budget // max(per_slot, 1))))
 
 
-def _chunk_neighbors(params: semantics.NAParams, first_slot, chunk: int):
+def _chunk_neighbors(params: semantics.NAParams, first_slot, chunk: int, query_coords=None,
+                     key_offsets=None):
     """Key positions of window slots ``first_slot .. first_slot + chunk - 1`` of every query.
+
+    Args:
+      params: the (global) problem; windows follow its lengths.
+      first_slot, chunk: the slots of this chunk (row-major over the window).
+      query_coords: per axis, the global coordinates of the local queries (an int32 array, may be
+        traced), or None for every axis: ``arange(length)``.
+      key_offsets: per axis, the global coordinate of local key index 0 (may be traced), or None:
+        0. Returned indices are local: ``global key - key_offsets[axis]``.
 
     Returns:
       ``(indices, valid)``: ``indices`` is a tuple (one per axis) of int32 arrays that broadcast
-      to ``[*X, chunk]``, ready for advanced indexing; ``valid`` is bool ``[*X, chunk]``. Slots
+      to ``[*Xq, chunk]``, ready for advanced indexing; ``valid`` is bool ``[*Xq, chunk]``. Slots
       past ``prod(K)`` (padding of the last chunk) are invalid and point at slot ``prod(K) - 1``.
     """
     rank = params.rank
+    if query_coords is None:
+        query_coords = [jnp.arange(n, dtype=jnp.int32) for n in params.spatial_shape]
+    if key_offsets is None:
+        key_offsets = [0] * rank
+    local_shape = tuple(int(c.shape[0]) for c in query_coords)
     slot = first_slot + jnp.arange(chunk, dtype=jnp.int32)
     in_window = slot < params.window_size
     slot = jnp.minimum(slot, params.window_size - 1)
@@ -73,14 +87,16 @@ def _chunk_neighbors(params: semantics.NAParams, first_slot, chunk: int):
     indices, valid = [], in_window
     for axis in range(rank):
         length, k, s, d, causal = params.axis(axis)
-        x = jnp.arange(length, dtype=jnp.int32)[:, None]
+        n = local_shape[axis]
+        x = query_coords[axis][:, None]
         y, ok = semantics.neighbor(x, per_axis_slot[axis][None, :], length, k, s, d, causal, xp=jnp)
-        # Put this axis's length at position `axis` of [*X, chunk].
+        y = y - key_offsets[axis]
+        # Put this axis's length at position `axis` of [*Xq, chunk].
         shape = [1] * rank + [chunk]
-        shape[axis] = length
+        shape[axis] = n
         indices.append(y.reshape(shape))
-        valid = valid & jnp.broadcast_to(ok, (length, chunk)).reshape(shape)
-    return tuple(indices), jnp.broadcast_to(valid, (*params.spatial_shape, chunk))
+        valid = valid & jnp.broadcast_to(ok, (n, chunk)).reshape(shape)
+    return tuple(indices), jnp.broadcast_to(valid, (*local_shape, chunk))
 
 
 def attention(q, k, v, problem: NAProblem):
@@ -93,21 +109,46 @@ def attention(q, k, v, problem: NAProblem):
     Returns:
       ``(out, lse)``: ``[B, *X, H, D_v]`` in q's dtype and ``[B, *X, H]`` float32.
     """
+    return attention_window(q, k, v, problem)
+
+
+def attention_window(q, k, v, problem: NAProblem, query_coords=None, key_offsets=None):
+    """Neighborhood attention of some queries of a larger problem over a slab of its keys.
+
+    This is the reference backend's *query offset into a larger key extent*, used by spatial
+    sharding (`jna.sharding`): windows are those of the global problem ``problem.params``, the
+    local queries sit at global coordinates ``query_coords`` and local key index ``i`` of axis
+    ``a`` is global key ``key_offsets[a] + i``. Every window key of every local query must lie in
+    the local key slab (the caller sizes it; `jna.sharding.halo` computes the widths).
+
+    Args:
+      q: ``[B, *Xq, H, D]``; k: ``[B, *Xk, H_kv, D]``; v: ``[B, *Xk, H_kv, D_v]``. Only
+        ``problem.params`` and ``problem.scale`` are read from ``problem``; sizes come from the
+        arrays (the batch and heads may be a shard of the problem's).
+      query_coords: per axis, int32 ``[Xq[a]]`` global coordinates of the local queries (traced
+        values allowed); None means the whole axis (``arange``).
+      key_offsets: per axis, the global coordinate of local key 0 (traced allowed); None: 0.
+
+    Returns:
+      ``(out, lse)``: ``[B, *Xq, H, D_v]`` in q's dtype and ``[B, *Xq, H]`` float32.
+    """
     params = problem.params
     # Upcast before gathering: the gather's transpose (a scatter-add of every query's
     # contribution) then accumulates key/value gradients in float32, not in bf16/fp16.
     k, v = jnp.asarray(k).astype(jnp.float32), jnp.asarray(v).astype(jnp.float32)
-    batch, heads, kv_heads = problem.batch, problem.heads, problem.kv_heads
+    batch, local_shape, heads, head_dim = q.shape[0], tuple(q.shape[1:-2]), q.shape[-2], q.shape[-1]
+    kv_heads, value_dim = v.shape[-2], v.shape[-1]
     group = heads // kv_heads
-    n = params.num_tokens
-    chunk = slots_per_chunk(problem)
+    n = math.prod(local_shape)
+    per_slot = batch * n * kv_heads * (head_dim + value_dim)
+    chunk = int(max(1, min(params.window_size, GATHER_BUDGET_ELEMENTS // max(per_slot, 1))))
     num_chunks = math.ceil(params.window_size / chunk)
 
-    qg = (jnp.asarray(q).astype(jnp.float32) * problem.scale).reshape(batch, n, kv_heads, group, problem.head_dim)
+    qg = (jnp.asarray(q).astype(jnp.float32) * problem.scale).reshape(batch, n, kv_heads, group, head_dim)
 
     def step(carry, chunk_index):
         m, l, acc = carry
-        indices, valid = _chunk_neighbors(params, chunk_index * chunk, chunk)
+        indices, valid = _chunk_neighbors(params, chunk_index * chunk, chunk, query_coords, key_offsets)
         kj = k[(slice(None), *indices)].reshape(batch, n, chunk, kv_heads, -1)
         vj = v[(slice(None), *indices)].reshape(batch, n, chunk, kv_heads, -1)
         s = jnp.einsum("bnhgd,bnchd->bnhgc", qg, kj, precision=_HIGHEST)
@@ -126,13 +167,13 @@ def attention(q, k, v, problem: NAProblem):
     init = (
         jnp.full((batch, n, kv_heads, group), -jnp.inf, jnp.float32),
         jnp.zeros((batch, n, kv_heads, group), jnp.float32),
-        jnp.zeros((batch, n, kv_heads, group, problem.value_dim), jnp.float32),
+        jnp.zeros((batch, n, kv_heads, group, value_dim), jnp.float32),
     )
     step = jax.checkpoint(step)
     if num_chunks == 1:
         (m, l, acc), _ = step(init, jnp.int32(0))
     else:
         (m, l, acc), _ = jax.lax.scan(step, init, jnp.arange(num_chunks, dtype=jnp.int32))
-    out = (acc / l[..., None]).reshape(batch, *params.spatial_shape, heads, problem.value_dim)
-    lse = (m + jnp.log(l)).reshape(batch, *params.spatial_shape, heads)
+    out = (acc / l[..., None]).reshape(batch, *local_shape, heads, value_dim)
+    lse = (m + jnp.log(l)).reshape(batch, *local_shape, heads)
     return out.astype(q.dtype), lse
