@@ -40,6 +40,9 @@ SIM_CASES = {
     "1d-2wg-d128-fp16": (
         Config((320,), (150,), (1,), (1,), (False,), heads=1, heads_kv=1, dim=128, dim_v=128),
         (128,), (128,), 2, "float16"),
+    "1d-d32-causal": (
+        Config((200,), (40,), (3,), (2,), (True,), heads=2, heads_kv=1, dim=32, dim_v=32),
+        (64,), (128,), 2, "bfloat16"),
     "1d-2wg-ring-wrap-3stages": (
         Config((320,), (150,), (1,), (1,), (False,), heads=1, heads_kv=1, dim=64, dim_v=64),
         (128,), (64,), 3, "bfloat16"),
@@ -240,7 +243,7 @@ def test_default_config_and_support():
                     _problem((32768,), 2048)):
         config = fused_mosaic.default_config(problem)
         assert config.q_tokens in (64, 128) and config.kv_tokens in (64, 128)
-    assert fused_mosaic.unsupported_reason(_problem((64,), 8, dim=32)) is not None
+    assert fused_mosaic.unsupported_reason(_problem((64,), 8, dim=16)) is not None
     assert fused_mosaic.unsupported_reason(_problem((64,), 8, dtype=jnp.float32)) is not None
     assert fused_mosaic.unsupported_reason(_problem((64,), 8)) is None
 

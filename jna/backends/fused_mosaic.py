@@ -46,7 +46,7 @@ from jna.backends.mosaic_common import MosaicConfig, Static
 
 NAME = "fused-mosaic"
 
-_HEAD_DIMS = (64, 128)
+_HEAD_DIMS = (32, 64, 128)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 

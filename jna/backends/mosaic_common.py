@@ -101,8 +101,13 @@ class Static:
 
 
 def smem(shape, dtype):
-    """SMEM tile in the wgmma operand layout: (8, 64) tiles, 128-byte swizzle."""
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    """SMEM tile in the wgmma operand layout: rows of at most 128 bytes swizzled as a whole
+    ((8, 64) tiles with a 128-byte swizzle for 16-bit rows of >= 64 elements; (8, 32) with a
+    64-byte swizzle for head dim 32)."""
+    row_bytes = min(128, shape[-1] * jnp.dtype(dtype).itemsize)
+    columns = row_bytes // jnp.dtype(dtype).itemsize
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, columns)),
+                                                plgpu.SwizzleTransform(row_bytes)))
 
 
 def pow2_unravel(index, radices):
