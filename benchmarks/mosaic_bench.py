@@ -121,7 +121,7 @@ def sweep(problems, repeats: int = 10) -> list[dict]:
         problem = _problem_of(q, k, v, p["kernel_size"], p["stride"], p["dilation"], p["is_causal"])
         flops = 4.0 * b * h * math.prod(shape) * math.prod(p["kernel_size"]) * d
         caps = tiling.axis_caps(problem.params)
-        for q_tokens, kv_tokens, stages, _ in fused_mosaic.CLASSES:
+        for q_tokens, kv_tokens, stages, _ in fused_mosaic.launch_classes():
             shapes = [(qt, kt) for qt in tiling.tile_shapes(q_tokens, caps)
                       for kt in tiling.tile_shapes(kv_tokens, caps)]
             if not shapes:
@@ -159,6 +159,28 @@ def sweep(problems, repeats: int = 10) -> list[dict]:
     return rows
 
 
+def write_config(rows, path: pathlib.Path, device_kind: str):
+    """Per class: the median over problems of kernel TFLOP/s divided by tile efficiency."""
+    import statistics
+
+    flops = {p["name"]: 4.0 * p["batch"] * p["heads"] * math.prod(p["shape"])
+             * math.prod(p["kernel_size"]) * p["head_dim"] for p in public_problems()}
+    by_class = {}
+    for r in rows:
+        if "fwd_ms" in r:
+            f = flops[r["problem"]] / r["efficiency"] / 1e9
+            by_class.setdefault((r["q_tokens"], r["kv_tokens"], r["stages"]), []).append(
+                (f / r["fwd_ms"], 3.5 * f / (r["fwd_ms"] + r["bwd_ms"])))
+    old = json.loads(path.read_text()) if path.exists() else {}
+    old["calibrated_on"] = f"{device_kind}, jax {jax.__version__}"
+    old["classes"] = [
+        {"q_tokens": q, "kv_tokens": k, "num_stages": s,
+         "speed": round(statistics.median(a for a, _ in v), 1),
+         "fwd_bwd_speed": round(statistics.median(b for _, b in v), 1)}
+        for (q, k, s), v in by_class.items()]
+    path.write_text(json.dumps(old, indent=1) + "\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-check", action="store_true")
@@ -166,6 +188,8 @@ def main(argv=None) -> int:
     parser.add_argument("--problems", default="", help="comma-separated public problem names")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default="", help="write the sweep rows as JSON here")
+    parser.add_argument("--write-config", default="",
+                        help="write the calibrated classes (configs/fused_mosaic.json format) here")
     args = parser.parse_args(argv)
     dev = device.default_device()
     print(f"jax {jax.__version__} on {dev.device_kind}; fused-mosaic: {fused_mosaic.is_available()}")
@@ -180,6 +204,8 @@ def main(argv=None) -> int:
         rows = sweep(public_problems([n for n in args.problems.split(",") if n]), args.repeats)
         if args.out:
             pathlib.Path(args.out).write_text(json.dumps(rows, indent=1))
+        if args.write_config:
+            write_config(rows, pathlib.Path(args.write_config), dev.device_kind)
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1
 

@@ -7,7 +7,8 @@ on a CPU: ``auto`` skips it there), ``unsupported_reason(problem) -> str | None`
 
 An explicitly named backend never falls back silently: if it cannot run the call, that is an
 error that says why. ``"auto"`` takes the first backend of `AUTO_ORDER` that is available on the
-current device and supports the call.
+current device and supports the call (a backend may also define ``auto_declines(problem) -> str |
+None`` to let ``auto`` pass a call on to the next backend where it is measured slower).
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ def resolve(backend: str, problem: NAProblem) -> ModuleType:
             if _MODULES[name] is None:
                 continue
             module = _load(name)
-            if module.runs_natively() and module.unsupported_reason(problem) is None:
+            declines = getattr(module, "auto_declines", lambda problem: None)
+            if (module.runs_natively() and module.unsupported_reason(problem) is None
+                    and declines(problem) is None):
                 return module
         raise NotImplementedError("no jna backend supports this call")  # reference takes all
     module = _load(backend)

@@ -31,7 +31,9 @@ backend and times the public problems against cuDNN (``--sweep``: every tile cla
 from __future__ import annotations
 
 import functools
+import json
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -89,22 +91,39 @@ def unsupported_reason(problem: NAProblem) -> str | None:
     return None
 
 
-# (q tokens, kv tokens, stages, relative speed). Priors from FA3 on H100 (128 query rows per CTA
-# in two warpgroups, 128-token KV blocks): the chooser multiplies them by a problem's tile
-# efficiency, as fused-triton does with its measured speeds.
-CLASSES = (
-    (128, 128, 2, 1.00),
-    (128, 64, 3, 0.90),
-    (64, 128, 2, 0.60),
-    (64, 64, 3, 0.55),
-)
+CONFIG_FILE = pathlib.Path(__file__).resolve().parents[2] / "configs" / "fused_mosaic.json"
+
+
+@functools.lru_cache(maxsize=1)
+def _config_file() -> dict:
+    if not CONFIG_FILE.exists():
+        raise FileNotFoundError(
+            f"jna's tile configs are missing: {CONFIG_FILE} (install jna from its repository, "
+            f"e.g. pip install -e .)")
+    return json.loads(CONFIG_FILE.read_text())
+
+
+def launch_classes() -> tuple[tuple[int, int, int, float], ...]:
+    """``(q_tokens, kv_tokens, num_stages, speed)`` per class of ``configs/fused_mosaic.json``
+    (speed: calibrated forward TFLOP/s at full tile efficiency)."""
+    return tuple((c["q_tokens"], c["kv_tokens"], c["num_stages"], c["speed"])
+                 for c in _config_file()["classes"])
+
+
+def auto_declines(problem: NAProblem) -> str | None:
+    """Why ``backend="auto"`` should take the next backend although this one supports the call
+    (measured slower there), or None. An explicit ``backend="fused-mosaic"`` still runs it."""
+    floor = _config_file().get("auto_min_head_dim", 0)
+    if problem.head_dim < floor:
+        return f"head_dim {problem.head_dim} < {floor}: fused-triton measured faster"
+    return None
 
 
 @functools.lru_cache(maxsize=1024)
 def _choose(params: semantics.NAParams) -> MosaicConfig:
     caps = tiling.axis_caps(params)
     best, best_score = None, -1.0
-    for q_tokens, kv_tokens, stages, speed in CLASSES:
+    for q_tokens, kv_tokens, stages, speed in launch_classes():
         for q_tile in tiling.tile_shapes(q_tokens, caps):
             for kv_tile in tiling.tile_shapes(kv_tokens, caps):
                 score = tiling.tile_efficiency(params, q_tile, kv_tile) * speed
@@ -117,7 +136,7 @@ def _choose(params: semantics.NAParams) -> MosaicConfig:
 
 
 def default_config(problem: NAProblem) -> MosaicConfig:
-    """The config that maximizes ``tile efficiency * prior speed`` (see `CLASSES`)."""
+    """The config that maximizes ``tile efficiency * speed`` (see `launch_classes`)."""
     return _choose(problem.params)
 
 

@@ -1,0 +1,89 @@
+"""Where fused-mosaic's time goes, per public problem (H100; timing only, not a correctness check).
+
+    python benchmarks/mosaic_profile.py [--problems 2d-flux,2d-flux-gna]
+
+Columns (ms, median of synchronized runs): ``total`` the forward as users call it
+(`jna.neighborhood_attention`, backend fused-mosaic: isfinite check, permutations, kernel);
+``kernel`` the forward kernel alone on permuted tensors; ``no-mask`` the same kernel with every
+tile pair treated as full (wrong results: the cost of the edge masks is the difference);
+``perm`` the permutations of q/k/v plus the inverse of out/lse; ``finite`` the all-finite check
+of v; ``dq``/``dkv`` the two backward kernels alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import jna  # noqa: E402
+from benchmarks.mosaic_bench import _problem_of, _random, public_problems  # noqa: E402
+from jna import plan as planning  # noqa: E402
+from jna.backends import fused_mosaic, mosaic_backward, mosaic_forward, tiling  # noqa: E402
+from jna.timing import median_ms  # noqa: E402
+
+
+def profile(p, repeats: int):
+    b, h, d, shape = p["batch"], p["heads"], p["head_dim"], tuple(p["shape"])
+    q, k, v, do = (_random((b, *shape, h, d), jnp.bfloat16, s) for s in (1, 2, 3, 4))
+    args = (p["kernel_size"], p["stride"], p["dilation"], p["is_causal"])
+    problem = _problem_of(q, k, v, *args)
+    st = fused_mosaic._static(problem, fused_mosaic.default_config(problem), None)
+    row = {"problem": p["name"], "eff": round(st.plan.efficiency, 3)}
+    na = functools.partial(jna.neighborhood_attention, kernel_size=args[0], stride=args[1],
+                           dilation=args[2], is_causal=args[3], backend="fused-mosaic")
+    row["total"] = median_ms(jax.jit(na), q, k, v, repeats=repeats)
+
+    def permute_all(q, k, v):
+        qp = planning.permute(q, st.plan, "q")
+        kp, vp = (planning.permute(x, st.plan, "kv") for x in (k, v))
+        out = planning.unpermute(qp, st.plan, "q", problem.spatial_shape)
+        lse = planning.unpermute(qp[..., 0].astype(jnp.float32), st.plan, "q", problem.spatial_shape)
+        return out, lse, kp, vp
+
+    row["perm"] = median_ms(jax.jit(permute_all), q, k, v, repeats=repeats)
+    row["finite"] = median_ms(jax.jit(lambda v: jnp.all(jnp.isfinite(v))), v, repeats=repeats)
+    qp, dop = (planning.permute(x, st.plan, "q") for x in (q, do))
+    kp, vp = (planning.permute(x, st.plan, "kv") for x in (k, v))
+    fwd = jax.jit(functools.partial(mosaic_forward.forward_call, st=st))
+    row["kernel"] = median_ms(fwd, qp, kp, vp, repeats=repeats)
+    out, lse = fwd(qp, kp, vp)
+    delta = jnp.einsum("bnhd,bnhd->bhn", out.astype(jnp.float32), dop.astype(jnp.float32))
+    row["dq"] = median_ms(jax.jit(functools.partial(mosaic_backward.dq_call, st=st)),
+                          qp, kp, vp, dop, lse, delta, repeats=repeats)
+    row["dkv"] = median_ms(jax.jit(functools.partial(mosaic_backward.dkv_call, st=st)),
+                           qp, kp, vp, dop, lse, delta, repeats=repeats)
+    original = tiling.Geometry.full
+    tiling.Geometry.full = lambda self, qt, kt: jnp.int32(1)
+    try:
+        row["no-mask"] = median_ms(jax.jit(functools.partial(mosaic_forward.forward_call, st=st)),
+                                   qp, kp, vp, repeats=repeats)
+    finally:
+        tiling.Geometry.full = original
+    flops = 4.0 * b * h * math.prod(shape) * math.prod(p["kernel_size"]) * d
+    row["kernel TF/s on computed pairs"] = round(flops / st.plan.efficiency / row["kernel"] / 1e9, 1)
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--problems", default="")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    rows = [profile(p, args.repeats) for p in public_problems([n for n in args.problems.split(",") if n])]
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
