@@ -7,6 +7,8 @@ For each problem, forward and forward+backward (VJP of ``sum(out * dout)``) are 
 (median of synchronized repeats after warm-up, `jna.timing.median_ms`):
 
 * on one device (the baseline, batch 1 and batch 4);
+* ``1`` in ``--gpus``: through `jna.sharding` on a mesh of one device (the sharded code path with
+  empty halos, against the plain call);
 * spatially sharded over P devices (each P of ``--gpus`` above 1) along the axis with the
   smallest halo per shard row (``--spatial-dim`` overrides), with `jna.sharding.halo` widths;
 * batch-sharded: batch 4 over P devices (no communication).
@@ -133,8 +135,8 @@ def run(args) -> dict:
             base, ref = measure(problem, args.backend, batch, devices, None, dtype, args.repeats)
             rows.append(dict(problem=problem.name, mode="single", devices=1, batch=batch, **base))
             for g in gpus:
-                if g == 1:
-                    continue
+                # g == 1 runs the sharded code path on a mesh of one device (shard_map, halo of
+                # zero rows): its overhead over the plain call, where only one GPU is lent.
                 if g > len(devices):
                     _log(f"  skip {g} devices: only {len(devices)}")
                     continue

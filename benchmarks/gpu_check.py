@@ -40,11 +40,18 @@ def _log(*args):
     print(*args, flush=True)
 
 
-def run_tests(out: pathlib.Path, backends: str, timeout_s: int = 330) -> dict:
-    """The GPU test subset: the oracle sweep and the large-shape checks for the chosen backends."""
+def run_tests(out: pathlib.Path, backends: str, timeout_s: int = 330, workers: int = 1) -> dict:
+    """The GPU test subset: the oracle sweep and the large-shape checks for the chosen backends.
+
+    ``workers > 1`` runs pytest-xdist workers side by side on the one GPU (the tests are small
+    and compile-bound); each worker then allocates GPU memory on demand instead of taking 75%.
+    """
     env = dict(os.environ, JNA_TEST_BACKENDS=backends)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "jna_tests/test_sweep.py",
            "jna_tests/test_gpu.py"]
+    if workers > 1:
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        cmd += ["-n", str(workers)]
     start = time.time()
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -54,7 +61,7 @@ def run_tests(out: pathlib.Path, backends: str, timeout_s: int = 330) -> dict:
     (out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
     summary = [l for l in proc.stdout.splitlines() if " passed" in l or " failed" in l or "error" in l]
     result = {"returncode": proc.returncode, "summary": summary[-1] if summary else proc.stdout[-500:],
-              "seconds": round(time.time() - start, 1)}
+              "seconds": round(time.time() - start, 1), "backends": backends}
     _log("tests:", result)
     return result
 
@@ -169,7 +176,8 @@ def _markdown(meta: dict, rows: list[dict], memory: list[dict], tests: dict | No
         "- dtype: bfloat16; effective TFLOP/s: fwd = 4*B*H*N*prod(K)*D, fwd+bwd = 3.5x",
     ]
     if tests:
-        lines.append(f"- GPU tests: {tests['summary']} (exit {tests['returncode']}, {tests['seconds']} s)")
+        lines.append(f"- GPU tests ({tests.get('backends', '')}: test_sweep.py + test_gpu.py): "
+                     f"{tests['summary']} (exit {tests['returncode']}, {tests['seconds']} s)")
     lines += [
         "",
         "| problem | backend | tiles | fwd ms | fwd TFLOP/s | fwd vs cuDNN | fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd vs cuDNN |",
@@ -197,7 +205,10 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--problems", default="", help="comma-separated names (default: all public)")
-    parser.add_argument("--backends", default="fused-triton")
+    parser.add_argument("--backends", default="fused-triton", help="backends to benchmark")
+    parser.add_argument("--test-backends", default="", help="backends to test (default: --backends)")
+    parser.add_argument("--test-workers", type=int, default=1, help="pytest-xdist workers on the GPU")
+    parser.add_argument("--test-timeout-s", type=int, default=330)
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--memory-problem", default="2d-flux")
@@ -215,7 +226,8 @@ def main() -> int:
     }
     _log(meta)
     backends = [b for b in args.backends.split(",") if b]
-    tests = None if args.skip_tests else run_tests(out, args.backends)
+    tests = None if args.skip_tests else run_tests(
+        out, args.test_backends or args.backends, args.test_timeout_s, args.test_workers)
 
     selected = [p for p in problem_sets.load() if not args.problems or p.name in args.problems.split(",")]
     memory, rows = [], []
