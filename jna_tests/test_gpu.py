@@ -41,6 +41,10 @@ CASES = {
 }
 
 
+# Backends with XLA ops between their kernels (batch-size dependent fusion: not bitwise).
+XLA_BETWEEN_KERNELS = ("unfused",)
+
+
 def _problem(case, dtype, batch=2):
     from jna import semantics
     from jna.arguments import NAProblem
@@ -144,5 +148,11 @@ def test_video_scale_index_arithmetic(backend):
     small = [np.asarray(x) for x in jax.jit(out_and_grads)(q[-1:], k[-1:], v[-1:], dout[-1:])]
     for name, a, b in zip(("out", "dq", "dk", "dv"), big, small):
         assert np.all(np.isfinite(a.astype(np.float32))), name
-        np.testing.assert_array_equal(a, b, err_msg=name)
+        if backend in XLA_BETWEEN_KERNELS:
+            # XLA may fuse or tile its ops (the float32 softmax) differently for a batch of 33
+            # than of 1: last-bit differences (seen on an H200: 1 bf16 ulp in 0.01% of outputs).
+            # A wrapped index would put another batch element's values here: rel. L2 ~ 1.4.
+            assert _rel_l2(a, b) <= 1e-3, (name, _rel_l2(a, b))
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=name)
 

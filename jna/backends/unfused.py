@@ -116,9 +116,19 @@ class _Static:
 
 
 def _dot(a, b, trans_a=False, trans_b=False):
-    """Product with float32 accumulation; exact float32 (no tf32) for float32 operands."""
+    """Product with float32 accumulation; float32-accurate for float32 operands.
+
+    Float32 operands use three TF32 tensor-core products (Triton's ``tf32x3``: the operands split
+    into high and low TF32 parts, the low x low term dropped, ~1e-6 relative error) rather than
+    Triton's exact ``ieee`` dot, which runs on the CUDA cores: measured on an H200 (1d-long,
+    float32) the ieee QK/AV kernels reached 1.4 TFLOP/s. Interpret mode on a CPU keeps exact
+    float32 (XLA:CPU has no TF32 algorithms).
+    """
     f32 = a.dtype == jnp.float32 and b.dtype == jnp.float32
-    precision = jax.lax.Precision.HIGHEST if f32 else None
+    precision = None
+    if f32:
+        precision = (jax.lax.Precision.HIGHEST if _interpret()
+                     else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
     return pltriton.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
