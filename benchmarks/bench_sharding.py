@@ -127,13 +127,24 @@ def run(args) -> dict:
     public = {p.name: p for p in problem_sets.load()}
     gpus = [int(g) for g in args.gpus.split(",")]
     rows = []
+    result = dict(
+        meta=dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  jax=jax.__version__, device=str(devices[0].device_kind), num_devices=len(devices),
+                  backend=args.backend, method=args.method, dtype=jnp.dtype(dtype).name,
+                  cpu_smoke=args.cpu_smoke),
+        rows=rows)
+
+    def emit(row):
+        """Records a row and rewrites the results (a run cut off by a time limit keeps its rows)."""
+        rows.append(row)
+        save(result, args.out)
     for name in names:
         problem = SMOKE[name] if args.cpu_smoke else public[name]
         params = jna.semantics.normalize_params(problem.shape, **problem.na_kwargs)
         for batch in (1, args.batch):
             _log(f"{problem.name}: batch {batch} on one device")
             base, ref = measure(problem, args.backend, batch, devices, None, dtype, args.repeats)
-            rows.append(dict(problem=problem.name, mode="single", devices=1, batch=batch, **base))
+            emit(dict(problem=problem.name, mode="single", devices=1, batch=batch, **base))
             for g in gpus:
                 # g == 1 runs the sharded code path on a mesh of one device (shard_map, halo of
                 # zero rows): its overhead over the plain call, where only one GPU is lent.
@@ -144,7 +155,7 @@ def run(args) -> dict:
                     dim = args.spatial_dim if args.spatial_dim is not None else choose_dim(params, g)
                     entry = dict(problem=problem.name, mode="spatial", devices=g, batch=batch, dim=dim)
                     if dim is None:
-                        rows.append(dict(entry, error="no spatial axis can be split (halo > shard)"))
+                        emit(dict(entry, error="no spatial axis can be split (halo > shard)"))
                         continue
                     h = js.halo(params, g, dim)
                     entry["halo"] = [h.left, h.right, h.shard_size]
@@ -161,17 +172,22 @@ def run(args) -> dict:
                                      args.repeats, reference=ref)
                 except Exception as e:  # noqa: BLE001 - recorded in the results
                     traceback.print_exc()
-                    rows.append(dict(entry, error=f"{type(e).__name__}: {e}"))
+                    emit(dict(entry, error=f"{type(e).__name__}: {e}"))
                     continue
                 for mode in ("fwd", "fwd_bwd"):
                     row[f"{mode}_efficiency"] = base[f"{mode}_ms"] / (g * row[f"{mode}_ms"])
-                rows.append(dict(entry, **row))
-    return dict(
-        meta=dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  jax=jax.__version__, device=str(devices[0].device_kind), num_devices=len(devices),
-                  backend=args.backend, method=args.method, dtype=jnp.dtype(dtype).name,
-                  cpu_smoke=args.cpu_smoke),
-        rows=rows)
+                emit(dict(entry, **row))
+    return result
+
+
+def save(result: dict, out_dir: str) -> str:
+    """Writes bench_sharding.json and .md into ``out_dir``; returns the markdown."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_sharding.json").write_text(json.dumps(result, indent=1))
+    text = markdown(result)
+    (out / "bench_sharding.md").write_text(text)
+    return text
 
 
 def markdown(result: dict) -> str:
@@ -210,11 +226,7 @@ def main() -> int:
                         help="tiny shapes on 8 virtual CPU devices (checks the script, not speed)")
     args = parser.parse_args()
     result = run(args)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_sharding.json").write_text(json.dumps(result, indent=1))
-    text = markdown(result)
-    (out / "bench_sharding.md").write_text(text)
+    text = save(result, args.out)
     print(text)
     bad = [r for r in result["rows"] if "error" in r or r.get("ok") is False]
     return 1 if bad else 0

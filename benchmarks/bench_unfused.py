@@ -152,6 +152,16 @@ def bench_problem(p: problem_sets.Problem, dtype, budget_s: float, mem_limit: fl
     return row
 
 
+def _default_mem_limit(device) -> float:
+    """60% of the device's memory (the unfused forward also holds inputs, and the reference its
+    gathered chunks), or 60 GB where the device does not say (CPU)."""
+    try:
+        limit = device.memory_stats()["bytes_limit"]
+    except Exception:  # noqa: BLE001 - CPU devices have no memory stats
+        return 60e9
+    return 0.6 * limit
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """Average speedup per (rank, dtype kind) against the bar."""
     out = []
@@ -199,7 +209,8 @@ def main() -> int:
     parser.add_argument("--problems", default="", help="comma-separated names (default: all rank 1-2)")
     parser.add_argument("--problem-file", default=str(problem_sets.PUBLIC_PROBLEMS))
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--mem-limit-gb", type=float, default=60.0)
+    parser.add_argument("--mem-limit-gb", type=float, default=None,
+                        help="default: 60%% of the device's memory (60 GB where it is unknown)")
     parser.add_argument("--budget-s", type=float, default=10.0, help="timing budget per measurement")
     parser.add_argument("--tiny", action="store_true", help="two small problems (CPU smoke test)")
     parser.add_argument("--no-candidates", action="store_true",
@@ -223,7 +234,9 @@ def main() -> int:
         "tiny": args.tiny,
     }
     _log(meta)
-    rows = [bench_problem(p, d, args.budget_s, args.mem_limit_gb * 1e9, not args.no_candidates)
+    mem_limit = args.mem_limit_gb * 1e9 if args.mem_limit_gb else _default_mem_limit(device)
+    meta["mem_limit_gb"] = round(mem_limit / 1e9, 1)
+    rows = [bench_problem(p, d, args.budget_s, mem_limit, not args.no_candidates)
             for d in dtypes for p in problems]
     summary = summarize(rows)
     out = pathlib.Path(args.out)
