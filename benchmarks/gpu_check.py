@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import pathlib
@@ -26,11 +25,9 @@ import traceback
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-import jna  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from benchmarks import problems as problem_sets  # noqa: E402
-from jna.timing import median_ms  # noqa: E402
 
 # Problems whose reference backend is timed too (the "naive" baseline; large ones take minutes).
 REFERENCE_PROBLEMS = ("2d-nat", "2d-dinat")
@@ -66,40 +63,13 @@ def run_tests(out: pathlib.Path, backends: str, timeout_s: int = 330, workers: i
     return result
 
 
-def _dense_cudnn(q, k, v):
-    batch, heads, dim = q.shape[0], q.shape[-2], q.shape[-1]
-    flat = lambda x: x.reshape(batch, -1, heads, dim)
-    return jax.nn.dot_product_attention(flat(q), flat(k), flat(v), implementation="cudnn").reshape(q.shape)
-
-
-def _fwd_bwd(fn):
-    """jit of the q/k/v gradients of ``sum(fn(q, k, v) * dout)`` (dout an argument, not a constant)."""
-    def loss(q, k, v, dout):
-        return jnp.sum(fn(q, k, v).astype(jnp.float32) * dout.astype(jnp.float32))
-
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
-
-def _time(fn, args, budget_s: float) -> float:
-    """Median ms with a repeat count that fits the time budget."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))  # compile + first run
-    first = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    one = time.perf_counter() - first
-    del start
-    repeats = int(max(3, min(30, budget_s / max(one, 1e-4) / 2)))
-    inner = int(max(1, min(20, 0.02 / max(one, 1e-6))))
-    return median_ms(fn, *args, warmup=1, repeats=repeats, inner=inner)
-
-
 def memory_check(problem, backend: str) -> dict:
     """Compiled temp bytes of forward and forward+backward, against the input size."""
     q, k, v, dout = problem.inputs()
-    fn = functools.partial(jna.neighborhood_attention, backend=backend, **problem.na_kwargs)
+    fn = harness.na_function(problem, backend)
     input_bytes = 3 * q.size * q.dtype.itemsize
     fwd = jax.jit(fn).lower(q, k, v).compile().memory_analysis()
-    bwd = _fwd_bwd(fn).lower(q, k, v, dout).compile().memory_analysis()
+    bwd = harness.fwd_bwd(fn).lower(q, k, v, dout).compile().memory_analysis()
     result = {
         "problem": problem.name,
         "input_bytes": int(input_bytes),
@@ -111,49 +81,25 @@ def memory_check(problem, backend: str) -> dict:
     return result
 
 
-def _triton_tiles(problem) -> str:
-    """The fused-triton tile choice for a problem and its tile efficiency."""
-    from jna.backends import fused_triton as ft
-    params = jna.semantics.normalize_params(problem.shape, problem.kernel_size, problem.stride,
-                                            problem.dilation, problem.is_causal)
-    cfg = ft._choose(params, problem.head_dim)
-    eff = ft.tile_efficiency(params, cfg.q_tile, cfg.kv_tile)
-    return f"q{'x'.join(map(str, cfg.q_tile))} kv{'x'.join(map(str, cfg.kv_tile))} eff {eff:.2f}"
-
-
-def _mosaic_tiles(problem) -> str:
-    """The fused-mosaic tile choice for a problem and its tile efficiency."""
-    from jna.backends import fused_mosaic as fm
-    params = jna.semantics.normalize_params(problem.shape, problem.kernel_size, problem.stride,
-                                            problem.dilation, problem.is_causal)
-    cfg = fm._choose(params)
-    eff = fm.tiling.tile_efficiency(params, cfg.q_tile, cfg.kv_tile)
-    return (f"q{'x'.join(map(str, cfg.q_tile))} kv{'x'.join(map(str, cfg.kv_tile))} "
-            f"s{cfg.num_stages} eff {eff:.2f}")
-
-
 def benchmark(problem, backends: list[str], budget_s: float) -> list[dict]:
     q, k, v, dout = problem.inputs()
     rows = []
-    candidates = {"cudnn-dense": _dense_cudnn}
+    candidates = {"cudnn-dense": harness.dense_attention}
     for name in backends:
-        candidates[name] = functools.partial(jna.neighborhood_attention, backend=name, **problem.na_kwargs)
+        candidates[name] = harness.na_function(problem, name)
     if problem.name in REFERENCE_PROBLEMS and "reference" not in backends:
-        candidates["reference"] = functools.partial(
-            jna.neighborhood_attention, backend="reference", **problem.na_kwargs)
+        candidates["reference"] = harness.na_function(problem, "reference")
     for name, fn in candidates.items():
         row = {"problem": problem.name, "backend": name}
-        for mode, compiled, args in (("fwd", jax.jit(fn), (q, k, v)), ("fwd_bwd", _fwd_bwd(fn), (q, k, v, dout))):
+        for mode, compiled, args in (("fwd", jax.jit(fn), (q, k, v)), ("fwd_bwd", harness.fwd_bwd(fn), (q, k, v, dout))):
             try:
-                row[f"{mode}_ms"] = round(_time(compiled, args, budget_s), 4)
+                row[f"{mode}_ms"] = round(harness.time_ms(compiled, args, budget_s), 4)
             except Exception as e:  # noqa: BLE001 - report (e.g. out of memory), keep going
                 row[f"{mode}_ms"] = None
                 row[f"{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
                 traceback.print_exc()
-        if name == "fused-triton":
-            row["tiles"] = _triton_tiles(problem)
-        if name == "fused-mosaic":
-            row["tiles"] = _mosaic_tiles(problem)
+        if name in ("fused-triton", "fused-mosaic"):
+            row["tiles"] = harness.tiles_used(problem, name)
         rows.append(row)
         _log(row)
     dense = rows[0]

@@ -23,6 +23,7 @@ from benchmarks import problems as problem_sets  # noqa: E402
 from jna import plan as planning  # noqa: E402
 from jna.arguments import check_call  # noqa: E402
 from jna.backends import fused_triton as ft  # noqa: E402
+from jna.backends import tiling  # noqa: E402
 from jna.timing import median_ms  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def parts(problem, config=None):
     return {
         "config": f"q{cfg.q_tile} kv{cfg.kv_tile} w{cfg.num_warps} s{cfg.num_stages}",
         "layout": "direct" if direct else "permuted",
-        "eff": round(ft.tile_efficiency(call.params, cfg.q_tile, cfg.kv_tile), 3),
+        "eff": round(tiling.tile_efficiency(call.params, cfg.q_tile, cfg.kv_tile), 3),
         "full_ms": round(t_full, 4),
         "kernel_ms": round(median_ms(kernel, qp, kp, vp, repeats=20, inner=10), 4),
         "permute_qkv_ms": round(median_ms(perm, q, k, v, repeats=20, inner=10), 4),

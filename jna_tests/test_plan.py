@@ -20,6 +20,7 @@ import jna
 from jna import plan as planning
 from jna import semantics
 from jna.backends import fused_triton as ft
+from jna.backends import tiling
 from jna_tests import oracle
 
 
@@ -94,9 +95,9 @@ def test_tile_choice_is_valid(shape, kernel, stride, dilation):
         assert len(tile) == len(shape)
         assert all(t & (t - 1) == 0 for t in tile)
         assert np.prod(tile) >= 16  # Triton's dot needs 16 rows/columns
-    assert 0 < ft.tile_efficiency(params, cfg.q_tile, cfg.kv_tile) <= 1
+    assert 0 < tiling.tile_efficiency(params, cfg.q_tile, cfg.kv_tile) <= 1
     plan = planning.make_plan(params, cfg.q_tile, cfg.kv_tile)
-    assert np.isclose(plan.efficiency, ft.tile_efficiency(params, cfg.q_tile, cfg.kv_tile))
+    assert np.isclose(plan.efficiency, tiling.tile_efficiency(params, cfg.q_tile, cfg.kv_tile))
 
 
 def test_override_config_changes_tiles_not_results():

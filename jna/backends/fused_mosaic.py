@@ -42,6 +42,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jna import plan as planning
 from jna import semantics
+from jna import tuned as jna_tuned
 from jna.arguments import NAProblem
 from jna.backends import device, mosaic_backward, mosaic_forward, tiling
 from jna.backends.mosaic_common import MosaicConfig, Static
@@ -119,25 +120,44 @@ def auto_declines(problem: NAProblem) -> str | None:
     return None
 
 
+def class_fields(q_tokens: int, kv_tokens: int, num_stages: int) -> dict:
+    """A launch class without its speed: what the autotuner measures and `jna.tuned` keys on."""
+    return {"q_tokens": q_tokens, "kv_tokens": kv_tokens, "num_stages": num_stages}
+
+
 @functools.lru_cache(maxsize=1024)
-def _choose(params: semantics.NAParams) -> MosaicConfig:
-    caps = tiling.axis_caps(params)
-    best, best_score = None, -1.0
-    for q_tokens, kv_tokens, stages, speed in launch_classes():
-        for q_tile in tiling.tile_shapes(q_tokens, caps):
-            for kv_tile in tiling.tile_shapes(kv_tokens, caps):
-                score = tiling.tile_efficiency(params, q_tile, kv_tile) * speed
-                if score > best_score:
-                    best_score, best = score, MosaicConfig(q_tile, kv_tile, stages)
+def _choose(params: semantics.NAParams, tuned_speeds: tuple = ()) -> MosaicConfig:
+    """Best class and tiles by ``tile efficiency x speed``; ``tuned_speeds`` (from `jna.tuned`)
+    replace the calibrated speeds and restrict the choice to the classes the tuner measured."""
+    classes = {(q, kv, stages): speed for q, kv, stages, speed in launch_classes()}
+    if tuned_speeds:
+        measured = dict(tuned_speeds)
+        tuned = {c: measured[key] for c in classes
+                 if (key := jna_tuned.class_key(class_fields(*c))) in measured}
+        classes = tuned or classes
+    best = tiling.choose_tiles(params, [(q, kv, speed, stages) for (q, kv, stages), speed in classes.items()])
     if best is None:  # the whole padded map holds fewer than 64 tokens: one 64-token tile
-        tile = tiling.fit_tile(tuple(caps), params, min_tokens=64)
-        best = MosaicConfig(tile, tile, 2)
-    return best
+        tile = tiling.fit_tile(tuple(tiling.axis_caps(params)), params, min_tokens=64)
+        return MosaicConfig(tile, tile, 2)
+    stages, q_tile, kv_tile = best
+    return MosaicConfig(q_tile, kv_tile, stages)
+
+
+def config_from_dict(fields: dict) -> MosaicConfig:
+    """A `MosaicConfig` from its fields as stored in JSON (lists for the tiles)."""
+    return MosaicConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def default_config(problem: NAProblem) -> MosaicConfig:
-    """The config that maximizes ``tile efficiency * speed`` (see `launch_classes`)."""
-    return _choose(problem.params)
+    """The config for ``problem``: this device's tuned config for exactly this problem
+    (`jna.tuned`), else the class and tiles that maximize ``tile efficiency * speed`` (speeds
+    tuned on this device for the problem's rank, head dim and dtype if the table has them, else
+    `launch_classes`)."""
+    dtype = jnp.dtype(problem.dtype).name
+    found = jna_tuned.exact(NAME, problem.params, problem.head_dim, dtype)
+    if found is not None:
+        return config_from_dict(found)
+    return _choose(problem.params, jna_tuned.class_speeds(NAME, problem.rank, problem.head_dim, dtype))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from jna import plan as planning
 from jna import semantics
+from jna import tuned as jna_tuned
 from jna.arguments import NAProblem
 from jna.backends import device
 from jna.backends.tiling import (
@@ -41,10 +42,9 @@ from jna.backends.tiling import (
     MASK_VALUE as _MASK_VALUE,
     Geometry,
     axis_caps,
+    choose_tiles,
     fit_tile,
     ravel,
-    tile_efficiency,
-    tile_shapes,
     unravel,
 )
 
@@ -153,32 +153,47 @@ def override_config(config: TritonConfig):
         _override.pop()
 
 
+def class_fields(c: LaunchClass) -> dict:
+    """A launch class without its speeds: what the autotuner measures and `jna.tuned` keys on."""
+    fields = dataclasses.asdict(c)
+    del fields["speed"], fields["fwd_bwd_speed"]
+    return fields
+
+
 @functools.lru_cache(maxsize=1024)
-def _choose(params: semantics.NAParams, dim: int) -> TritonConfig:
+def _choose(params: semantics.NAParams, dim: int, tuned_speeds: tuple = ()) -> TritonConfig:
+    """Best class and tiles by ``tile efficiency x speed``; ``tuned_speeds`` (from `jna.tuned`)
+    replace the calibrated speeds and restrict the choice to the classes the tuner measured."""
     classes = [c for c in launch_classes() if dim <= c.max_head_dim]
     bucket = min(c.max_head_dim for c in classes)
-    caps = axis_caps(params)
-    best, best_score = None, -1.0
-    for c in (c for c in classes if c.max_head_dim == bucket):
-        for q_tile in tile_shapes(c.q_tokens, caps):
-            for kv_tile in tile_shapes(c.kv_tokens, caps):
-                score = tile_efficiency(params, q_tile, kv_tile) * c.speed
-                if score > best_score:
-                    best_score = score
-                    best = TritonConfig(q_tile, kv_tile, c.num_warps, c.num_stages, c.bwd_num_warps,
-                                        c.bwd_num_stages)
+    classes = [c for c in classes if c.max_head_dim == bucket]
+    speeds = {c: c.speed for c in classes}
+    if tuned_speeds:
+        measured = dict(tuned_speeds)
+        tuned = {c: measured[tuned_key] for c in classes
+                 if (tuned_key := jna_tuned.class_key(class_fields(c))) in measured}
+        speeds = tuned or speeds
+    best = choose_tiles(params, [(c.q_tokens, c.kv_tokens, speed, c) for c, speed in speeds.items()])
     if best is None:  # the whole (padded) map is smaller than every tile class: one tile per group
-        c = min((c for c in classes if c.max_head_dim == bucket), key=lambda c: c.q_tokens)
-        tile = fit_tile(tuple(caps), params)
-        best = TritonConfig(tile, tile, c.num_warps, c.num_stages, c.bwd_num_warps, c.bwd_num_stages)
-    return best
+        c = min(classes, key=lambda c: c.q_tokens)
+        tile = fit_tile(tuple(axis_caps(params)), params)
+        return TritonConfig(tile, tile, c.num_warps, c.num_stages, c.bwd_num_warps, c.bwd_num_stages)
+    c, q_tile, kv_tile = best
+    return TritonConfig(q_tile, kv_tile, c.num_warps, c.num_stages, c.bwd_num_warps, c.bwd_num_stages)
+
+
+def config_from_dict(fields: dict) -> TritonConfig:
+    """A `TritonConfig` from its fields as stored in JSON (lists for the tiles)."""
+    return TritonConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def default_config(problem: NAProblem) -> TritonConfig:
     """The tile config for ``problem``.
 
-    An `override_config` if one is active (tiles fitted to the problem), else the launch class
-    and per-axis tile shapes that maximize ``tile efficiency * calibrated speed``.
+    An `override_config` if one is active (tiles fitted to the problem); else this device's tuned
+    config for exactly this problem (`jna.tuned`); else the launch class and per-axis tile shapes
+    that maximize ``tile efficiency * speed`` (speeds tuned on this device when the tuned table
+    has the problem's backend, rank, head dim and dtype; the shipped calibration otherwise).
     """
     if _override:
         base = _override[-1]
@@ -189,7 +204,12 @@ def default_config(problem: NAProblem) -> TritonConfig:
             q_tile=fit_tile(base.q_tile, problem.params),
             kv_tile=fit_tile(base.kv_tile, problem.params),
         )
-    return _choose(problem.params, max(problem.head_dim, problem.value_dim))
+    dim = max(problem.head_dim, problem.value_dim)
+    dtype = jnp.dtype(problem.dtype).name
+    found = jna_tuned.exact(NAME, problem.params, dim, dtype)
+    if found is not None:
+        return config_from_dict(found)
+    return _choose(problem.params, dim, jna_tuned.class_speeds(NAME, problem.rank, dim, dtype))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,6 +53,32 @@ def tile_shapes(tokens: int, caps: list[int]):
         t *= 2
 
 
+def choose_tiles(params: semantics.NAParams, classes):
+    """The launch class and per-axis tile shapes that maximize ``tile efficiency * speed``.
+
+    ``classes``: ``(q_tokens, kv_tokens, speed, payload)`` tuples (``speed``: TFLOP/s at full tile
+    efficiency, calibrated or tuned). Returns ``(payload, q_tile, kv_tile)``, or None when no class
+    has tile shapes within the problem's padded extents.
+    """
+    caps = axis_caps(params)
+    best, best_score = None, -1.0
+    for q_tokens, kv_tokens, speed, payload in classes:
+        for q_tile in tile_shapes(q_tokens, caps):
+            for kv_tile in tile_shapes(kv_tokens, caps):
+                score = tile_efficiency(params, q_tile, kv_tile) * speed
+                if score > best_score:
+                    best_score, best = score, (payload, q_tile, kv_tile)
+    return best
+
+
+def ranked_tiles(params: semantics.NAParams, q_tokens: int, kv_tokens: int, top: int):
+    """The ``top`` per-axis tile-shape pairs of one class by tile efficiency: ``[(eff, q, kv)]``."""
+    caps = axis_caps(params)
+    scored = sorted(((tile_efficiency(params, q, kv), q, kv) for q in tile_shapes(q_tokens, caps)
+                     for kv in tile_shapes(kv_tokens, caps)), key=lambda t: -t[0])
+    return scored[:top]
+
+
 def tile_efficiency(params: semantics.NAParams, q_tile, kv_tile) -> float:
     """Useful over computed (query, key) pairs of a tiling (see `jna.plan.axis_pair_counts`)."""
     eff = 1.0

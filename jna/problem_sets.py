@@ -1,0 +1,92 @@
+"""Benchmark problem sets (``configs/problems/*.json``): loading, inputs, FLOP counts.
+
+Shared by the benchmarks (`benchmarks/`) and the autotuner (`python -m jna.tune`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PUBLIC_PROBLEMS = REPO / "configs" / "problems" / "public.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    name: str
+    batch: int
+    heads: int
+    head_dim: int
+    shape: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    is_causal: tuple[bool, ...]
+    sweep: str | None = None  # problems of one sweep (e.g. over kernel size) plot as one curve
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def forward_flops(self) -> float:
+        """``4 * B * H * N * prod(K) * D`` (problems.json's effective FLOPs)."""
+        return 4.0 * self.batch * self.heads * self.tokens * math.prod(self.kernel_size) * self.head_dim
+
+    @property
+    def na_kwargs(self) -> dict:
+        return dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation,
+                    is_causal=self.is_causal)
+
+    @property
+    def params(self):
+        """The validated window parameters (`jna.semantics.NAParams`)."""
+        from jna import semantics
+        return semantics.normalize_params(self.shape, self.kernel_size, self.stride, self.dilation,
+                                          self.is_causal)
+
+    def na_problem(self, dtype=jnp.bfloat16):
+        """The `jna.arguments.NAProblem` of a call on `inputs` (what backends choose configs for)."""
+        from jna.arguments import NAProblem
+        return NAProblem(self.params, self.batch, self.heads, self.heads, self.head_dim, self.head_dim,
+                         jnp.dtype(dtype), self.head_dim ** -0.5, 0)
+
+    def inputs(self, dtype=jnp.bfloat16, seed: int = 0):
+        """Random (never zero) q, k, v ``[B, *X, H, D]`` and an output cotangent."""
+        shape = (self.batch, *self.shape, self.heads, self.head_dim)
+        keys = jax.random.split(jax.random.key(seed), 4)
+        return tuple(jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys)
+
+
+def _per_axis(value, rank: int) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * rank
+
+
+def load(path: pathlib.Path = PUBLIC_PROBLEMS) -> list[Problem]:
+    """The problems of a problem-set file (``{"problems": [...]}``; stride, dilation and is_causal
+    may be omitted (1, 1, false) or given as one value for every axis)."""
+    raw = json.loads(pathlib.Path(path).read_text())["problems"]
+    problems = []
+    for p in raw:
+        rank = len(p["shape"])
+        problems.append(Problem(
+            p["name"], p["batch"], p["heads"], p["head_dim"], tuple(p["shape"]),
+            _per_axis(p["kernel_size"], rank), _per_axis(p.get("stride", 1), rank),
+            _per_axis(p.get("dilation", 1), rank), _per_axis(p.get("is_causal", False), rank),
+            p.get("sweep")))
+    return problems
+
+
+def problem_files() -> list[pathlib.Path]:
+    """The problem sets shipped in ``configs/problems/``."""
+    return sorted(PUBLIC_PROBLEMS.parent.glob("*.json"))

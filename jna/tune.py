@@ -1,0 +1,246 @@
+"""Autotuner: measure a fused backend's tile configs on this GPU and store the best (`jna.tuned`).
+
+    python -m jna.tune --backend fused-mosaic --problems public --names 2d-flux,3d-hunyuan
+    python -m jna.tune --backend fused-triton --shape 128,128 --kernel-size 13 --heads 8 --head-dim 64
+        [--dtype bfloat16] [--objective fwd|fwd_bwd] [--shapes-per-class 2] [--max-candidates N]
+        [--budget-s 1] [--table PATH] [--dry-run]
+
+For each problem, the candidates are every launch class of the backend (``configs/fused_*.json``;
+for fused-triton the classes of the problem's head-dim bucket), each with its ``--shapes-per-class``
+most tile-efficient per-axis tile shapes. Each candidate runs the backend's real call (token
+permutation included) on random inputs and is timed (median of synchronized runs after warm-up;
+``--objective fwd_bwd``: the q/k/v gradients of ``sum(out * dout)``). Candidates that fail to
+compile or run are reported and skipped. Progress goes to stderr.
+
+The best candidate, its time, the default (untuned) choice's time and every class's measured speed
+(TFLOP/s at full tile efficiency) are written to ``configs/tuned/<device>.json`` (``--table``
+elsewhere), which `jna.tuned` reads for ``backend="auto"`` and explicit backend calls alike. The
+table is keyed by (backend, rank, head dim, dtype): see `jna.tuned` for how calls use it.
+
+Timings on an emulated device (Pallas interpret mode on a CPU) say nothing about a GPU: the tuner
+refuses to write them unless ``--allow-emulated`` (for tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jna import problem_sets
+from jna import tuned as jna_tuned
+from jna.backends import fused_mosaic, fused_triton, tiling
+from jna.timing import median_ms
+
+BACKENDS = ("fused-triton", "fused-mosaic")
+
+
+def _progress(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    class_fields: dict
+    config: object  # TritonConfig or MosaicConfig
+    efficiency: float
+
+    def describe(self) -> str:
+        cfg = self.config
+        text = f"q{'x'.join(map(str, cfg.q_tile))} kv{'x'.join(map(str, cfg.kv_tile))}"
+        extra = {k: v for k, v in self.class_fields.items() if k not in ("q_tokens", "kv_tokens", "max_head_dim")}
+        return f"{text} {' '.join(f'{k}={v}' for k, v in extra.items())} (eff {self.efficiency:.2f})"
+
+
+def candidates(backend: str, problem, shapes_per_class: int) -> list[Candidate]:
+    """Every launch class with its most tile-efficient per-axis tile shapes."""
+    params, dim = problem.params, problem.head_dim
+    out = []
+    if backend == "fused-triton":
+        classes = [c for c in fused_triton.launch_classes() if dim <= c.max_head_dim]
+        bucket = min(c.max_head_dim for c in classes)
+        for c in (c for c in classes if c.max_head_dim == bucket):
+            for eff, q_tile, kv_tile in tiling.ranked_tiles(params, c.q_tokens, c.kv_tokens, shapes_per_class):
+                cfg = fused_triton.TritonConfig(q_tile, kv_tile, c.num_warps, c.num_stages,
+                                                c.bwd_num_warps, c.bwd_num_stages)
+                out.append(Candidate(fused_triton.class_fields(c), cfg, eff))
+    else:
+        for q_tokens, kv_tokens, stages, _ in fused_mosaic.launch_classes():
+            for eff, q_tile, kv_tile in tiling.ranked_tiles(params, q_tokens, kv_tokens, shapes_per_class):
+                out.append(Candidate(fused_mosaic.class_fields(q_tokens, kv_tokens, stages),
+                                     fused_mosaic.MosaicConfig(q_tile, kv_tile, stages), eff))
+    return out
+
+
+def _module(backend: str):
+    return fused_triton if backend == "fused-triton" else fused_mosaic
+
+
+def timed_call(backend: str, problem, config, objective: str, dtype):
+    """``(jitted, args)``: the backend's call with ``config`` (or its default if None)."""
+    module = _module(backend)
+    na = problem.na_problem(dtype)
+
+    def fwd(q, k, v):
+        return module.attention(q, k, v, na, config)[0]
+
+    q, k, v, dout = problem.inputs(dtype)
+    if objective == "fwd":
+        return jax.jit(fwd), (q, k, v)
+
+    def loss(q, k, v, dout):
+        return jnp.sum(fwd(q, k, v).astype(jnp.float32) * dout.astype(jnp.float32))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (q, k, v, dout)
+
+
+def _time(jitted, args, budget_s: float) -> float:
+    jax.block_until_ready(jitted(*args))  # compile + first run
+    start = time.perf_counter()
+    jax.block_until_ready(jitted(*args))
+    one = time.perf_counter() - start
+    repeats = int(max(3, min(25, budget_s / max(one, 1e-4))))
+    return median_ms(jitted, *args, warmup=1, repeats=repeats)
+
+
+def tune_problem(backend: str, problem, dtype, objective: str, shapes_per_class: int,
+                 max_candidates: int | None, budget_s: float) -> dict:
+    """Measures the candidates of one problem; returns the tuned-table entry (not yet written)."""
+    module = _module(backend)
+    na = problem.na_problem(dtype)
+    reason = module.unsupported_reason(na)
+    if reason is not None:
+        raise NotImplementedError(f"{backend} does not support {problem.name}: {reason}")
+    cands = candidates(backend, problem, shapes_per_class)
+    if max_candidates:
+        cands = cands[:max_candidates]
+    flops = problem.forward_flops * (1.0 if objective == "fwd" else 3.5)
+    results, start = [], time.time()
+    for i, cand in enumerate(cands):
+        try:
+            ms = _time(*timed_call(backend, problem, cand.config, objective, dtype), budget_s)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile/run is skipped
+            _progress(f"  [{i + 1}/{len(cands)}] {cand.describe()}: failed ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:160]})")
+            continue
+        results.append((ms, cand))
+        best = min(results, key=lambda r: r[0])
+        eta = (time.time() - start) / (i + 1) * (len(cands) - i - 1)
+        _progress(f"  [{i + 1}/{len(cands)}] {cand.describe()}: {ms:.4g} ms "
+                  f"(best {best[0]:.4g} ms; ~{eta:.0f}s left)")
+    if not results:
+        raise RuntimeError(f"no candidate config of {backend} ran on {problem.name}")
+    default_ms = _time(*timed_call(backend, problem, None, objective, dtype), budget_s)
+    best_ms, best = min(results, key=lambda r: r[0])
+    speeds: dict[str, tuple[dict, float]] = {}
+    for ms, cand in results:  # each class's best candidate, as TFLOP/s at full tile efficiency
+        speed = flops / (ms * 1e-3) / 1e12 / cand.efficiency
+        key = jna_tuned.class_key(cand.class_fields)
+        if key not in speeds or speed > speeds[key][1]:
+            speeds[key] = (cand.class_fields, speed)
+    config = dataclasses.asdict(best.config)
+    return {
+        "backend": backend, "rank": problem.rank, "head_dim": problem.head_dim,
+        "dtype": jnp.dtype(dtype).name,
+        "problem": dict(jna_tuned.problem_signature(problem.params), batch=problem.batch,
+                        heads=problem.heads, name=problem.name),
+        "objective": objective, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+        "ms": round(best_ms, 4), "default_ms": round(default_ms, 4), "efficiency": round(best.efficiency, 4),
+        "class_speeds": [{"class": f, "speed": float(f"{s:.4g}")} for f, s in speeds.values()],
+        "candidates": len(results), "jax": jax.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    return None if text is None else tuple(int(t) for t in text.split(",") if t)
+
+
+def problems_from_args(args) -> list[problem_sets.Problem]:
+    if args.shape:
+        shape = _ints(args.shape)
+        per_axis = lambda v, default: (v * len(shape) if len(v) == 1 else v) if v else (default,) * len(shape)
+        causal = tuple(bool(int(c)) for c in args.causal.split(",")) if args.causal else (False,)
+        name = f"shape{'x'.join(map(str, shape))}-k{'x'.join(map(str, _ints(args.kernel_size)))}"
+        return [problem_sets.Problem(name, args.batch, args.heads, args.head_dim, shape,
+                                     per_axis(_ints(args.kernel_size), None), per_axis(_ints(args.stride), 1),
+                                     per_axis(_ints(args.dilation), 1), per_axis(causal, False))]
+    path = problem_sets.PUBLIC_PROBLEMS.parent / f"{args.problems}.json"
+    if not path.exists():
+        raise SystemExit(f"--problems: no problem set {args.problems!r} in {path.parent}")
+    problems = problem_sets.load(path)
+    if args.names:
+        wanted = args.names.split(",")
+        problems = [p for p in problems if p.name in wanted]
+        missing = set(wanted) - {p.name for p in problems}
+        if missing:
+            raise SystemExit(f"--names: {', '.join(sorted(missing))} not in {args.problems}")
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--backend", required=True, choices=BACKENDS)
+    parser.add_argument("--problems", default="public", help="a problem set of configs/problems")
+    parser.add_argument("--names", default="", help="only these problems of the set")
+    parser.add_argument("--shape", help="instead of a set: spatial shape, e.g. 128,128")
+    parser.add_argument("--kernel-size", help="with --shape: one value or one per axis")
+    parser.add_argument("--stride")
+    parser.add_argument("--dilation")
+    parser.add_argument("--causal", help="with --shape: 0/1 per axis")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--objective", default="fwd", choices=("fwd", "fwd_bwd"))
+    parser.add_argument("--shapes-per-class", type=int, default=2)
+    parser.add_argument("--max-candidates", type=int, default=None)
+    parser.add_argument("--budget-s", type=float, default=1.0, help="timing budget per candidate")
+    parser.add_argument("--table", default=None, help="tuned table to write (default: configs/tuned/<device>.json)")
+    parser.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
+    parser.add_argument("--allow-emulated", action="store_true",
+                        help="write timings of an emulated device (interpret mode; for tests only)")
+    args = parser.parse_args(argv)
+    if args.shape and not args.kernel_size:
+        parser.error("--shape needs --kernel-size")
+
+    dtype = jnp.dtype(args.dtype)
+    module = _module(args.backend)
+    device = jax.devices()[0]
+    if not module.runs_natively() and not (args.allow_emulated or args.dry_run):
+        parser.error(f"{args.backend} does not run natively on {device.device_kind}: its timings here "
+                     f"would be meaningless (pass --dry-run, or --allow-emulated for tests)")
+    problems = problems_from_args(args)
+    table = None
+    written = []
+    for n, problem in enumerate(problems):
+        _progress(f"[{n + 1}/{len(problems)}] {args.backend} {problem.name} ({dtype.name}, {args.objective}) "
+                  f"on {device.device_kind}")
+        try:
+            entry = tune_problem(args.backend, problem, dtype, args.objective, args.shapes_per_class,
+                                 args.max_candidates, args.budget_s)
+        except (NotImplementedError, RuntimeError) as e:
+            _progress(f"  skipped: {e}")
+            continue
+        gain = entry["default_ms"] / entry["ms"]
+        print(f"{problem.name}: best {entry['ms']} ms ({entry['config']['q_tile']} / {entry['config']['kv_tile']}), "
+              f"default {entry['default_ms']} ms, x{gain:.2f}", flush=True)
+        if not args.dry_run:
+            table = jna_tuned.write_entry(entry, device.device_kind,
+                                          None if args.table is None else pathlib.Path(args.table))
+            written.append(problem.name)
+    if table is not None:
+        print(f"wrote {len(written)} entries to {table}")
+    return 0 if written or args.dry_run else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The benchmark CLI (`benchmarks/bench.py`) end to end on CPU: the tiny problem set, the
+reference backend against XLA's dense attention (a smoke test of the CLI, not a measurement)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(*args, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "benchmarks/bench.py", *args, "--out", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_runs_tiny_set_and_writes_results(tmp_path):
+    proc = _run("--problems", "tiny", "--backends", "reference", "--budget-s", "0.05", "--plot",
+                tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    rows = result["rows"]
+    names = {r["problem"] for r in rows}
+    assert len(names) == 5 and {r["backend"] for r in rows} == {"xla-dense", "reference"}
+    for r in rows:  # every cell measured, with TFLOP/s; NA rows also with a speedup
+        for mode in ("fwd", "fwd_bwd"):
+            assert r[f"{mode}_ms"] > 0, r
+            assert r[f"{mode}_tflops"] > 0, r
+            if r["backend"] == "reference":
+                dense = next(d for d in rows if d["problem"] == r["problem"] and d["backend"] == "xla-dense")
+                assert r[f"{mode}_speedup"] == pytest.approx(dense[f"{mode}_ms"] / r[f"{mode}_ms"], rel=0.02)
+    meta = result["meta"]
+    assert meta["jax"] and meta["commit"] and meta["device"].startswith("cpu")
+    md = (tmp_path / "bench.md").read_text()
+    assert "| tiny-2d-k5 | bfloat16 | reference |" in md
+    assert "[1/" in proc.stderr and "left" in proc.stderr  # progress display
+    plots = result["plots"]
+    pytest.importorskip("matplotlib")
+    assert sorted(pathlib.Path(p).name for p in plots) == ["sweep_1d_bfloat16.png", "sweep_2d_bfloat16.png"]
+    for p in plots:
+        assert pathlib.Path(p).stat().st_size > 10_000
+
+
+def test_cells_that_do_not_fit_are_reported_not_run():
+    sys.path.insert(0, str(REPO))
+    from benchmarks import harness, problems
+
+    problem = problems.load(problems.PUBLIC_PROBLEMS.parent / "tiny.json")[0]
+    args = problem.inputs()
+    cell = harness.measure(problem, "reference", "fwd", args, budget_s=0.05, memory_limit=1024)
+    assert "ms" not in cell and cell["skipped"].startswith("does not fit: needs"), cell
+    cell = harness.measure(problem, "reference", "fwd", args, budget_s=0.05, memory_limit=2**40)
+    assert cell["ms"] > 0, cell
+
+
+def test_unknown_problem_set_is_a_clear_error(tmp_path):
+    proc = _run("--problems", "no-such-set", tmp_path=tmp_path)
+    assert proc.returncode != 0 and "no problem set 'no-such-set'" in proc.stderr

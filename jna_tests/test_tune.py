@@ -1,0 +1,114 @@
+"""Tuned tile tables (`jna.tuned`) steer the fused backends' config choice; the autotuner
+(`python -m jna.tune`) writes them. On CPU the tuner times interpret-mode kernels (meaningless
+numbers, so it needs ``--allow-emulated``): these tests check the mechanics, not speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from jna import problem_sets, tune, tuned
+from jna.backends import fused_mosaic, fused_triton
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PROBLEM = problem_sets.Problem("p", 1, 2, 16, (16, 16), (5, 5), (1, 1), (1, 1), (False, False))
+OTHER = problem_sets.Problem("q", 1, 2, 16, (24, 20), (7, 3), (1, 1), (1, 1), (False, True))
+
+
+@pytest.fixture
+def table_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("JNA_TUNED_DIR", str(tmp_path))
+    return tmp_path
+
+
+def _entry(problem, config: dict, class_speeds, dtype="float32", backend="fused-triton"):
+    return {"backend": backend, "rank": problem.rank, "head_dim": problem.head_dim, "dtype": dtype,
+            "problem": dict(tuned.problem_signature(problem.params), batch=1, heads=2, name=problem.name),
+            "objective": "fwd", "config": config, "ms": 1.0, "default_ms": 1.0, "efficiency": 0.5,
+            "class_speeds": class_speeds}
+
+
+def _class(**kw):
+    return next(c for c in fused_triton.launch_classes()
+                if all(getattr(c, k) == v for k, v in kw.items()))
+
+
+def test_without_a_table_the_shipped_calibration_decides(table_dir):
+    na = PROBLEM.na_problem(jnp.float32)
+    assert fused_triton.default_config(na) == fused_triton._choose(na.params, 16)
+
+
+def test_exact_entry_gives_its_config_to_that_problem_only(table_dir):
+    config = {"q_tile": [4, 16], "kv_tile": [2, 16], "num_warps": 2, "num_stages": 3,
+              "bwd_num_warps": 2, "bwd_num_stages": 1, "direct_layout": False}
+    shipped = fused_triton._choose(PROBLEM.params, 16)
+    assert (shipped.q_tile, shipped.num_warps) != ((4, 16), 2)  # the entry changes the choice
+    tuned.write_entry(_entry(PROBLEM, config, []), "cpu")
+    got = fused_triton.default_config(PROBLEM.na_problem(jnp.float32))
+    assert got == fused_triton.config_from_dict(config)
+    # another dtype or another problem of the same key: not this entry
+    assert fused_triton.default_config(PROBLEM.na_problem(jnp.bfloat16)) == shipped
+    assert fused_triton.default_config(OTHER.na_problem(jnp.float32)) == fused_triton._choose(OTHER.params, 16)
+
+
+def test_tuned_class_speeds_steer_other_problems_of_the_key(table_dir):
+    shipped = fused_triton._choose(OTHER.params, 16)
+    slow = _class(max_head_dim=64, q_tokens=32, kv_tokens=32)  # the shipped choice never takes it
+    assert math.prod(shipped.q_tile) != 32
+    fast_fields = fused_triton.class_fields(slow)
+    other_fields = fused_triton.class_fields(_class(max_head_dim=64, q_tokens=128, kv_tokens=128))
+    speeds = [{"class": fast_fields, "speed": 500.0}, {"class": other_fields, "speed": 5.0}]
+    tuned.write_entry(_entry(PROBLEM, {"q_tile": [8, 16], "kv_tile": [8, 16]}, speeds), "cpu")
+    assert dict(tuned.class_speeds("fused-triton", 2, 16, "float32")) == {
+        tuned.class_key(fast_fields): 1.0, tuned.class_key(other_fields): 0.01}
+    got = fused_triton.default_config(OTHER.na_problem(jnp.float32))
+    assert math.prod(got.q_tile) == 32 and math.prod(got.kv_tile) == 32, got
+    assert (got.num_warps, got.num_stages) == (slow.num_warps, slow.num_stages)
+    # another dtype: untouched
+    assert fused_triton.default_config(OTHER.na_problem(jnp.bfloat16)) == shipped
+
+
+def test_mosaic_reads_exact_entries(table_dir):
+    config = {"q_tile": [8, 8], "kv_tile": [4, 16], "num_stages": 3}
+    problem = problem_sets.Problem("m", 1, 2, 64, (32, 32), (9, 9), (1, 1), (1, 1), (False, False))
+    tuned.write_entry(_entry(problem, config, [], dtype="bfloat16", backend="fused-mosaic"), "cpu")
+    got = fused_mosaic.default_config(problem.na_problem(jnp.bfloat16))
+    assert got == fused_mosaic.MosaicConfig((8, 8), (4, 16), 3)
+
+
+def _tune(*args, table_dir):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JNA_TUNED_DIR=str(table_dir))
+    return subprocess.run([sys.executable, "-m", "jna.tune", "--backend", "fused-triton", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_tuner_writes_its_best_measured_candidate(tmp_path):
+    args = ["--shape", "16,16", "--kernel-size", "5", "--heads", "2", "--head-dim", "16",
+            "--dtype", "float32", "--max-candidates", "2", "--budget-s", "0.02"]
+    refused = _tune(*args, table_dir=tmp_path)
+    assert refused.returncode == 2 and "meaningless" in refused.stderr
+    proc = _tune(*args, "--allow-emulated", table_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[2/2]" in proc.stderr  # progress display
+    table = json.loads((tmp_path / "cpu.json").read_text())
+    (entry,) = table["entries"]
+    cands = [c.config for c in tune.candidates("fused-triton", PROBLEM, 2)][:2]
+    assert fused_triton.config_from_dict(entry["config"]) in cands
+    assert entry["candidates"] == 2 and entry["ms"] > 0 and entry["default_ms"] > 0
+    assert entry["problem"]["shape"] == [16, 16] and entry["dtype"] == "float32"
+    # a fresh process reads it back for that problem
+    check = subprocess.run(
+        [sys.executable, "-c",
+         "import jax.numpy as jnp; from jna import problem_sets; from jna.backends import fused_triton as f;"
+         "p = problem_sets.Problem('p', 1, 2, 16, (16, 16), (5, 5), (1, 1), (1, 1), (False, False));"
+         "print(f.default_config(p.na_problem(jnp.float32)))"],
+        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu", JNA_TUNED_DIR=str(tmp_path)),
+        capture_output=True, text=True, timeout=300)
+    assert repr(fused_triton.config_from_dict(entry["config"])) in check.stdout, check.stderr[-2000:]
