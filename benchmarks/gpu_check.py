@@ -72,6 +72,7 @@ def memory_check(problem, backend: str) -> dict:
     bwd = harness.fwd_bwd(fn).lower(q, k, v, dout).compile().memory_analysis()
     result = {
         "problem": problem.name,
+        "backend": backend,
         "input_bytes": int(input_bytes),
         "forward_temp_bytes": int(fwd.temp_size_in_bytes),
         "fwd_bwd_temp_bytes": int(bwd.temp_size_in_bytes),
@@ -139,7 +140,7 @@ def _markdown(meta: dict, rows: list[dict], memory: list[dict], tests: dict | No
     for m in memory:
         lines.append("")
         lines.append(
-            f"Memory ({m['problem']}): inputs {m['input_bytes'] / 2**20:.0f} MiB; compiled temp "
+            f"Memory ({m['problem']}, {m.get('backend', '?')}): inputs {m['input_bytes'] / 2**20:.0f} MiB; compiled temp "
             f"forward {m['forward_temp_bytes'] / 2**20:.0f} MiB, forward+backward "
             f"{m['fwd_bwd_temp_bytes'] / 2**20:.0f} MiB (an N^2 fp32 score matrix: "
             f"{m['n_squared_bytes'] / 2**30:.0f} GiB)."

@@ -85,3 +85,11 @@ def native_backends() -> list[str]:
     """Active backends that run natively here (not Pallas interpret mode on a CPU)."""
     cpu = _platform() == "cpu"
     return [n for n in active_backends() if not (cpu and BACKENDS[n].interpreted_on_cpu)]
+
+
+def float32_backends() -> list[str]:
+    """Active backends that take float32 inputs (the API, semantics and module tests use float32
+    with small head dims; fused-mosaic, bf16/fp16 only, is covered by the sweep, the GPU tests
+    and its simulator tests)."""
+    return [n for n in active_backends() if jnp.float32 in BACKENDS[n].dtypes]
+

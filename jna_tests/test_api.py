@@ -12,11 +12,11 @@ import pytest
 
 import jna
 from jna_tests import oracle
-from jna_tests.backends import NOT_YET_BUILT, active_backends, native_backends
+from jna_tests.backends import NOT_YET_BUILT, float32_backends, native_backends
 from jna_tests.common import (Config, assert_abs, assert_names, f64, make_inputs,
                               oracle_bwd, oracle_fwd)
 
-BACKENDS = active_backends()
+BACKENDS = float32_backends()
 CFG2 = Config((7, 9), (3, 4), (1, 2), (2, 1), (False, True), batch=2, heads=4, heads_kv=2,
               dim=8, dim_v=6)
 
@@ -253,7 +253,7 @@ DENSE_BYTES = N_TOKENS * N_TOKENS * 4  # one float32 [N, N] matrix: 17 GB
 MAX_TEMP_BYTES = 2 * 2**30
 
 
-@pytest.mark.parametrize("backend", native_backends())
+@pytest.mark.parametrize("backend", [b for b in native_backends() if b in float32_backends()])
 def test_large_map_never_materializes_n_by_n(backend):
     """na2d on [1, 256, 256, 4, 32] with K = 13 compiles with temp memory far below N*N*4 bytes
     (forward and backward) and the forward runs, finite, on a spot-checked query."""
@@ -281,3 +281,23 @@ def test_large_map_never_materializes_n_by_n(backend):
     qx = np.asarray(q[0, x, y], np.float64)
     want, _ = oracle.attention(qx[None, None], kw[None], vw[None], np.ones((1, 169), bool))
     assert_abs(out[0, x, y], want[0, 0], 1e-4, "out[0, 100, 250]")
+
+
+def test_auto_on_a_gpu_without_pallas_support_warns_and_runs_reference(monkeypatch):
+    """DESIGN.md section 3: on e.g. a T4 (sm75) neither Pallas backend runs; ``auto`` takes the
+    reference backend and says why in a warning (once per reason), an explicit one raises."""
+    import types
+
+    from jna import backends
+    from jna.arguments import NAProblem
+    from jna.backends import device
+
+    t4 = types.SimpleNamespace(platform="gpu", device_kind="Tesla T4", compute_capability="7.5")
+    monkeypatch.setattr(device, "default_device", lambda: t4)
+    backends._warn_reference_on_gpu.cache_clear()
+    params = jna.semantics.normalize_params((8, 8), 3)
+    problem = NAProblem(params, 1, 2, 2, 64, 64, jnp.dtype(jnp.bfloat16), 0.125, 0)
+    with pytest.warns(UserWarning, match="reference backend .* fused-triton: needs an NVIDIA GPU"):
+        assert backends.resolve("auto", problem).NAME == "reference"
+    with pytest.raises(NotImplementedError, match="fused-triton.*cannot run on this machine"):
+        backends.resolve("fused-triton", problem)

@@ -55,7 +55,7 @@ def _problem(case, dtype, batch=2):
 
 
 def _supported(backend, case, dtype) -> bool:
-    """Whether ``backend`` takes the case (fused-mosaic: bf16/fp16 and D = D_v in {64, 128})."""
+    """Whether ``backend`` takes the case (fused-mosaic: bf16/fp16 and D = D_v in {32, 64, 128})."""
     from jna import backends
 
     return backends._load(backend).unsupported_reason(_problem(case, dtype)) is None

@@ -13,10 +13,13 @@ None`` to let ``auto`` pass a call on to the next backend where it is measured s
 
 from __future__ import annotations
 
+import functools
 import importlib
+import warnings
 from types import ModuleType
 
 from jna.arguments import NAProblem
+from jna.backends import device
 
 # Every backend name jna knows, with the module that implements it (None: planned, not built).
 _MODULES: dict[str, str | None] = {
@@ -60,6 +63,14 @@ def check_backend_name(backend) -> str:
     return backend
 
 
+@functools.lru_cache(maxsize=64)
+def _warn_reference_on_gpu(reasons: tuple[str, ...]) -> None:
+    """Warns once per distinct set of reasons that ``auto`` runs the slow reference on a GPU."""
+    warnings.warn(
+        "jna: backend='auto' runs the reference backend (pure jax.numpy, slow) on this GPU: "
+        + "; ".join(reasons), stacklevel=4)
+
+
 def resolve(backend: str, problem: NAProblem) -> ModuleType:
     """The backend module that will run ``problem``.
 
@@ -69,14 +80,19 @@ def resolve(backend: str, problem: NAProblem) -> ModuleType:
     """
     backend = check_backend_name(backend)
     if backend == "auto":
+        passed_over = []
         for name in AUTO_ORDER:
             if _MODULES[name] is None:
                 continue
             module = _load(name)
             declines = getattr(module, "auto_declines", lambda problem: None)
-            if (module.runs_natively() and module.unsupported_reason(problem) is None
-                    and declines(problem) is None):
+            why = (None if module.runs_natively() else module.is_available()[1] or "emulated here") \
+                or module.unsupported_reason(problem) or declines(problem)
+            if why is None:
+                if name == "reference" and device.default_device().platform == "gpu":
+                    _warn_reference_on_gpu(tuple(passed_over))
                 return module
+            passed_over.append(f"{name}: {why}")
         raise NotImplementedError("no jna backend supports this call")  # reference takes all
     module = _load(backend)
     available, why = module.is_available()

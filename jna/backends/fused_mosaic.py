@@ -30,6 +30,8 @@ backend and times the public problems against cuDNN (``--sweep``: every tile cla
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -148,11 +150,30 @@ def config_from_dict(fields: dict) -> MosaicConfig:
     return MosaicConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
+_override: list[MosaicConfig] = []
+
+
+@contextlib.contextmanager
+def override_config(config: MosaicConfig):
+    """Within the context, fused-mosaic calls use ``config`` (its tiles fitted to each problem)."""
+    _override.append(config)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
 def default_config(problem: NAProblem) -> MosaicConfig:
-    """The config for ``problem``: this device's tuned config for exactly this problem
-    (`jna.tuned`), else the class and tiles that maximize ``tile efficiency * speed`` (speeds
-    tuned on this device for the problem's rank, head dim and dtype if the table has them, else
-    `launch_classes`)."""
+    """The config for ``problem``: an active `override_config` (tiles fitted to the problem),
+    else this device's tuned config for exactly this problem (`jna.tuned`), else the class and
+    tiles that maximize ``tile efficiency * speed`` (speeds tuned on this device for the
+    problem's rank, head dim and dtype if the table has them, else `launch_classes`)."""
+    if _override:
+        base = _override[-1]
+        if len(base.q_tile) != problem.rank:
+            raise ValueError(f"tile config {base} does not have {problem.rank} axes")
+        fit = lambda tile: tiling.fit_tile(tile, problem.params, min_tokens=64)
+        return dataclasses.replace(base, q_tile=fit(base.q_tile), kv_tile=fit(base.kv_tile))
     dtype = jnp.dtype(problem.dtype).name
     found = jna_tuned.exact(NAME, problem.params, problem.head_dim, dtype)
     if found is not None:
@@ -226,7 +247,7 @@ def attention(q, k, v, problem: NAProblem, config: MosaicConfig | None = None):
     """Fused neighborhood attention (differentiable in q, k, v and through both outputs).
 
     Args:
-      q: ``[B, *X, H, D]``; k, v: ``[B, *X, H_kv, D]`` (bfloat16/float16, D in {64, 128}).
+      q: ``[B, *X, H, D]``; k, v: ``[B, *X, H_kv, D]`` (bfloat16/float16, D in {32, 64, 128}).
       problem: the validated call (`jna.arguments.check_call`).
       config: tile config; default `default_config(problem)`.
 
