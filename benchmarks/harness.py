@@ -11,13 +11,13 @@ constant XLA could fold), i.e. the q, k and v gradients.
 from __future__ import annotations
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 
 import jna
-from jna.timing import median_ms
+from jna.timing import budgeted_median_ms as time_ms
+from jna.timing import fwd_bwd
 
 MODES = ("fwd", "fwd_bwd")
 FWD_BWD_FLOP_FACTOR = 3.5  # problems.json: forward+backward counts as 3.5x the forward
@@ -52,14 +52,6 @@ def candidate(problem, name: str):
     return na_function(problem, name)
 
 
-def fwd_bwd(fn):
-    """jit of the q/k/v gradients of ``sum(fn(q, k, v) * dout)`` (``dout`` an argument)."""
-    def loss(q, k, v, dout):
-        return jnp.sum(fn(q, k, v).astype(jnp.float32) * dout.astype(jnp.float32))
-
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
-
 def compiled(fn, mode: str, args):
     """The jitted function for ``mode`` and its arguments: ``(jitted, args)``."""
     q, k, v, dout = args
@@ -85,17 +77,6 @@ def memory_need(jitted, args) -> int | None:
     if m is None:
         return None
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
-
-
-def time_ms(jitted, args, budget_s: float) -> float:
-    """Median ms of ``jitted(*args)`` with a repeat count that fits ``budget_s`` (>= 3 samples)."""
-    jax.block_until_ready(jitted(*args))  # compile + first run
-    start = time.perf_counter()
-    jax.block_until_ready(jitted(*args))
-    one = time.perf_counter() - start
-    repeats = int(max(3, min(30, budget_s / max(one, 1e-4) / 2)))
-    inner = int(max(1, min(20, 0.02 / max(one, 1e-6))))
-    return median_ms(jitted, *args, warmup=1, repeats=repeats, inner=inner)
 
 
 def is_out_of_memory(error: Exception) -> bool:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jna import problem_sets
 from jna import tuned as jna_tuned
 from jna.backends import fused_mosaic, fused_triton, tiling
-from jna.timing import median_ms
+from jna.timing import budgeted_median_ms, fwd_bwd
 
 BACKENDS = ("fused-triton", "fused-mosaic")
 
@@ -93,20 +93,7 @@ def timed_call(backend: str, problem, config, objective: str, dtype):
     q, k, v, dout = problem.inputs(dtype)
     if objective == "fwd":
         return jax.jit(fwd), (q, k, v)
-
-    def loss(q, k, v, dout):
-        return jnp.sum(fwd(q, k, v).astype(jnp.float32) * dout.astype(jnp.float32))
-
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (q, k, v, dout)
-
-
-def _time(jitted, args, budget_s: float) -> float:
-    jax.block_until_ready(jitted(*args))  # compile + first run
-    start = time.perf_counter()
-    jax.block_until_ready(jitted(*args))
-    one = time.perf_counter() - start
-    repeats = int(max(3, min(25, budget_s / max(one, 1e-4))))
-    return median_ms(jitted, *args, warmup=1, repeats=repeats)
+    return fwd_bwd(fwd), (q, k, v, dout)
 
 
 def tune_problem(backend: str, problem, dtype, objective: str, shapes_per_class: int,
@@ -124,7 +111,7 @@ def tune_problem(backend: str, problem, dtype, objective: str, shapes_per_class:
     results, start = [], time.time()
     for i, cand in enumerate(cands):
         try:
-            ms = _time(*timed_call(backend, problem, cand.config, objective, dtype), budget_s)
+            ms = budgeted_median_ms(*timed_call(backend, problem, cand.config, objective, dtype), budget_s)
         except Exception as e:  # noqa: BLE001 - a config that does not compile/run is skipped
             _progress(f"  [{i + 1}/{len(cands)}] {cand.describe()}: failed ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:160]})")
@@ -136,7 +123,7 @@ def tune_problem(backend: str, problem, dtype, objective: str, shapes_per_class:
                   f"(best {best[0]:.4g} ms; ~{eta:.0f}s left)")
     if not results:
         raise RuntimeError(f"no candidate config of {backend} ran on {problem.name}")
-    default_ms = _time(*timed_call(backend, problem, None, objective, dtype), budget_s)
+    default_ms = budgeted_median_ms(*timed_call(backend, problem, None, objective, dtype), budget_s)
     best_ms, best = min(results, key=lambda r: r[0])
     speeds: dict[str, tuple[dict, float]] = {}
     for ms, cand in results:  # each class's best candidate, as TFLOP/s at full tile efficiency

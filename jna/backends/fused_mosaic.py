@@ -30,8 +30,6 @@ backend and times the public problems against cuDNN (``--sweep``: every tile cla
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import json
 import os
@@ -150,17 +148,9 @@ def config_from_dict(fields: dict) -> MosaicConfig:
     return MosaicConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
-_override: list[MosaicConfig] = []
-
-
-@contextlib.contextmanager
-def override_config(config: MosaicConfig):
-    """Within the context, fused-mosaic calls use ``config`` (its tiles fitted to each problem)."""
-    _override.append(config)
-    try:
-        yield
-    finally:
-        _override.pop()
+# ``with override_config(MosaicConfig(...)):`` fused-mosaic calls use that config (tiles fitted
+# to each problem; at least one 64-row warpgroup of queries).
+override_config = tiling.ConfigOverride(min_tokens=64)
 
 
 def default_config(problem: NAProblem) -> MosaicConfig:
@@ -168,12 +158,9 @@ def default_config(problem: NAProblem) -> MosaicConfig:
     else this device's tuned config for exactly this problem (`jna.tuned`), else the class and
     tiles that maximize ``tile efficiency * speed`` (speeds tuned on this device for the
     problem's rank, head dim and dtype if the table has them, else `launch_classes`)."""
-    if _override:
-        base = _override[-1]
-        if len(base.q_tile) != problem.rank:
-            raise ValueError(f"tile config {base} does not have {problem.rank} axes")
-        fit = lambda tile: tiling.fit_tile(tile, problem.params, min_tokens=64)
-        return dataclasses.replace(base, q_tile=fit(base.q_tile), kv_tile=fit(base.kv_tile))
+    overridden = override_config.fitted(problem.params)
+    if overridden is not None:
+        return overridden
     dtype = jnp.dtype(problem.dtype).name
     found = jna_tuned.exact(NAME, problem.params, problem.head_dim, dtype)
     if found is not None:

@@ -18,7 +18,6 @@ On a machine without a GPU the same kernels run in Pallas interpret mode (slow; 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -40,6 +39,7 @@ from jna.backends.tiling import (
     LN2 as _LN2,
     LOG2E as _LOG2E,
     MASK_VALUE as _MASK_VALUE,
+    ConfigOverride,
     Geometry,
     axis_caps,
     choose_tiles,
@@ -140,17 +140,9 @@ def launch_classes() -> tuple[LaunchClass, ...]:
     return tuple(LaunchClass(**c) for c in json.loads(_CONFIG_FILE.read_text())["classes"])
 
 
-_override: list[TritonConfig] = []
-
-
-@contextlib.contextmanager
-def override_config(config: TritonConfig):
-    """Within the context, fused-triton calls use ``config`` (its tiles fitted to each problem)."""
-    _override.append(config)
-    try:
-        yield
-    finally:
-        _override.pop()
+# ``with override_config(TritonConfig(...)):`` fused-triton calls use that config (tiles fitted
+# to each problem).
+override_config = ConfigOverride(min_tokens=16)
 
 
 def class_fields(c: LaunchClass) -> dict:
@@ -195,15 +187,9 @@ def default_config(problem: NAProblem) -> TritonConfig:
     that maximize ``tile efficiency * speed`` (speeds tuned on this device when the tuned table
     has the problem's backend, rank, head dim and dtype; the shipped calibration otherwise).
     """
-    if _override:
-        base = _override[-1]
-        if len(base.q_tile) != problem.rank:
-            raise ValueError(f"tile config {base} does not have {problem.rank} axes")
-        return dataclasses.replace(
-            base,
-            q_tile=fit_tile(base.q_tile, problem.params),
-            kv_tile=fit_tile(base.kv_tile, problem.params),
-        )
+    overridden = override_config.fitted(problem.params)
+    if overridden is not None:
+        return overridden
     dim = max(problem.head_dim, problem.value_dim)
     dtype = jnp.dtype(problem.dtype).name
     found = jna_tuned.exact(NAME, problem.params, dim, dtype)

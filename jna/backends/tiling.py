@@ -9,6 +9,8 @@ from the packed plan tables, and the edge masks built from the window functions 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 
 import jax.numpy as jnp
@@ -38,6 +40,37 @@ def fit_tile(tile: tuple[int, ...], params: semantics.NAParams, min_tokens: int 
         fitted[axis] *= 2
         axis = (axis - 1) % params.rank
     return tuple(fitted)
+
+
+class ConfigOverride:
+    """A backend's stack of user tile configs: ``with override(config): ...`` (its
+    ``override_config``); `fitted` gives the innermost one, tiles fitted to a problem."""
+
+    def __init__(self, min_tokens: int):
+        self.min_tokens = min_tokens
+        self._stack: list = []
+
+    @contextlib.contextmanager
+    def __call__(self, config):
+        self._stack.append(config)
+        try:
+            yield
+        finally:
+            self._stack.pop()
+
+    def current(self):
+        """The innermost active config as given, or None."""
+        return self._stack[-1] if self._stack else None
+
+    def fitted(self, params: semantics.NAParams):
+        """The innermost active config with its tiles fitted to ``params`` (`fit_tile`), or None."""
+        base = self.current()
+        if base is None:
+            return None
+        if len(base.q_tile) != params.rank:
+            raise ValueError(f"tile config {base} does not have {params.rank} axes")
+        fit = lambda tile: fit_tile(tile, params, self.min_tokens)
+        return dataclasses.replace(base, q_tile=fit(base.q_tile), kv_tile=fit(base.kv_tile))
 
 
 def tile_shapes(tokens: int, caps: list[int]):

@@ -35,7 +35,6 @@ tensor-core product, as flash attention does with its probabilities.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -49,7 +48,7 @@ from jax.experimental.pallas import triton as pltriton
 from jna import plan as planning
 from jna.arguments import NAProblem
 from jna.backends import device, fused_triton
-from jna.backends.tiling import Geometry, ravel, unravel
+from jna.backends.tiling import ConfigOverride, Geometry, ravel, unravel
 
 NAME = "unfused"
 
@@ -451,27 +450,16 @@ def _padded_dim(dim: int) -> int:
     return max(16, pl.next_power_of_2(dim))
 
 
-_override: list[fused_triton.TritonConfig] = []
-
-
-@contextlib.contextmanager
-def override_config(config: fused_triton.TritonConfig):
-    """Within the context, unfused calls use ``config``'s tiles and launch parameters (fitted to
-    each problem like `fused_triton.override_config`, which this does not affect)."""
-    _override.append(config)
-    try:
-        yield
-    finally:
-        _override.pop()
+# ``with override_config(TritonConfig(...)):`` unfused calls use that config's tiles and launch
+# parameters (fitted to each problem like `fused_triton.override_config`, which this does not affect).
+override_config = ConfigOverride(min_tokens=16)
 
 
 def default_config(problem: NAProblem) -> fused_triton.TritonConfig:
     """Tiles and launch parameters: an active `override_config`, else fused-triton's choice
     (tile efficiency x calibrated speed; not yet calibrated for these kernels)."""
-    if _override:
-        with fused_triton.override_config(_override[-1]):
-            return fused_triton.default_config(problem)
-    return fused_triton.default_config(problem)
+    overridden = override_config.fitted(problem.params)
+    return overridden if overridden is not None else fused_triton.default_config(problem)
 
 
 def _static(problem: NAProblem) -> _Static:
