@@ -74,8 +74,10 @@ def commit() -> str:
 
 
 def run(problems, backends: list[str], baseline: str | None, modes: list[str], dtypes, budget_s: float,
-        memory_limit: int | None) -> list[dict]:
-    """All cells; one row per (problem, dtype, candidate) with per-mode ms or a reason."""
+        memory_limit: int | None, on_row=None) -> list[dict]:
+    """All cells; one row per (problem, dtype, candidate) with per-mode ms or a reason.
+
+    ``on_row(rows)`` is called after every row (the CLI saves partial results with it)."""
     names = ([baseline] if baseline else []) + backends
     total = len(problems) * len(dtypes) * len(names) * len(modes)
     done, start, rows = 0, time.time(), []
@@ -109,6 +111,8 @@ def run(problems, backends: list[str], baseline: str | None, modes: list[str], d
                         if row.get(f"{mode}_ms") and dense.get(f"{mode}_ms"):
                             row[f"{mode}_speedup"] = round(dense[f"{mode}_ms"] / row[f"{mode}_ms"], 2)
                 rows.append(row)
+                if on_row is not None:
+                    on_row(rows)
             del args
     return rows
 
@@ -234,10 +238,14 @@ def main(argv=None) -> int:
             "memory_limit_bytes": memory_limit}
     _progress(f"{len(problems)} problems x {len(dtypes)} dtypes x {len(backends) + bool(baseline)} "
               f"candidates x {len(modes)} modes on {meta['device']}")
-    rows = run(problems, backends, baseline, modes, dtypes, args.budget_s, memory_limit)
-
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+
+    def save_partial(rows):  # a run cut short (time limit) keeps the rows it measured
+        (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows, "partial": True}, indent=1))
+        (out / "bench.md").write_text(markdown(meta, rows, modes))
+
+    rows = run(problems, backends, baseline, modes, dtypes, args.budget_s, memory_limit, save_partial)
     plots = plot(rows, modes, baseline, out, meta) if args.plot else []
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows, "plots": plots}, indent=1))
     md = markdown(meta, rows, modes)

@@ -118,19 +118,29 @@ def bench_problem(p: problem_sets.Problem, dtype, budget_s: float, mem_limit: fl
         _log(row)
         return row
     q, k, v, _ = p.inputs(dtype)
+    outputs = {}
     for backend in ("unfused", "reference"):
         fn = jax.jit(functools.partial(jna.neighborhood_attention, backend=backend, **p.na_kwargs))
         try:
             row[f"{backend}_ms"] = round(_time(fn, (q, k, v), budget_s), 4)
             row[f"{backend}_tflops"] = float(f"{p.forward_flops / (row[f'{backend}_ms'] * 1e-3) / 1e12:.3g}")
+            outputs[backend] = fn(q, k, v).astype(jnp.float32)
         except Exception as e:  # noqa: BLE001 - report (e.g. out of memory), keep going
             row[f"{backend}_ms"] = None
             row[f"{backend}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             traceback.print_exc()
+    if len(outputs) == 2:
+        # A sanity check that the timed configuration computes NA (the oracle tests are elsewhere):
+        # relative L2 distance of the two backends' outputs.
+        u, r = outputs["unfused"], outputs["reference"]
+        row["rel_l2_vs_reference"] = float(f"{float(jnp.linalg.norm(u - r) / jnp.linalg.norm(r)):.3g}")
+    del outputs
     if row.get("unfused_ms") and row.get("reference_ms"):
         row["speedup"] = round(row["reference_ms"] / row["unfused_ms"], 2)
     problem = jna.arguments.check_call(q, k, v, *p.na_kwargs.values(), None, None, None, None)
     row["tiles"] = _describe(p, unfused.default_config(problem))
+    if jna.tuned.exact(unfused.NAME, problem.params, max(problem.head_dim, problem.value_dim), name):
+        row["tiles"] += " (tuned)"
     if candidates and row.get("unfused_ms"):
         # Other tilings, to show whether the default choice leaves speed behind (not the bar).
         best = (row["unfused_ms"], row["tiles"])
@@ -184,8 +194,8 @@ def markdown(meta: dict, rows: list[dict], summary: list[dict]) -> str:
         " reference = gather-based jax.numpy (`backend=\"reference\"`)",
         "- effective TFLOP/s = 4*B*H*N*prod(K)*D / time",
         "",
-        "| problem | dtype | tiles | unfused ms | unfused TFLOP/s | reference ms | speedup | fastest tiling timed (ms, speedup) | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| problem | dtype | tiles | unfused ms | unfused TFLOP/s | reference ms | speedup | rel. L2 vs reference | fastest tiling timed (ms, speedup) | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         note = r.get("skipped") or r.get("unfused_error") or r.get("reference_error") or ""
@@ -195,7 +205,7 @@ def markdown(meta: dict, rows: list[dict], summary: list[dict]) -> str:
                     f"{fmt(r.get('best_candidate_speedup'))}x")
         lines.append(f"| {r['problem']} | {r['dtype']} | {r.get('tiles', '')} | {fmt(r.get('unfused_ms'))} | "
                      f"{fmt(r.get('unfused_tflops'))} | {fmt(r.get('reference_ms'))} | "
-                     f"{fmt(r.get('speedup'))} | {best} | {note} |")
+                     f"{fmt(r.get('speedup'))} | {fmt(r.get('rel_l2_vs_reference'))} | {best} | {note} |")
     lines += ["", "| rank | dtype | problems | average speedup | bar | meets bar |", "|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['rank']}-D | {s['dtype']} | {s['problems']} | {fmt(s['avg_speedup'])} | "
@@ -236,16 +246,19 @@ def main() -> int:
     _log(meta)
     mem_limit = args.mem_limit_gb * 1e9 if args.mem_limit_gb else _default_mem_limit(device)
     meta["mem_limit_gb"] = round(mem_limit / 1e9, 1)
-    rows = [bench_problem(p, d, args.budget_s, mem_limit, not args.no_candidates)
-            for d in dtypes for p in problems]
-    summary = summarize(rows)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_unfused.json").write_text(json.dumps(
-        {"meta": meta, "rows": rows, "summary": summary,
-         "problems": [dataclasses.asdict(p) for p in problems]}, indent=1))
-    md = markdown(meta, rows, summary)
-    (out / "bench_unfused.md").write_text(md)
+    rows = []
+    for d in dtypes:
+        for p in problems:
+            rows.append(bench_problem(p, d, args.budget_s, mem_limit, not args.no_candidates))
+            # Written after every row: a run cut short keeps what it measured.
+            summary = summarize(rows)
+            (out / "bench_unfused.json").write_text(json.dumps(
+                {"meta": meta, "rows": rows, "summary": summary,
+                 "problems": [dataclasses.asdict(p) for p in problems]}, indent=1))
+            md = markdown(meta, rows, summary)
+            (out / "bench_unfused.md").write_text(md)
     print(md)
     return 0
 

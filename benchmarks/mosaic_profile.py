@@ -8,6 +8,14 @@ Columns (ms, median of synchronized runs): ``total`` the forward as users call i
 tile pair treated as full (wrong results: the cost of the edge masks is the difference);
 ``perm`` the permutations of q/k/v plus the inverse of out/lse; ``finite`` the all-finite check
 of v; ``dq``/``dkv`` the two backward kernels alone.
+
+``one-step``: the kernel with every Q tile visiting only its first KV tile (wrong results): the
+fixed cost of a CTA (launch, Q load, first K/V wait, epilogue, output store) plus one step.
+From it: ``steps`` (mean KV tiles a Q tile visits), ``us per step (all CTAs)`` (``(kernel - one-step) /
+(steps - 1)`` per wave of CTAs, i.e. the steady state) and ``fixed %`` (the share of the kernel
+that a persistent kernel overlapping one tile's epilogue with the next one's loads could hide,
+bounded by ``one-step`` minus one step). ``loop TF/s``: the computed-pair FLOPs of the kernel over
+its steady-state time (``kernel - fixed``): the main loop's speed against the wgmma peak.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import math
+import os
 import pathlib
 import sys
 
@@ -42,6 +52,24 @@ def all_full(plan: planning.TilePlan) -> planning.TilePlan:
         start = plan.offsets[a][4]
         tables[start:start + ax.pair_full.size] = 1
     return dataclasses.replace(plan, tables=tables)
+
+
+def one_step(plan: planning.TilePlan) -> planning.TilePlan:
+    """``plan`` with every Q tile visiting only its first KV tile (wrong results, same code)."""
+    tables = np.array(plan.tables)
+    for a, ax in enumerate(plan.axes):
+        start = plan.offsets[a][1]
+        tables[start:start + ax.kv_count.size] = np.minimum(ax.kv_count.ravel(), 1)
+    return dataclasses.replace(plan, tables=tables)
+
+
+def mean_steps(plan: planning.TilePlan) -> float:
+    """Mean number of KV tiles a Q tile visits (the product of the per-axis counts)."""
+    counts = [ax.kv_count.astype(np.float64) for ax in plan.axes]  # [dilation_a, nq_a]
+    total = 1.0
+    for c in counts:
+        total *= c.mean()
+    return total
 
 
 def profile(p, repeats: int):
@@ -77,24 +105,52 @@ def profile(p, repeats: int):
     no_mask = dataclasses.replace(st, plan=all_full(st.plan))
     row["no-mask"] = median_ms(jax.jit(functools.partial(mosaic_forward.forward_call, st=no_mask)),
                                qp, kp, vp, repeats=repeats)
+    single = dataclasses.replace(st, plan=one_step(st.plan))
+    row["one-step"] = median_ms(jax.jit(functools.partial(mosaic_forward.forward_call, st=single)),
+                                qp, kp, vp, repeats=repeats)
+    steps = mean_steps(st.plan)
+    row["steps"] = round(steps, 1)
+    per_step = (row["kernel"] - row["one-step"]) / max(steps - 1.0, 1e-9)
+    fixed = max(row["one-step"] - per_step, 0.0)
+    row["us per step (all CTAs)"] = round(per_step * 1e3, 2)
+    row["fixed %"] = round(100.0 * fixed / row["kernel"], 1)
+    row["mask %"] = round(100.0 * (row["kernel"] - row["no-mask"]) / row["kernel"], 1)
+    row["perm %"] = round(100.0 * row["perm"] / row["total"], 1)
     flops = 4.0 * b * h * math.prod(shape) * math.prod(p["kernel_size"]) * d
     row["kernel TF/s on computed pairs"] = round(flops / st.plan.efficiency / row["kernel"] / 1e9, 1)
+    row["loop TF/s"] = round(flops / st.plan.efficiency / (row["kernel"] - fixed) / 1e9, 1)
     return row
+
+
+def _table(rows) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+    return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--problems", default="")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default="", help="also write profile.json and profile.md here")
     args = parser.parse_args()
     rows = []
     for p in public_problems([n for n in args.problems.split(",") if n]):
         rows.append(profile(p, args.repeats))
         print(rows[-1], flush=True)  # each row as it is done: a timeout keeps the finished ones
-    keys = list(rows[0])
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+        table = _table(rows)
+        if args.out:  # rewritten after every row, for the same reason
+            out = pathlib.Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                    "commit": os.environ.get("JNA_COMMIT", ""), "repeats": args.repeats}
+            (out / "profile.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+            (out / "profile.md").write_text(
+                f"# fused-mosaic forward profile ({meta['device']}, jax {meta['jax']}, "
+                f"commit {meta['commit']})\n\n" + table + "\n")
+    print(_table(rows))
     return 0
 
 

@@ -1,13 +1,14 @@
-"""Autotuner: measure a fused backend's tile configs on this GPU and store the best (`jna.tuned`).
+"""Autotuner: measure a backend's tile configs on this GPU and store the best (`jna.tuned`).
 
     python -m jna.tune --backend fused-mosaic --problems public --names 2d-flux,3d-hunyuan
     python -m jna.tune --backend fused-triton --shape 128,128 --kernel-size 13 --heads 8 --head-dim 64
         [--dtype bfloat16] [--objective fwd|fwd_bwd] [--shapes-per-class 2] [--max-candidates N]
         [--budget-s 1] [--table PATH] [--dry-run]
 
-For each problem, the candidates are every launch class of the backend (``configs/fused_*.json``;
-for fused-triton the classes of the problem's head-dim bucket), each with its ``--shapes-per-class``
-most tile-efficient per-axis tile shapes. Each candidate runs the backend's real call (token
+Backends: fused-triton, fused-mosaic, unfused. For each problem, the candidates are every launch
+class of the backend (``configs/fused_*.json``; for fused-triton the classes of the problem's
+head-dim bucket; for unfused `jna.backends.unfused.TUNE_CLASSES`), each with its
+``--shapes-per-class`` most tile-efficient per-axis tile shapes. Each candidate runs the backend's real call (token
 permutation included) on random inputs and is timed (median of synchronized runs after warm-up;
 ``--objective fwd_bwd``: the q/k/v gradients of ``sum(out * dout)``). Candidates that fail to
 compile or run are reported and skipped. Progress goes to stderr.
@@ -35,10 +36,10 @@ import jax.numpy as jnp
 
 from jna import problem_sets
 from jna import tuned as jna_tuned
-from jna.backends import fused_mosaic, fused_triton, tiling
+from jna.backends import fused_mosaic, fused_triton, tiling, unfused
 from jna.timing import budgeted_median_ms, fwd_bwd
 
-BACKENDS = ("fused-triton", "fused-mosaic")
+BACKENDS = ("fused-triton", "fused-mosaic", "unfused")
 
 
 def _progress(*args):
@@ -70,6 +71,9 @@ def candidates(backend: str, problem, shapes_per_class: int) -> list[Candidate]:
                 cfg = fused_triton.TritonConfig(q_tile, kv_tile, c.num_warps, c.num_stages,
                                                 c.bwd_num_warps, c.bwd_num_stages)
                 out.append(Candidate(fused_triton.class_fields(c), cfg, eff))
+    elif backend == "unfused":
+        for fields, cfg, eff in unfused.tune_candidates(params, dim, shapes_per_class):
+            out.append(Candidate(fields, cfg, eff))
     else:
         for q_tokens, kv_tokens, stages, _ in fused_mosaic.launch_classes():
             for eff, q_tile, kv_tile in tiling.ranked_tiles(params, q_tokens, kv_tokens, shapes_per_class):
@@ -79,7 +83,7 @@ def candidates(backend: str, problem, shapes_per_class: int) -> list[Candidate]:
 
 
 def _module(backend: str):
-    return fused_triton if backend == "fused-triton" else fused_mosaic
+    return {"fused-triton": fused_triton, "fused-mosaic": fused_mosaic, "unfused": unfused}[backend]
 
 
 def timed_call(backend: str, problem, config, objective: str, dtype):

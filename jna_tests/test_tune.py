@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 from jna import problem_sets, tune, tuned
-from jna.backends import fused_mosaic, fused_triton
+from jna.backends import fused_mosaic, fused_triton, unfused
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROBLEM = problem_sets.Problem("p", 1, 2, 16, (16, 16), (5, 5), (1, 1), (1, 1), (False, False))
@@ -125,3 +125,26 @@ def test_override_config_wins_over_tuned_entries(table_dir):
     with fused_mosaic.override_config(fused_mosaic.MosaicConfig((4, 32), (2, 64), 2)):
         got = fused_mosaic.default_config(problem.na_problem(jnp.bfloat16))
     assert got == fused_mosaic.MosaicConfig((4, 32), (2, 32), 2)  # kv fitted to the 32-wide map
+
+
+def test_unfused_reads_its_own_entries_not_fused_triton_ones(table_dir):
+    shipped = fused_triton._choose(PROBLEM.params, 16)
+    triton_config = {"q_tile": [4, 16], "kv_tile": [2, 16], "num_warps": 2, "num_stages": 3}
+    tuned.write_entry(_entry(PROBLEM, triton_config, []), "cpu")
+    na = PROBLEM.na_problem(jnp.float32)
+    assert unfused.default_config(na) == shipped  # fused-triton's entry tunes fused-triton only
+    config = {"q_tile": [4, 4], "kv_tile": [4, 8], "num_warps": 4, "num_stages": 2,
+              "bwd_num_warps": 4, "bwd_num_stages": 1, "direct_layout": True}
+    tuned.write_entry(_entry(PROBLEM, config, [], backend="unfused"), "cpu")
+    assert unfused.default_config(na) == fused_triton.config_from_dict(config)
+    assert unfused.default_config(OTHER.na_problem(jnp.float32)) == fused_triton._choose(OTHER.params, 16)
+
+
+def test_unfused_candidates_run_and_the_best_is_stored(table_dir):
+    cands = tune.candidates("unfused", PROBLEM, 1)
+    assert {math.prod(c.config.q_tile) for c in cands} >= {16, 32, 64}
+    entry = tune.tune_problem("unfused", PROBLEM, jnp.float32, "fwd", 1, 2, 0.01)
+    assert entry["backend"] == "unfused" and entry["candidates"] == 2
+    assert fused_triton.config_from_dict(entry["config"]) in [c.config for c in cands[:2]]
+    tuned.write_entry(entry, "cpu")
+    assert unfused.default_config(PROBLEM.na_problem(jnp.float32)) == fused_triton.config_from_dict(entry["config"])

@@ -46,9 +46,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jna import plan as planning
+from jna import tuned as jna_tuned
 from jna.arguments import NAProblem
 from jna.backends import device, fused_triton
-from jna.backends.tiling import ConfigOverride, Geometry, ravel, unravel
+from jna.backends.tiling import ConfigOverride, Geometry, ranked_tiles, ravel, unravel
 
 NAME = "unfused"
 
@@ -456,14 +457,43 @@ override_config = ConfigOverride(min_tokens=16)
 
 
 def default_config(problem: NAProblem) -> fused_triton.TritonConfig:
-    """Tiles and launch parameters: an active `override_config`, else fused-triton's choice
-    (tile efficiency x calibrated speed; not yet calibrated for these kernels)."""
+    """Tiles and launch parameters: an active `override_config`; else this device's tuned config
+    for exactly this problem (`jna.tuned`, backend ``"unfused"``, written by
+    ``python -m jna.tune --backend unfused``); else fused-triton's chooser with its shipped
+    calibration (tile efficiency x speed of the fused kernels: a proxy, these kernels were not
+    calibrated as classes; fused-triton's own tuned entries are not used for them)."""
     overridden = override_config.fitted(problem.params)
-    return overridden if overridden is not None else fused_triton.default_config(problem)
+    if overridden is not None:
+        return overridden
+    dim = max(problem.head_dim, problem.value_dim)
+    found = jna_tuned.exact(NAME, problem.params, dim, jnp.dtype(problem.dtype).name)
+    if found is not None:
+        return fused_triton.config_from_dict(found)
+    return fused_triton._choose(problem.params, dim)
 
 
-def _static(problem: NAProblem) -> _Static:
-    cfg = default_config(problem)
+def tune_candidates(params, dim: int, shapes_per_class: int):
+    """What `jna.tune` measures for this backend: ``[(class_fields, config, efficiency)]``.
+
+    Tile classes of 16 to 128 tokens (smaller than fused-triton's: the GEMMs here do not carry an
+    online softmax, and small windows waste most of a large tile), each with its
+    ``shapes_per_class`` most tile-efficient per-axis shapes, 4 warps, 2 stages.
+    """
+    del dim  # one launch setting for every head dim up to MAX_HEAD_DIM
+    out = []
+    for q_tokens, kv_tokens in TUNE_CLASSES:
+        for eff, q_tile, kv_tile in ranked_tiles(params, q_tokens, kv_tokens, shapes_per_class):
+            fields = {"q_tokens": q_tokens, "kv_tokens": kv_tokens, "num_warps": 4, "num_stages": 2}
+            out.append((fields, fused_triton.TritonConfig(q_tile, kv_tile, 4, 2, 4, 1), eff))
+    return out
+
+
+# (Q tokens, KV tokens) per tile that the tuner tries.
+TUNE_CLASSES = ((16, 16), (32, 16), (16, 32), (32, 32), (64, 32), (64, 64), (128, 64))
+
+
+def _static(problem: NAProblem, config: fused_triton.TritonConfig | None = None) -> _Static:
+    cfg = config or default_config(problem)
     plan = planning.make_plan(problem.params, cfg.q_tile, cfg.kv_tile)
     return _Static(plan=plan, heads=problem.heads, kv_heads=problem.kv_heads, scale=problem.scale,
                    interpret=_interpret(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -511,17 +541,18 @@ def av(attn, v, problem: NAProblem):
     return planning.unpermute(out, st.plan, "q", problem.spatial_shape, problem.value_dim)
 
 
-def attention(q, k, v, problem: NAProblem):
+def attention(q, k, v, problem: NAProblem, config: fused_triton.TritonConfig | None = None):
     """Unfused neighborhood attention: QK -> softmax (float32) -> AV.
 
     Args:
       q: ``[B, *X, H, D]``; k: ``[B, *X, H_kv, D]``; v: ``[B, *X, H_kv, D_v]``.
       problem: the validated call (`jna.arguments.check_call`).
+      config: tiles and launch parameters; default `default_config(problem)`.
 
     Returns:
       ``(out, lse)``: ``[B, *X, H, D_v]`` in q's dtype and ``[B, *X, H]`` float32.
     """
-    st = _static(problem)
+    st = _static(problem, config)
     qp = planning.permute(q, st.plan, "q", _padded_dim(problem.head_dim))
     kp = planning.permute(k, st.plan, "kv", _padded_dim(problem.head_dim))
     vp = planning.permute(v, st.plan, "kv", _padded_dim(problem.value_dim))
