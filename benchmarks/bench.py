@@ -73,11 +73,27 @@ def commit() -> str:
         return "unknown"
 
 
+def check_against_reference(problem, backend: str, args) -> float | None:
+    """Relative L2 distance of ``backend``'s forward output from the reference backend's, or None
+    where the naive reference would be too slow (over 1 effective TFLOP) or fails."""
+    if problem.forward_flops > 1e12 or backend in ("reference",):
+        return None
+    q, k, v, _ = args
+    try:
+        got = jax.jit(harness.na_function(problem, backend))(q, k, v).astype(jnp.float32)
+        want = jax.jit(harness.na_function(problem, "reference"))(q, k, v).astype(jnp.float32)
+        return float(f"{float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)):.3g}")
+    except Exception:  # noqa: BLE001 - the timing cells report errors
+        return None
+
+
 def run(problems, backends: list[str], baseline: str | None, modes: list[str], dtypes, budget_s: float,
-        memory_limit: int | None, on_row=None) -> list[dict]:
+        memory_limit: int | None, on_row=None, check: bool = False) -> list[dict]:
     """All cells; one row per (problem, dtype, candidate) with per-mode ms or a reason.
 
-    ``on_row(rows)`` is called after every row (the CLI saves partial results with it)."""
+    ``on_row(rows)`` is called after every row (the CLI saves partial results with it).
+    ``check``: also record each backend's forward distance from the reference backend
+    (``rel_l2_vs_reference``; small problems only), a sanity check of the configs timed."""
     names = ([baseline] if baseline else []) + backends
     total = len(problems) * len(dtypes) * len(names) * len(modes)
     done, start, rows = 0, time.time(), []
@@ -104,6 +120,8 @@ def run(problems, backends: list[str], baseline: str | None, modes: list[str], d
                         row[f"{mode}_note"] = cell["skipped"]
                     else:
                         row[f"{mode}_error"] = cell["error"]
+                if check and name != baseline:
+                    row["rel_l2_vs_reference"] = check_against_reference(problem, name, args)
                 if name == baseline:
                     dense = row
                 elif dense is not None:
@@ -129,11 +147,16 @@ def markdown(meta: dict, rows: list[dict], modes: list[str]) -> str:
     for mode in modes:
         label = "fwd" if mode == "fwd" else "fwd+bwd"
         head += [f"{label} ms", f"{label} TFLOP/s", f"{label} speedup"]
+    checked = any("rel_l2_vs_reference" in r for r in rows)
+    if checked:
+        head.append("rel. L2 vs reference")
     lines += ["| " + " | ".join(head) + " | note |", "|" + "---|" * (len(head) + 1)]
     for r in rows:
         cells = [r["problem"], r["dtype"], r["backend"]]
         for mode in modes:
             cells += [fmt(r.get(f"{mode}_ms")), fmt(r.get(f"{mode}_tflops")), fmt(r.get(f"{mode}_speedup"))]
+        if checked:
+            cells.append(fmt(r.get("rel_l2_vs_reference")))
         note = "; ".join(f"{m}: {r.get(f'{m}_note') or 'ERROR ' + r[f'{m}_error']}" for m in modes
                          if r.get(f"{m}_note") or r.get(f"{m}_error"))
         lines.append("| " + " | ".join(cells) + f" | {note} |")
@@ -209,6 +232,8 @@ def main(argv=None) -> int:
                         help="skip cells that need more than this share of device memory")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench"))
     parser.add_argument("--plot", action="store_true", help="write PNG plots of the sweeps")
+    parser.add_argument("--check", action="store_true",
+                        help="record each backend's forward distance from the reference backend (small problems)")
     args = parser.parse_args(argv)
 
     files = resolve_problem_files(args.problems)
@@ -245,7 +270,8 @@ def main(argv=None) -> int:
         (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows, "partial": True}, indent=1))
         (out / "bench.md").write_text(markdown(meta, rows, modes))
 
-    rows = run(problems, backends, baseline, modes, dtypes, args.budget_s, memory_limit, save_partial)
+    rows = run(problems, backends, baseline, modes, dtypes, args.budget_s, memory_limit, save_partial,
+               check=args.check)
     plots = plot(rows, modes, baseline, out, meta) if args.plot else []
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows, "plots": plots}, indent=1))
     md = markdown(meta, rows, modes)
