@@ -1,8 +1,8 @@
-"""Where fused-mosaic's time goes, per public problem (H100; timing only, not a correctness check).
+"""Where fused-mosaic's time goes, per public problem (Hopper; timing only, not a correctness check).
 
     python benchmarks/mosaic_profile.py [--problems 2d-flux,2d-flux-gna]
 
-Columns (ms, median of synchronized runs): ``total`` the forward as users call it
+Columns (ms, median of synchronized batches, `jna.timing.budgeted_median_ms`): ``total`` the forward as users call it
 (`jna.neighborhood_attention`, backend fused-mosaic: isfinite check, permutations, kernel);
 ``kernel`` the forward kernel alone on permuted tensors; ``no-mask`` the same kernel with every
 tile pair treated as full (wrong results: the cost of the edge masks is the difference);
@@ -39,7 +39,7 @@ import jna  # noqa: E402
 from benchmarks.mosaic_bench import _problem_of, _random, public_problems  # noqa: E402
 from jna import plan as planning  # noqa: E402
 from jna.backends import fused_mosaic, mosaic_backward, mosaic_forward  # noqa: E402
-from jna.timing import median_ms  # noqa: E402
+from jna.timing import budgeted_median_ms  # noqa: E402
 
 
 def all_full(plan: planning.TilePlan) -> planning.TilePlan:
@@ -72,7 +72,13 @@ def mean_steps(plan: planning.TilePlan) -> float:
     return total
 
 
-def profile(p, repeats: int):
+def _timed(budget_s: float, fn, *args) -> float:
+    """Median ms of ``fn(*args)``, calls under 20 ms batched (`jna.timing.budgeted_median_ms`):
+    a millisecond kernel timed one synchronized call at a time would be mostly dispatch."""
+    return budgeted_median_ms(fn, args, budget_s)
+
+
+def profile(p, budget_s: float):
     b, h, d, shape = p["batch"], p["heads"], p["head_dim"], tuple(p["shape"])
     q, k, v, do = (_random((b, *shape, h, d), jnp.bfloat16, s) for s in (1, 2, 3, 4))
     args = (p["kernel_size"], p["stride"], p["dilation"], p["is_causal"])
@@ -81,7 +87,7 @@ def profile(p, repeats: int):
     row = {"problem": p["name"], "eff": round(st.plan.efficiency, 3)}
     na = functools.partial(jna.neighborhood_attention, kernel_size=args[0], stride=args[1],
                            dilation=args[2], is_causal=args[3], backend="fused-mosaic")
-    row["total"] = median_ms(jax.jit(na), q, k, v, repeats=repeats)
+    row["total"] = _timed(budget_s, jax.jit(na), q, k, v)
 
     def permute_all(q, k, v):
         qp = planning.permute(q, st.plan, "q")
@@ -90,24 +96,24 @@ def profile(p, repeats: int):
         lse = planning.unpermute(qp[..., 0].astype(jnp.float32), st.plan, "q", problem.spatial_shape)
         return out, lse, kp, vp
 
-    row["perm"] = median_ms(jax.jit(permute_all), q, k, v, repeats=repeats)
-    row["finite"] = median_ms(jax.jit(lambda v: jnp.all(jnp.isfinite(v))), v, repeats=repeats)
+    row["perm"] = _timed(budget_s, jax.jit(permute_all), q, k, v)
+    row["finite"] = _timed(budget_s, jax.jit(lambda v: jnp.all(jnp.isfinite(v))), v)
     qp, dop = (planning.permute(x, st.plan, "q") for x in (q, do))
     kp, vp = (planning.permute(x, st.plan, "kv") for x in (k, v))
     fwd = jax.jit(functools.partial(mosaic_forward.forward_call, st=st))
-    row["kernel"] = median_ms(fwd, qp, kp, vp, repeats=repeats)
+    row["kernel"] = _timed(budget_s, fwd, qp, kp, vp)
     out, lse = fwd(qp, kp, vp)
     delta = jnp.einsum("bnhd,bnhd->bhn", out.astype(jnp.float32), dop.astype(jnp.float32))
-    row["dq"] = median_ms(jax.jit(functools.partial(mosaic_backward.dq_call, st=st)),
-                          qp, kp, vp, dop, lse, delta, repeats=repeats)
-    row["dkv"] = median_ms(jax.jit(functools.partial(mosaic_backward.dkv_call, st=st)),
-                           qp, kp, vp, dop, lse, delta, repeats=repeats)
+    row["dq"] = _timed(budget_s, jax.jit(functools.partial(mosaic_backward.dq_call, st=st)),
+                          qp, kp, vp, dop, lse, delta)
+    row["dkv"] = _timed(budget_s, jax.jit(functools.partial(mosaic_backward.dkv_call, st=st)),
+                           qp, kp, vp, dop, lse, delta)
     no_mask = dataclasses.replace(st, plan=all_full(st.plan))
-    row["no-mask"] = median_ms(jax.jit(functools.partial(mosaic_forward.forward_call, st=no_mask)),
-                               qp, kp, vp, repeats=repeats)
+    row["no-mask"] = _timed(budget_s, jax.jit(functools.partial(mosaic_forward.forward_call, st=no_mask)),
+                               qp, kp, vp)
     single = dataclasses.replace(st, plan=one_step(st.plan))
-    row["one-step"] = median_ms(jax.jit(functools.partial(mosaic_forward.forward_call, st=single)),
-                                qp, kp, vp, repeats=repeats)
+    row["one-step"] = _timed(budget_s, jax.jit(functools.partial(mosaic_forward.forward_call, st=single)),
+                                qp, kp, vp)
     steps = mean_steps(st.plan)
     row["steps"] = round(steps, 1)
     per_step = (row["kernel"] - row["one-step"]) / max(steps - 1.0, 1e-9)
@@ -133,19 +139,19 @@ def _table(rows) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--problems", default="")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--budget-s", type=float, default=1.0, help="timing budget per measurement")
     parser.add_argument("--out", default="", help="also write profile.json and profile.md here")
     args = parser.parse_args()
     rows = []
     for p in public_problems([n for n in args.problems.split(",") if n]):
-        rows.append(profile(p, args.repeats))
+        rows.append(profile(p, args.budget_s))
         print(rows[-1], flush=True)  # each row as it is done: a timeout keeps the finished ones
         table = _table(rows)
         if args.out:  # rewritten after every row, for the same reason
             out = pathlib.Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                    "commit": os.environ.get("JNA_COMMIT", ""), "repeats": args.repeats}
+                    "commit": os.environ.get("JNA_COMMIT", ""), "budget_s": args.budget_s}
             (out / "profile.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
             (out / "profile.md").write_text(
                 f"# fused-mosaic forward profile ({meta['device']}, jax {meta['jax']}, "
