@@ -251,3 +251,35 @@ def test_default_config_and_support():
 if __name__ == "__main__":  # the simulation subprocess: one JSON line per case
     for case in sys.argv[1:] or list(SIM_CASES):
         print(json.dumps(_simulate(case)), flush=True)
+
+
+def test_kv_tile_cursor_walks_the_visit_list_in_order():
+    """The forward's division-free cursor visits the same KV tiles, in the same order, as the
+    unravelled step index the producer (and the backward kernels) use."""
+    from jna.backends import mosaic_common
+
+    class _Axis:
+        def __init__(self, n):
+            self.num_kv_tiles = n
+
+    class _Geo:  # a stand-in for tiling.Geometry: ranges (first, count) per axis
+        def __init__(self, ranges):
+            self.plan = type("P", (), {"rank": len(ranges), "axes": [_Axis(f + c + 1) for f, c in ranges]})()
+            self._ranges = ranges
+
+        def kv_range(self, a, qt_a):
+            first, count = self._ranges[a]
+            return jnp.int32(first), jnp.int32(count)
+
+    for ranges in ([(3, 5)], [(1, 3), (2, 4)], [(0, 2), (5, 1), (1, 3)], [(2, 1), (0, 1), (4, 6)]):
+        geo = _Geo(ranges)
+        total, visit = mosaic_common.kv_tile_visits(geo, [0] * len(ranges))
+        cursor = mosaic_common.KvTileCursor(geo, [0] * len(ranges))
+        offs = cursor.start()
+        assert int(cursor.total) == int(total) == int(np.prod([c for _, c in ranges]))
+        for step in range(int(total)):
+            want_kt, want_flat = visit(jnp.int32(step))
+            got_kt, got_flat = cursor.tiles(offs)
+            assert [int(x) for x in got_kt] == [int(x) for x in want_kt], (ranges, step)
+            assert int(got_flat) == int(want_flat)
+            offs = cursor.advance(offs)

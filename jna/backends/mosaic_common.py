@@ -145,6 +145,46 @@ def kv_tile_visits(geo: tiling.Geometry, qt):
     return _product(counts), visit
 
 
+class KvTileCursor:
+    """The KV tiles Q tile ``qt`` visits, walked step by step without integer division.
+
+    `kv_tile_visits` unravels a step index over the per-axis range counts: a chain of divisions
+    by run-time values per step (tens of dependent instructions each on the GPU), which the
+    forward consumers would pay inside the loop, before the flags of the tile pair can be read.
+    The cursor instead carries per-axis offsets through the loop (a loop-carried odometer): the
+    next step's offsets are one add and compare-and-select per axis. Same visit order.
+    """
+
+    def __init__(self, geo: tiling.Geometry, qt):
+        self.plan = geo.plan
+        ranges = [geo.kv_range(a, qt[a]) for a in range(self.plan.rank)]
+        self.firsts = [first for first, _ in ranges]
+        self.counts = [count for _, count in ranges]
+        self.total = _product(self.counts)
+
+    def start(self):
+        """Offsets of step 0 (a tuple of int32 scalars, the loop carry)."""
+        return tuple(jnp.int32(0) for _ in self.counts)
+
+    def tiles(self, offs):
+        """Per-axis KV tile ids and the flat id at ``offs``."""
+        kt = [first + o for first, o in zip(self.firsts, offs)]
+        return kt, tiling.ravel(kt, [a.num_kv_tiles for a in self.plan.axes])
+
+    def advance(self, offs):
+        """Offsets of the next step (row-major: the last axis fastest)."""
+        new, carry = list(offs), None
+        for a in reversed(range(len(offs))):
+            bumped = offs[a] + (1 if carry is None else carry.astype(jnp.int32))
+            if a == 0:  # the outermost axis never wraps within ``total`` steps
+                new[a] = bumped
+                break
+            wrap = bumped >= self.counts[a]
+            new[a] = jnp.where(wrap, 0, bumped)
+            carry = wrap
+        return tuple(new)
+
+
 def q_tile_visits(geo: tiling.Geometry, kt, group: int):
     """The (query head, Q tile) pairs KV tile ``kt`` visits, heads outermost.
 

@@ -22,8 +22,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jna.backends import tiling
 from jna.backends.mosaic_common import (
-    ROWS, WGMMA, WGMMA_COL, WGMMA_ROW, Static, key_coords, kv_tile_visits, mask_logits,
-    query_windows, smem, sync, iota,
+    ROWS, WGMMA, WGMMA_COL, WGMMA_ROW, KvTileCursor, Static, key_coords, kv_tile_visits,
+    mask_logits, query_windows, smem, sync, iota,
 )
 
 _LOG2E = tiling.LOG2E
@@ -71,10 +71,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
             # column vectors they would pin tk/4 registers per axis for the whole loop.
             return mask_logits(s, windows, key_coords(kt, cfg.kv_tile, iota(tk, WGMMA_COL)), 0)
 
+        cursor = KvTileCursor(geo, qt)
+
         def body(step, carry):
-            acc, m, l = carry
+            acc, m, l, offs = carry
             slot = lax.rem(step, stages)
-            kt, _ = kv_tile(step)
+            kt, _ = cursor.tiles(offs)
             full = geo.full(qt, kt) > 0  # table loads issued ahead of the wgmma wait
 
             def qk(acc_ref):
@@ -129,9 +131,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
 
                 acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS, dim), jnp.float32))
             plgpu.barrier_arrive(v_free.at[slot])
-            return acc, m_new, l
+            return acc, m_new, l, cursor.advance(offs)
 
-        acc, m, l = lax.fori_loop(0, total, body, (acc, m, l))
+        acc, m, l, _ = lax.fori_loop(0, total, body, (acc, m, l, cursor.start()))
         if nwg > 1:
             pl.when(wg == 0)(lambda: sync(sched))
 
