@@ -145,34 +145,44 @@ def kv_tile_visits(geo: tiling.Geometry, qt):
     return _product(counts), visit
 
 
-class KvTileCursor:
-    """The KV tiles Q tile ``qt`` visits, walked step by step without integer division.
+class TileCursor:
+    """A visit list (the product of per-axis tile ranges) walked step by step without division.
 
-    `kv_tile_visits` unravels a step index over the per-axis range counts: a chain of divisions
-    by run-time values per step (tens of dependent instructions each on the GPU), which the
-    forward consumers would pay inside the loop, before the flags of the tile pair can be read.
-    The cursor instead carries per-axis offsets through the loop (a loop-carried odometer): the
-    next step's offsets are one add and compare-and-select per axis. Same visit order.
+    `kv_tile_visits` / `q_tile_visits` unravel a step index over the per-axis range counts: a
+    chain of divisions by run-time values per step (tens of dependent instructions each on the
+    GPU), which the consumer warpgroups would pay inside their loops before the tile pair's flags
+    can be read. A cursor instead carries per-axis offsets through the loop (an odometer): the
+    next step's offsets are one add and compare-and-select per axis. Same visit order (row-major,
+    last axis fastest). The producers keep the unravelled form: they run ahead of the consumers.
     """
 
-    def __init__(self, geo: tiling.Geometry, qt):
-        self.plan = geo.plan
-        ranges = [geo.kv_range(a, qt[a]) for a in range(self.plan.rank)]
-        self.firsts = [first for first, _ in ranges]
-        self.counts = [count for _, count in ranges]
+    def __init__(self, firsts, counts):
+        self.firsts, self.counts = list(firsts), list(counts)
         self.total = _product(self.counts)
+
+    @classmethod
+    def kv_tiles(cls, geo: tiling.Geometry, qt) -> "TileCursor":
+        """The KV tiles Q tile ``qt`` visits (`kv_tile_visits`'s order)."""
+        ranges = [geo.kv_range(a, qt[a]) for a in range(geo.plan.rank)]
+        return cls([f for f, _ in ranges], [c for _, c in ranges])
+
+    @classmethod
+    def q_tiles(cls, geo: tiling.Geometry, kt, group: int) -> "TileCursor":
+        """The (query head, Q tile) pairs KV tile ``kt`` visits (`q_tile_visits`'s order): the
+        head within the group is the outermost axis, then the Q tile axes."""
+        ranges = [geo.q_range(a, kt[a]) for a in range(geo.plan.rank)]
+        return cls([0] + [f for f, _ in ranges], [group] + [c for _, c in ranges])
 
     def start(self):
         """Offsets of step 0 (a tuple of int32 scalars, the loop carry)."""
         return tuple(jnp.int32(0) for _ in self.counts)
 
     def tiles(self, offs):
-        """Per-axis KV tile ids and the flat id at ``offs``."""
-        kt = [first + o for first, o in zip(self.firsts, offs)]
-        return kt, tiling.ravel(kt, [a.num_kv_tiles for a in self.plan.axes])
+        """Per-axis tile ids at ``offs`` (for `q_tiles`: the head within the group first)."""
+        return [first + o for first, o in zip(self.firsts, offs)]
 
     def advance(self, offs):
-        """Offsets of the next step (row-major: the last axis fastest)."""
+        """Offsets of the next step."""
         new, carry = list(offs), None
         for a in reversed(range(len(offs))):
             bumped = offs[a] + (1 if carry is None else carry.astype(jnp.int32))

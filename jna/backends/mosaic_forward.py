@@ -22,7 +22,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jna.backends import tiling
 from jna.backends.mosaic_common import (
-    ROWS, WGMMA, WGMMA_COL, WGMMA_ROW, KvTileCursor, Static, key_coords, kv_tile_visits,
+    ROWS, WGMMA, WGMMA_COL, WGMMA_ROW, Static, TileCursor, key_coords, kv_tile_visits,
     mask_logits, query_windows, smem, sync, iota,
 )
 
@@ -71,12 +71,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
             # column vectors they would pin tk/4 registers per axis for the whole loop.
             return mask_logits(s, windows, key_coords(kt, cfg.kv_tile, iota(tk, WGMMA_COL)), 0)
 
-        cursor = KvTileCursor(geo, qt)
+        cursor = TileCursor.kv_tiles(geo, qt)
 
         def body(step, carry):
             acc, m, l, offs = carry
             slot = lax.rem(step, stages)
-            kt, _ = cursor.tiles(offs)
+            kt = cursor.tiles(offs)
             full = geo.full(qt, kt) > 0  # table loads issued ahead of the wgmma wait
 
             def qk(acc_ref):
