@@ -253,14 +253,14 @@ if __name__ == "__main__":  # the simulation subprocess: one JSON line per case
         print(json.dumps(_simulate(case)), flush=True)
 
 
-def test_tile_cursors_walk_the_visit_lists_in_order():
-    """The consumers' division-free cursors visit the same tiles, in the same order, as the
-    unravelled step index the producers use (KV tiles of a Q tile; heads x Q tiles of a KV tile)."""
+def test_tile_cursor_walks_the_visit_list_in_order():
+    """The forward consumers' division-free cursor visits the same KV tiles, in the same order,
+    as the unravelled step index the producer uses."""
     from jna.backends import mosaic_common
 
     class _Axis:
         def __init__(self, n):
-            self.num_kv_tiles = self.num_q_tiles = n
+            self.num_kv_tiles = n
 
     class _Geo:  # a stand-in for tiling.Geometry: ranges (first, count) per axis
         def __init__(self, ranges):
@@ -271,23 +271,12 @@ def test_tile_cursors_walk_the_visit_lists_in_order():
             first, count = self._ranges[a]
             return jnp.int32(first), jnp.int32(count)
 
-        q_range = kv_range
-
     for ranges in ([(3, 5)], [(1, 3), (2, 4)], [(0, 2), (5, 1), (1, 3)], [(2, 1), (0, 1), (4, 6)]):
         geo = _Geo(ranges)
-        for group in (None, 1, 3):
-            if group is None:
-                total, visit = mosaic_common.kv_tile_visits(geo, [0] * len(ranges))
-                cursor = mosaic_common.TileCursor.kv_tiles(geo, [0] * len(ranges))
-                want = lambda step: [int(x) for x in visit(jnp.int32(step))[0]]
-                got = lambda offs: [int(x) for x in cursor.tiles(offs)]
-            else:
-                total, visit = mosaic_common.q_tile_visits(geo, [0] * len(ranges), group)
-                cursor = mosaic_common.TileCursor.q_tiles(geo, [0] * len(ranges), group)
-                want = lambda step: [int(visit(jnp.int32(step))[0])] + [int(x) for x in visit(jnp.int32(step))[1]]
-                got = lambda offs: [int(x) for x in cursor.tiles(offs)]
-            assert int(cursor.total) == int(total)
-            offs = cursor.start()
-            for step in range(int(total)):
-                assert got(offs) == want(step), (ranges, group, step)
-                offs = cursor.advance(offs)
+        total, visit = mosaic_common.kv_tile_visits(geo, [0] * len(ranges))
+        cursor = mosaic_common.TileCursor.kv_tiles(geo, [0] * len(ranges))
+        assert int(cursor.total) == int(total) == int(np.prod([c for _, c in ranges]))
+        offs = cursor.start()
+        for step in range(int(total)):
+            assert [int(x) for x in cursor.tiles(offs)] == [int(x) for x in visit(jnp.int32(step))[0]], (ranges, step)
+            offs = cursor.advance(offs)

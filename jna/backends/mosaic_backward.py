@@ -25,8 +25,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jna.backends import tiling
 from jna.backends.mosaic_common import (
-    ROWS, WGMMA, WGMMA_COL, WGMMA_ROW, Static, TileCursor, iota, key_coords, kv_tile_visits,
-    mask_logits, q_tile_visits, query_windows, smem,
+    ROWS, WGMMA, WGMMA_COL, WGMMA_ROW, Static, iota, key_coords, kv_tile_visits, mask_logits,
+    q_tile_visits, query_windows, smem,
 )
 
 _LOG2E = tiling.LOG2E
@@ -112,12 +112,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
         qk_scale = st.scale * _LOG2E
         k_ready, v_ready = ring_bars
 
-        cursor = TileCursor.kv_tiles(geo, qt)
-
-        def body(step, carry):
-            dq, offs = carry
+        def body(step, dq):
             slot = lax.rem(step, _STAGES)
-            kt = cursor.tiles(offs)
+            kt, _ = kv_tile(step)
             full = geo.full(qt, kt) > 0
             plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
@@ -136,10 +133,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
                 dq = _accumulate(st, dq, ds.astype(st.dtype), k_sub,
                                  staging.at[wg] if st.simulated else None)
             plgpu.barrier_arrive(free.at[slot])
-            return dq, cursor.advance(offs)
+            return dq
 
         dq = plgpu.layout_cast(jnp.zeros((ROWS, dim), jnp.float32), WGMMA)
-        dq, _ = lax.fori_loop(0, total, body, (dq, cursor.start()))
+        dq = lax.fori_loop(0, total, body, dq)
         q_slot[...] = (dq * st.scale).astype(st.dtype)  # Q's slot is free after the last S
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_slot, dq_ref.at[bg, rows, head])
@@ -226,12 +223,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
         qk_scale = st.scale * _LOG2E
         q_ready, do_ready, lse_ready, delta_ready = ring_bars
 
-        cursor = TileCursor.q_tiles(geo, kt, st.group)
-
         def body(step, carry):
-            dk, dv, offs = carry
+            dk, dv = carry
             slot = lax.rem(step, _STAGES)
-            qt = cursor.tiles(offs)[1:]  # [0] is the query head within the group
+            _, qt, _ = q_tile(step)
             full = geo.full(qt, kt) > 0
             for bar in ring_bars:
                 plgpu.barrier_wait(bar.at[slot])
@@ -255,10 +250,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
                 dk = _accumulate(st, dk, dst.astype(st.dtype), q_sub,
                                  staging.at[wg, 1] if st.simulated else None)
             plgpu.barrier_arrive(free.at[slot])
-            return dk, dv, cursor.advance(offs)
+            return dk, dv
 
         zeros = plgpu.layout_cast(jnp.zeros((ROWS, dim), jnp.float32), WGMMA)
-        dk, dv, _ = lax.fori_loop(0, total, body, (zeros, zeros, cursor.start()))
+        dk, dv = lax.fori_loop(0, total, body, (zeros, zeros))
         k_slot[...] = (dk * st.scale).astype(st.dtype)
         v_slot[...] = dv.astype(st.dtype)
         plgpu.commit_smem()
