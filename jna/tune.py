@@ -8,8 +8,10 @@
 Backends: fused-triton, fused-mosaic, unfused. For each problem, the candidates are every launch
 class of the backend (``configs/fused_*.json``; for fused-triton the classes of the problem's
 head-dim bucket; for unfused `jna.backends.unfused.TUNE_CLASSES`), each with its
-``--shapes-per-class`` most tile-efficient per-axis tile shapes. Each candidate runs the backend's real call (token
-permutation included) on random inputs and is timed (median of synchronized runs after warm-up;
+``--shapes-per-class`` most tile-efficient per-axis tile shapes (fused-mosaic: each also with ``direct_layout`` where the
+tiles divide the map). Each candidate's forward output is first compared with the default config's
+(rejected beyond ``MAX_REL_L2``); then it runs the backend's real call (token permutation
+included) on random inputs and is timed (median of synchronized runs after warm-up;
 ``--objective fwd_bwd``: the q/k/v gradients of ``sum(out * dout)``). Candidates that fail to
 compile or run are reported and skipped. Progress goes to stderr.
 
@@ -34,12 +36,18 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jna import plan as planning
 from jna import problem_sets
 from jna import tuned as jna_tuned
 from jna.backends import fused_mosaic, fused_triton, tiling, unfused
+from jna.backends.mosaic_common import direct_ok
 from jna.timing import budgeted_median_ms, fwd_bwd
 
 BACKENDS = ("fused-triton", "fused-mosaic", "unfused")
+
+# Candidates whose forward output is farther than this (relative L2) from the default config's are
+# rejected, not timed. Two correct half-precision configs differ by rounding (~1e-3).
+MAX_REL_L2 = 2e-2
 
 
 def _progress(*args):
@@ -77,8 +85,12 @@ def candidates(backend: str, problem, shapes_per_class: int) -> list[Candidate]:
     else:
         for q_tokens, kv_tokens, stages, _ in fused_mosaic.launch_classes():
             for eff, q_tile, kv_tile in tiling.ranked_tiles(params, q_tokens, kv_tokens, shapes_per_class):
-                out.append(Candidate(fused_mosaic.class_fields(q_tokens, kv_tokens, stages),
-                                     fused_mosaic.MosaicConfig(q_tile, kv_tile, stages), eff))
+                fields = fused_mosaic.class_fields(q_tokens, kv_tokens, stages)
+                out.append(Candidate(fields, fused_mosaic.MosaicConfig(q_tile, kv_tile, stages), eff))
+                # Where the tiles divide the map, also the in-place (no permutation) layout.
+                if direct_ok(planning.make_plan(params, q_tile, kv_tile)):
+                    out.append(Candidate(dict(fields, direct_layout=True),
+                                         fused_mosaic.MosaicConfig(q_tile, kv_tile, stages, True), eff))
     return out
 
 
@@ -112,9 +124,22 @@ def tune_problem(backend: str, problem, dtype, objective: str, shapes_per_class:
     if max_candidates:
         cands = cands[:max_candidates]
     flops = problem.forward_flops * (1.0 if objective == "fwd" else 3.5)
+    # Every candidate's forward output is checked against the default config's before it is
+    # timed: a config that computes something else (a kernel variant broken on this GPU) must
+    # never win on speed.
+    q, k, v, _ = problem.inputs(dtype)
+    forward = lambda config: jax.jit(lambda q, k, v: module.attention(q, k, v, na, config)[0])(q, k, v)
+    expected = forward(None).astype(jnp.float32)
     results, start = [], time.time()
     for i, cand in enumerate(cands):
         try:
+            got = forward(cand.config).astype(jnp.float32)
+            error = float(jnp.linalg.norm(got - expected) / jnp.linalg.norm(expected))
+            del got
+            if not error <= MAX_REL_L2:
+                _progress(f"  [{i + 1}/{len(cands)}] {cand.describe()}: REJECTED, output differs from the "
+                          f"default config's (rel. L2 {error:.3g})")
+                continue
             ms = budgeted_median_ms(*timed_call(backend, problem, cand.config, objective, dtype), budget_s)
         except Exception as e:  # noqa: BLE001 - a config that does not compile/run is skipped
             _progress(f"  [{i + 1}/{len(cands)}] {cand.describe()}: failed ({type(e).__name__}: "

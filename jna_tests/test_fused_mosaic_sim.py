@@ -55,6 +55,14 @@ SIM_CASES = {
     "3d-2wg": (
         Config((6, 8, 16), (3, 4, 5), (2, 1, 3), (1, 2, 1), (True, False, False), heads=1,
                heads_kv=1, dim=64, dim_v=64), (4, 4, 8), (4, 4, 4), 2, "bfloat16"),
+    # Direct layout (MosaicConfig.direct_layout): tiles read/written in place, one TMA per run of
+    # the last axis (2 runs per warpgroup of Q, 4 per KV tile; 3-D: 8 and 8).
+    "2d-direct-2wg-gqa-causal": (
+        Config((16, 32), (5, 9), (1, 2), (1, 1), (False, True), heads=2, heads_kv=1, dim=64,
+               dim_v=64), (4, 32), (4, 16), 2, "bfloat16", True),
+    "3d-direct-fp16": (
+        Config((4, 8, 16), (3, 5, 7), (1, 1, 2), (1, 1, 1), (True, False, False), heads=1,
+               heads_kv=1, dim=64, dim_v=64), (2, 4, 8), (1, 8, 16), 2, "float16", True),
 }
 
 RTOL = 1e-2  # bf16/fp16 relative L2 (DESIGN.md section 5)
@@ -73,11 +81,11 @@ def _simulate(name: str) -> dict:
     from jna_tests import oracle
     from jna_tests.common import make_inputs, oracle_bwd, oracle_fwd
 
-    cfg, q_tile, kv_tile, stages, dtype = SIM_CASES[name]
+    cfg, q_tile, kv_tile, stages, dtype, *direct = SIM_CASES[name]
     inp = make_inputs(cfg, jnp.dtype(dtype), seed=len(name))
     problem = check_call(inp.q, inp.k, inp.v, cfg.kernel_size, cfg.stride, cfg.dilation,
                          cfg.is_causal, None, None, None, None)
-    config = fused_mosaic.MosaicConfig(q_tile, kv_tile, stages)
+    config = fused_mosaic.MosaicConfig(q_tile, kv_tile, stages, direct_layout=bool(direct))
     start = time.perf_counter()
     sim = plgpu.InterpretGPUParams(detect_races=True)
     (out, lse), vjp = jax.vjp(lambda q, k, v: fused_mosaic._run(q, k, v, problem, config, sim),
@@ -104,6 +112,7 @@ def _simulate(name: str) -> dict:
         ref_out_rel_l2=nan_inf(oracle.rel_l2(out, np.asarray(r_out, np.float64))),
         ref_lse_abs=nan_inf(np.max(np.abs(lse - np.asarray(r_lse, np.float64)))),
         steps_max=int(max(np.prod(c) for c in _visit_counts(problem, config))),
+        direct=fused_mosaic._static(problem, config, None).direct,
     )
 
 
@@ -155,6 +164,8 @@ def test_simulated_kernel_matches_oracle(simulated):
                 problems.append(f"{g} rel L2 {err:.3g} (oracle)")
         if r["lse_abs"] > LSE_ATOL or r["ref_lse_abs"] > LSE_ATOL:
             problems.append(f"lse abs err {r['lse_abs']:.3g} (oracle), {r['ref_lse_abs']:.3g} (reference)")
+        if r["direct"] != bool(SIM_CASES[name][5:]):
+            problems.append(f"direct layout {'not ' if not r['direct'] else ''}taken")
         if problems:
             failures.append(f"{name}: " + "; ".join(problems))
     assert not failures, "\n".join(failures)
@@ -169,7 +180,7 @@ def test_cases_cover_the_pipeline():
     from jna_tests.common import make_inputs
 
     wraps, unmasked_ranks = set(), set()
-    for cfg, q_tile, kv_tile, stages, dtype in SIM_CASES.values():
+    for cfg, q_tile, kv_tile, stages, dtype, *_ in SIM_CASES.values():
         inp = make_inputs(cfg, jnp.dtype(dtype))
         problem = check_call(inp.q, inp.k, inp.v, cfg.kernel_size, cfg.stride, cfg.dilation,
                              cfg.is_causal, None, None, None, None)
@@ -225,6 +236,35 @@ def test_tile_classes_lower_for_gpu(tokens, dim):
                        dtype=jnp.float16)
     config = fused_mosaic.MosaicConfig((8, q_tokens // 8), (8, kv_tokens // 8), stages)
     assert fused_mosaic.lower_for_gpu(problem, config, backward=True).as_text().count("mosaic_gpu") >= 3
+
+
+@pytest.mark.parametrize("name,q_tile,kv_tile", [
+    ("2d-flux", (16, 8), (8, 16)), ("2d-flux-gna", (8, 16), (16, 8)),
+    ("3d-hunyuan-gna", (2, 8, 8), (2, 8, 8)), ("1d-long", (128,), (128,))])
+def test_direct_layout_lowers_for_gpu_on_public_problems(name, q_tile, kv_tile):
+    """The direct layout's per-run TMA copies pass Mosaic GPU's lowering checks (TMA boxes,
+    SMEM slices, barriers) at the public problems' tuned tiles; the permuted path is unchanged."""
+    from jna.backends import fused_mosaic
+
+    p = next(p for p in _public_problems() if p["name"] == name)
+    problem = _problem(p["shape"], p["kernel_size"], p["stride"], p["dilation"], p["is_causal"],
+                       heads=p["heads"], kv_heads=p["heads"], dim=p["head_dim"], batch=p["batch"])
+    config = fused_mosaic.MosaicConfig(q_tile, kv_tile, 2, direct_layout=True)
+    assert fused_mosaic._static(problem, config, None).direct
+    assert fused_mosaic.lower_for_gpu(problem, config, backward=True).as_text().count("mosaic_gpu") >= 3
+
+
+def test_direct_layout_only_where_tiles_divide_the_map():
+    from jna.backends import fused_mosaic
+
+    direct = lambda problem, q, kv: fused_mosaic._static(
+        problem, fused_mosaic.MosaicConfig(q, kv, 2, direct_layout=True), None).direct
+    assert direct(_problem((32, 64), 9), (4, 32), (8, 16))
+    assert not direct(_problem((30, 64), 9), (4, 32), (8, 16))  # 30 is no multiple of 4
+    assert not direct(_problem((32, 64), 9, dilation=2), (4, 32), (8, 16))  # dilation: groups
+    assert not direct(_problem((32, 64), 9), (16, 4), (8, 8))  # runs of 4 tokens
+    assert not fused_mosaic._static(_problem((32, 64), 9), fused_mosaic.MosaicConfig(
+        (4, 32), (8, 16), 2), None).direct  # off unless asked for
 
 
 def test_three_stages_of_128x128_fit_at_d128_and_four_do_not():

@@ -148,3 +148,27 @@ def test_unfused_candidates_run_and_the_best_is_stored(table_dir):
     assert fused_triton.config_from_dict(entry["config"]) in [c.config for c in cands[:2]]
     tuned.write_entry(entry, "cpu")
     assert unfused.default_config(PROBLEM.na_problem(jnp.float32)) == fused_triton.config_from_dict(entry["config"])
+
+
+def test_a_candidate_computing_something_else_is_rejected_not_timed(table_dir, monkeypatch):
+    cands = tune.candidates("unfused", PROBLEM, 1)[:2]
+    real = unfused.attention
+
+    def broken_first(q, k, v, problem, config=None):
+        out, lse = real(q, k, v, problem, config)
+        return (out * 2 if config == cands[0].config else out), lse
+
+    monkeypatch.setattr(unfused, "attention", broken_first)
+    entry = tune.tune_problem("unfused", PROBLEM, jnp.float32, "fwd", 1, 2, 0.01)
+    assert entry["candidates"] == 1
+    assert fused_triton.config_from_dict(entry["config"]) == cands[1].config
+
+
+def test_mosaic_candidates_add_the_direct_layout_where_tiles_divide_the_map():
+    divisible = problem_sets.Problem("d", 1, 2, 64, (64, 64), (13, 13), (1, 1), (1, 1), (False, False))
+    cands = tune.candidates("fused-mosaic", divisible, 1)
+    direct = [c for c in cands if c.config.direct_layout]
+    assert direct and all(c.class_fields.get("direct_layout") for c in direct)
+    assert len(cands) - len(direct) == len(fused_mosaic.launch_classes())
+    odd = problem_sets.Problem("o", 1, 2, 64, (60, 60), (13, 13), (1, 1), (1, 1), (False, False))
+    assert not any(c.config.direct_layout for c in tune.candidates("fused-mosaic", odd, 1))

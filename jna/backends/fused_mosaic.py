@@ -14,6 +14,11 @@ Same data flow as `jna.backends.fused_triton` (DESIGN.md section 2), built for s
    kernel over the transposed lists (GQA heads summed in the kernel), both deterministic.
 4. `jax.custom_vjp` around the kernels on permuted tensors (`_fused`); permutation and its
    inverse stay outside, differentiated by JAX.
+5. ``MosaicConfig(direct_layout=True)`` (off by default; the tuner tries it): where the tiles
+   divide the map and there is no dilation (`mosaic_common.direct_ok`), the forward reads Q/K/V
+   and writes O in place in ``[B, *X, H, D]`` with one TMA copy per contiguous run of the last
+   axis (`_fused_direct`); its backward permutes and runs the kernels of 3. Checked in the
+   simulator and lowered for the GPU; not yet measured on one.
 
 On a machine without a GPU the kernels run in the Mosaic GPU simulator
 (`plgpu.InterpretGPUParams`), slowly; tests use tiny shapes. The simulator (jax 0.11.2)
@@ -30,6 +35,7 @@ backend and times the public problems against cuDNN (``--sweep``: every tile cla
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -45,7 +51,7 @@ from jna import semantics
 from jna import tuned as jna_tuned
 from jna.arguments import NAProblem
 from jna.backends import device, mosaic_backward, mosaic_forward, tiling
-from jna.backends.mosaic_common import MosaicConfig, Static
+from jna.backends.mosaic_common import MosaicConfig, Static, direct_ok
 
 NAME = "fused-mosaic"
 
@@ -198,14 +204,46 @@ def _fused_bwd(st, residuals, cotangents):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
+def _permute_inputs(q, k, v, plan):
+    return (planning.permute(q, plan, "q"), planning.permute(k, plan, "kv"),
+            planning.permute(v, plan, "kv"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_direct(q, k, v, st: Static):
+    """``(out [B, *X, H, D], lse [B, H, Nq] in plan order)``: the forward kernel reads and
+    writes ``[B, *X, H, D]`` in place (``st.direct``); the backward runs the permuted kernels."""
+    return tuple(mosaic_forward.forward_call(q, k, v, st))
+
+
+def _fused_direct_fwd(q, k, v, st):
+    out, lse = mosaic_forward.forward_call(q, k, v, st)
+    return (out, lse), (q, k, v, out, lse)
+
+
+def _fused_direct_bwd(st, residuals, cotangents):
+    q, k, v, out, lse = residuals
+    dout, dlse = cotangents
+    plan = st.plan
+    permuted, pullback = jax.vjp(functools.partial(_permute_inputs, plan=plan), q, k, v)
+    grads = _fused_bwd(dataclasses.replace(st, direct=False),
+                       (*permuted, planning.permute(out, plan, "q"), lse),
+                       (planning.permute(dout, plan, "q"), dlse))
+    return pullback(grads)
+
+
+_fused_direct.defvjp(_fused_direct_fwd, _fused_direct_bwd)
+
+
 def _static(problem: NAProblem, config: MosaicConfig, simulator) -> Static:
     reason = unsupported_reason(problem)
     if reason is not None:
         raise NotImplementedError(f"backend='{NAME}' does not support this call: {reason}")
     if len(config.q_tile) != problem.rank:
         raise ValueError(f"tile config {config} does not have {problem.rank} axes")
+    plan = planning.make_plan(problem.params, config.q_tile, config.kv_tile)
     return Static(
-        plan=planning.make_plan(problem.params, config.q_tile, config.kv_tile),
+        plan=plan,
         heads=problem.heads,
         kv_heads=problem.kv_heads,
         head_dim=problem.head_dim,
@@ -213,6 +251,7 @@ def _static(problem: NAProblem, config: MosaicConfig, simulator) -> Static:
         dtype=jnp.dtype(problem.dtype),
         config=config,
         simulator=simulator,
+        direct=config.direct_layout and direct_ok(plan),
     )
 
 
@@ -220,12 +259,12 @@ def _run(q, k, v, problem: NAProblem, config: MosaicConfig, simulator=None):
     """Permute, the fused op, unpermute: on the GPU (``simulator`` None) or in the simulator."""
     st = _static(problem, config, simulator)
     plan = st.plan
-    qp = planning.permute(q, plan, "q")
-    kp = planning.permute(k, plan, "kv")
-    vp = planning.permute(v, plan, "kv")
-    out, lse = _fused(qp, kp, vp, st)
     spatial = problem.spatial_shape
-    out = planning.unpermute(out, plan, "q", spatial)
+    if st.direct:
+        out, lse = _fused_direct(q, k, v, st)
+    else:
+        out, lse = _fused(*_permute_inputs(q, k, v, plan), st)
+        out = planning.unpermute(out, plan, "q", spatial)
     lse = planning.unpermute(jnp.swapaxes(lse, 1, 2), plan, "q", spatial)
     return out, lse
 

@@ -14,6 +14,7 @@ import math
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jna import plan as planning
@@ -34,11 +35,16 @@ class MosaicConfig:
     128 tokens (one or two consumer warpgroups in the dK/dV kernel).
     ``num_stages``: depth of the forward's K/V SMEM ring (2 or 3; 3 with 128x128 tiles at D=128
     uses 224 KiB of the 227 KiB of SMEM). The backward kernels use 2 stages.
+    ``direct_layout``: the forward reads Q/K/V tiles in place from ``[B, *X, H, D]`` and writes
+    the output there (one TMA per contiguous run of the last axis; no token permutation) where
+    the problem allows it (`direct_ok`). Off by default: checked in the simulator and lowered,
+    not yet measured on a GPU.
     """
 
     q_tile: tuple[int, ...]
     kv_tile: tuple[int, ...]
     num_stages: int = 2
+    direct_layout: bool = False
 
     def __post_init__(self):
         for name in ("q_tile", "kv_tile"):
@@ -82,6 +88,7 @@ class Static:
     dtype: object
     config: MosaicConfig
     simulator: plgpu.InterpretGPUParams | None
+    direct: bool = False  # the forward's tensors are [B, *X, H, D], not permuted (`direct_ok`)
 
     @property
     def simulated(self) -> bool:
@@ -99,6 +106,51 @@ class Static:
     def kv_warpgroups(self) -> int:
         return self.config.kv_tokens // ROWS
 
+    @property
+    def q_runs(self) -> int:
+        """TMA copies per warpgroup's 64 query rows (1 unless `direct`)."""
+        return ROWS // min(self.config.q_tile[-1], ROWS) if self.direct else 1
+
+    @property
+    def kv_runs(self) -> int:
+        """TMA copies per K (or V) tile (1 unless `direct`)."""
+        tk = self.config.kv_tokens
+        return tk // min(self.config.kv_tile[-1], tk) if self.direct else 1
+
+
+def direct_ok(plan: planning.TilePlan) -> bool:
+    """Whether tiles can be read in place from ``[B, *X, H, D]``: no dilation, every axis a
+    multiple of both tiles (no padding: tile order is then the plan's token order), and runs of
+    the last axis of at least 8 tokens (SMEM slices stay aligned to the 8-row swizzle tiles)."""
+    return all(a.dilation == 1 and a.length % a.q_tile == 0 and a.length % a.kv_tile == 0
+               for a in plan.axes) and min(plan.axes[-1].q_tile, plan.axes[-1].kv_tile) >= 8
+
+
+def tile_rows(ref, b, head, tile, tile_flat, tile_shape, start, count: int, direct: bool):
+    """GMEM views of tokens ``[start, start + count)`` (tile-local, row-major) of one tile.
+
+    Returns ``[(view [n, D], row, n)]``: copy ``view`` to rows ``[row, row + n)`` of the tile's
+    ``[count, D]`` SMEM buffer. Permuted tensors ``[BG, N, H, D]``: one view. Direct
+    (``[B, *X, H, D]``): one view per contiguous run of the last axis. ``start`` may be traced
+    (a warpgroup's first row); ``count`` and the tile shape are static.
+    """
+    if not direct:
+        tokens = math.prod(tile_shape)
+        return [(ref.at[b, pl.ds(tile_flat * tokens + start, count), head], 0, count)]
+    run = min(tile_shape[-1], count)
+    views = []
+    for r in range(count // run):
+        local = pow2_unravel(start + r * run, tile_shape)
+        index = [tile[a] * tile_shape[a] + local[a] for a in range(len(tile_shape) - 1)]
+        last = pl.ds(tile[-1] * tile_shape[-1] + local[-1], run)
+        views.append((ref.at[(b, *index, last, head)], r * run, run))
+    return views
+
+
+def rows_of(buf, row: int, n: int, count: int):
+    """``buf`` (``[count, D]`` SMEM) or its rows ``[row, row + n)``."""
+    return buf if n == count else buf.at[pl.ds(row, n)]
+
 
 def smem(shape, dtype):
     """SMEM tile in the wgmma operand layout: rows of at most 128 bytes swizzled as a whole
@@ -112,6 +164,8 @@ def smem(shape, dtype):
 
 def pow2_unravel(index, radices):
     """`jna.backends.tiling.unravel` for power-of-two radices and non-negative indices (shift, and)."""
+    if isinstance(index, int):  # static: plain Python
+        return tiling.unravel(index, radices)
     parts, shift = [], 0
     for r in reversed(radices):
         parts.append(lax.shift_right_logical(index, shift) & (r - 1) if shift else index & (r - 1))

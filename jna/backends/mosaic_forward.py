@@ -13,6 +13,7 @@ TMA box.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jna.backends import tiling
 from jna.backends.mosaic_common import (
     ROWS, WGMMA, WGMMA_COL, WGMMA_ROW, Static, TileCursor, key_coords, kv_tile_visits,
-    mask_logits, query_windows, smem, sync, iota,
+    mask_logits, query_windows, rows_of, smem, sync, iota, tile_rows,
 )
 
 _LOG2E = tiling.LOG2E
@@ -53,7 +54,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
             plgpu.set_max_registers(232, action="increase")
         q_slot, lse_slot = q_smem.at[wg], lse_smem.at[wg]
         base = qt_flat * tq + wg * ROWS
-        plgpu.copy_gmem_to_smem(q_ref.at[bg, pl.ds(base, ROWS), head], q_slot, q_bars.at[wg])
+        # This warpgroup's 64 rows of the Q tile (the same rows of O on the way out).
+        q_rows = tile_rows(q_ref, bg, head, qt, qt_flat, cfg.q_tile, wg * ROWS, ROWS, st.direct)
+        for view, row, n in q_rows:
+            plgpu.copy_gmem_to_smem(view, rows_of(q_slot, row, n, ROWS), q_bars.at[wg])
         windows = query_windows(geo, qt, cfg.q_tile, iota(ROWS, WGMMA_ROW, wg * ROWS))
 
         qk_scale = st.scale * _LOG2E
@@ -141,7 +145,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
         q_slot[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(st.dtype)
         lse_slot[...] = (m + jnp.log2(l)) * _LN2
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_slot, o_ref.at[bg, pl.ds(base, ROWS), head])
+        for (view, row, n), (out_view, _, _) in zip(q_rows, tile_rows(
+                o_ref, bg, head, qt, qt_flat, cfg.q_tile, wg * ROWS, ROWS, st.direct)):
+            plgpu.copy_smem_to_gmem(rows_of(q_slot, row, n, ROWS), out_view)
         plgpu.copy_smem_to_gmem(lse_slot, lse_ref.at[bg, head, pl.ds(base, ROWS)])
         plgpu.wait_smem_to_gmem(0)
 
@@ -153,12 +159,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
 
         def issue(step, slot, wait: bool):
             """TMA of KV tile ``step`` into ring ``slot`` (after its last reader released it)."""
-            _, kt_flat = kv_tile(step)
-            tokens = pl.ds(kt_flat * tk, tk)
+            kt, kt_flat = kv_tile(step)
             for ref, buf, ready, free in ((k_ref, k_smem, k_bars, k_free), (v_ref, v_smem, v_bars, v_free)):
                 if wait:
                     plgpu.barrier_wait(free.at[slot])
-                plgpu.copy_gmem_to_smem(ref.at[bg, tokens, kv_head], buf.at[slot], ready.at[slot])
+                for view, row, n in tile_rows(ref, bg, kv_head, kt, kt_flat, cfg.kv_tile, 0, tk, st.direct):
+                    plgpu.copy_gmem_to_smem(view, rows_of(buf.at[slot], row, n, tk), ready.at[slot])
 
         for i in range(stages):
             pl.when(i < total)(functools.partial(issue, i, i, False))
@@ -179,9 +185,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
 
 def forward_call(qp, kp, vp, st: Static):
     """``qp`` ``[BG, Nq, H, D]``, ``kp``/``vp`` ``[BG, Nk, H_kv, D]`` (permuted by ``st.plan``)
-    -> ``out`` ``[BG, Nq, H, D]``, ``lse`` ``[BG, H, Nq]`` float32 (natural log)."""
+    -> ``out`` ``[BG, Nq, H, D]``, ``lse`` ``[BG, H, Nq]`` float32 (natural log).
+
+    With ``st.direct``: ``qp`` ``[B, *X, H, D]``, ``kp``/``vp`` ``[B, *X, H_kv, D]`` as the user
+    passed them -> ``out`` ``[B, *X, H, D]``; ``lse`` stays in the plan's token order."""
     plan, cfg = st.plan, st.config
-    bg, nq = qp.shape[0], qp.shape[1]
+    bg, nq = qp.shape[0], (math.prod(qp.shape[1:-2]) if st.direct else qp.shape[1])
     nwg, stages = st.q_warpgroups, cfg.num_stages
 
     def entry(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref):
@@ -192,10 +201,10 @@ def forward_call(qp, kp, vp, st: Static):
             plgpu.SMEM((nwg, ROWS), jnp.float32),
             smem((nwg, ROWS, cfg.kv_tokens), st.dtype) if st.simulated else None,
         )
-        arrivals = (
-            plgpu.Barrier(num_barriers=nwg),
-            plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=stages),
+        arrivals = (  # one arrival per TMA copy (several per tile in the direct layout)
+            plgpu.Barrier(num_arrivals=st.q_runs, num_barriers=nwg),
+            plgpu.Barrier(num_arrivals=st.kv_runs, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=st.kv_runs, num_barriers=stages),
         )
         consumed = (plgpu.Barrier(num_arrivals=nwg, num_barriers=stages),) * 2
         sched = plgpu.Barrier(num_arrivals=nwg) if nwg > 1 else None
