@@ -8,8 +8,8 @@
 Backends: fused-triton, fused-mosaic, unfused. For each problem, the candidates are every launch
 class of the backend (``configs/fused_*.json``; for fused-triton the classes of the problem's
 head-dim bucket; for unfused `jna.backends.unfused.TUNE_CLASSES`), each with its
-``--shapes-per-class`` most tile-efficient per-axis tile shapes (fused-mosaic: each also with ``direct_layout`` where the
-tiles divide the map). Each candidate's forward output is first compared with the default config's
+``--shapes-per-class`` most tile-efficient per-axis tile shapes (fused-mosaic: each also ``persistent``, and with
+``direct_layout`` where the tiles divide the map). Each candidate's forward output is first compared with the default config's
 (rejected beyond ``MAX_REL_L2``); then it runs the backend's real call (token permutation
 included) on random inputs and is timed (median of synchronized runs after warm-up;
 ``--objective fwd_bwd``: the q/k/v gradients of ``sum(out * dout)``). Candidates that fail to
@@ -86,11 +86,14 @@ def candidates(backend: str, problem, shapes_per_class: int) -> list[Candidate]:
         for q_tokens, kv_tokens, stages, _ in fused_mosaic.launch_classes():
             for eff, q_tile, kv_tile in tiling.ranked_tiles(params, q_tokens, kv_tokens, shapes_per_class):
                 fields = fused_mosaic.class_fields(q_tokens, kv_tokens, stages)
-                out.append(Candidate(fields, fused_mosaic.MosaicConfig(q_tile, kv_tile, stages), eff))
-                # Where the tiles divide the map, also the in-place (no permutation) layout.
-                if direct_ok(planning.make_plan(params, q_tile, kv_tile)):
-                    out.append(Candidate(dict(fields, direct_layout=True),
-                                         fused_mosaic.MosaicConfig(q_tile, kv_tile, stages, True), eff))
+                # Each shape also persistent, and where the tiles divide the map in the in-place
+                # (no permutation) layout.
+                layouts = [False, True] if direct_ok(planning.make_plan(params, q_tile, kv_tile)) else [False]
+                for direct in layouts:
+                    for persistent in (False, True):
+                        flags = {k: True for k, on in (("direct_layout", direct), ("persistent", persistent)) if on}
+                        out.append(Candidate(dict(fields, **flags),
+                                             fused_mosaic.MosaicConfig(q_tile, kv_tile, stages, **flags), eff))
     return out
 
 

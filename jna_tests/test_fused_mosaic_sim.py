@@ -21,6 +21,7 @@ warpgroup waits at a barrier, and three warpgroups (two consumers and the produc
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,7 +33,7 @@ import pytest
 
 from jna_tests.common import Config
 
-# name: (config, q tile, kv tile, stages, dtype)
+# name: (config, q tile, kv tile, stages, dtype[, MosaicConfig flags])
 SIM_CASES = {
     "1d-causal-strided-dilated-gqa-padded": (
         Config((200,), (40,), (3,), (2,), (True,), heads=2, heads_kv=1, dim=64, dim_v=64),
@@ -59,10 +60,18 @@ SIM_CASES = {
     # the last axis (2 runs per warpgroup of Q, 4 per KV tile; 3-D: 8 and 8).
     "2d-direct-2wg-gqa-causal": (
         Config((16, 32), (5, 9), (1, 2), (1, 1), (False, True), heads=2, heads_kv=1, dim=64,
-               dim_v=64), (4, 32), (4, 16), 2, "bfloat16", True),
+               dim_v=64), (4, 32), (4, 16), 2, "bfloat16", {"direct_layout": True}),
     "3d-direct-fp16": (
         Config((4, 8, 16), (3, 5, 7), (1, 1, 2), (1, 1, 1), (True, False, False), heads=1,
-               heads_kv=1, dim=64, dim_v=64), (2, 4, 8), (1, 8, 16), 2, "float16", True),
+               heads_kv=1, dim=64, dim_v=64), (2, 4, 8), (1, 8, 16), 2, "float16", {"direct_layout": True}),
+    # Persistent forward (MosaicConfig.persistent): 3 CTAs in the simulator, each looping over
+    # several Q tiles (10 and 12 here) with the K/V ring running on across tile boundaries.
+    "1d-persistent-2wg-3stages-gqa": (
+        Config((640,), (150,), (1,), (1,), (False,), heads=2, heads_kv=1, dim=64, dim_v=64),
+        (128,), (64,), 3, "bfloat16", {"persistent": True}),
+    "2d-persistent-direct-causal": (
+        Config((16, 48), (7, 9), (1, 2), (1, 1), (True, False), heads=2, heads_kv=2, dim=64,
+               dim_v=64), (4, 16), (4, 16), 2, "bfloat16", {"persistent": True, "direct_layout": True}),
 }
 
 RTOL = 1e-2  # bf16/fp16 relative L2 (DESIGN.md section 5)
@@ -81,11 +90,11 @@ def _simulate(name: str) -> dict:
     from jna_tests import oracle
     from jna_tests.common import make_inputs, oracle_bwd, oracle_fwd
 
-    cfg, q_tile, kv_tile, stages, dtype, *direct = SIM_CASES[name]
+    cfg, q_tile, kv_tile, stages, dtype, *flags = SIM_CASES[name]
     inp = make_inputs(cfg, jnp.dtype(dtype), seed=len(name))
     problem = check_call(inp.q, inp.k, inp.v, cfg.kernel_size, cfg.stride, cfg.dilation,
                          cfg.is_causal, None, None, None, None)
-    config = fused_mosaic.MosaicConfig(q_tile, kv_tile, stages, direct_layout=bool(direct))
+    config = fused_mosaic.MosaicConfig(q_tile, kv_tile, stages, **(flags[0] if flags else {}))
     start = time.perf_counter()
     sim = plgpu.InterpretGPUParams(detect_races=True)
     (out, lse), vjp = jax.vjp(lambda q, k, v: fused_mosaic._run(q, k, v, problem, config, sim),
@@ -112,7 +121,8 @@ def _simulate(name: str) -> dict:
         ref_out_rel_l2=nan_inf(oracle.rel_l2(out, np.asarray(r_out, np.float64))),
         ref_lse_abs=nan_inf(np.max(np.abs(lse - np.asarray(r_lse, np.float64)))),
         steps_max=int(max(np.prod(c) for c in _visit_counts(problem, config))),
-        direct=fused_mosaic._static(problem, config, None).direct,
+        direct=fused_mosaic._static(problem, config, sim).direct,
+        ctas=fused_mosaic._static(problem, config, sim).ctas,
     )
 
 
@@ -164,8 +174,11 @@ def test_simulated_kernel_matches_oracle(simulated):
                 problems.append(f"{g} rel L2 {err:.3g} (oracle)")
         if r["lse_abs"] > LSE_ATOL or r["ref_lse_abs"] > LSE_ATOL:
             problems.append(f"lse abs err {r['lse_abs']:.3g} (oracle), {r['ref_lse_abs']:.3g} (reference)")
-        if r["direct"] != bool(SIM_CASES[name][5:]):
+        flags = SIM_CASES[name][5] if len(SIM_CASES[name]) > 5 else {}
+        if r["direct"] != flags.get("direct_layout", False):
             problems.append(f"direct layout {'not ' if not r['direct'] else ''}taken")
+        if bool(r["ctas"]) != flags.get("persistent", False):
+            problems.append(f"persistent kernel {'not ' if not r['ctas'] else ''}taken")
         if problems:
             failures.append(f"{name}: " + "; ".join(problems))
     assert not failures, "\n".join(failures)
@@ -251,6 +264,22 @@ def test_direct_layout_lowers_for_gpu_on_public_problems(name, q_tile, kv_tile):
                        heads=p["heads"], kv_heads=p["heads"], dim=p["head_dim"], batch=p["batch"])
     config = fused_mosaic.MosaicConfig(q_tile, kv_tile, 2, direct_layout=True)
     assert fused_mosaic._static(problem, config, None).direct
+    assert fused_mosaic.lower_for_gpu(problem, config, backward=True).as_text().count("mosaic_gpu") >= 3
+
+
+@pytest.mark.parametrize("name,q_tile,kv_tile,direct", [
+    ("1d-long", (128,), (128,), False), ("1d-long-gna", (128,), (64,), False),
+    ("2d-flux-gna", (8, 16), (16, 8), True), ("3d-hunyuan", (8, 4, 4), (2, 8, 8), False)])
+def test_persistent_forward_lowers_for_gpu_on_public_problems(name, q_tile, kv_tile, direct):
+    from jna.backends import fused_mosaic
+
+    p = next(p for p in _public_problems() if p["name"] == name)
+    problem = _problem(p["shape"], p["kernel_size"], p["stride"], p["dilation"], p["is_causal"],
+                       heads=p["heads"], kv_heads=p["heads"], dim=p["head_dim"], batch=p["batch"])
+    config = fused_mosaic.MosaicConfig(q_tile, kv_tile, 2 if math.prod(kv_tile) == 128 else 3,
+                                       direct_layout=direct, persistent=True)
+    st = fused_mosaic._static(problem, config, None)
+    assert st.ctas > 0 and st.direct == direct
     assert fused_mosaic.lower_for_gpu(problem, config, backward=True).as_text().count("mosaic_gpu") >= 3
 
 

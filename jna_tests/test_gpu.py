@@ -164,9 +164,12 @@ def test_video_scale_index_arithmetic(backend):
     ((64, 128), (32, 32), (16, 16), (False, True), (8, 16), (8, 16)),
     ((16, 32, 32), (7, 9, 9), (2, 8, 8), (True, False, False), (2, 8, 8), (2, 8, 8)),
 ])
-def test_mosaic_direct_layout_matches_reference(case):
+@pytest.mark.parametrize("flags", [{"direct_layout": True}, {"persistent": True},
+                                   {"direct_layout": True, "persistent": True}])
+def test_mosaic_layout_variants_match_reference(case, flags):
     """fused-mosaic with ``direct_layout`` (tiles read/written in place, several TMA copies per
-    tile and barrier) against the reference backend: forward, lse and gradients."""
+    tile and barrier) and/or ``persistent`` (one CTA per SM looping over Q tiles) against the
+    reference backend: forward, lse and gradients."""
     from jna.arguments import check_call
     from jna.backends import fused_mosaic
 
@@ -174,8 +177,10 @@ def test_mosaic_direct_layout_matches_reference(case):
     keys = jax.random.split(jax.random.key(7), 4)
     q, k, v, dout = (jax.random.normal(kk, (2, *shape, 4, 128), jnp.bfloat16) for kk in keys)
     problem = check_call(q, k, v, ks, st, 1, ca, None, None, None, None)
-    config = fused_mosaic.MosaicConfig(q_tile, kv_tile, 2, direct_layout=True)
-    assert fused_mosaic._static(problem, config, None).direct
+    config = fused_mosaic.MosaicConfig(q_tile, kv_tile, 2, **flags)
+    static = fused_mosaic._static(problem, config, None)
+    assert static.direct == flags.get("direct_layout", False)
+    assert bool(static.ctas) == flags.get("persistent", False)
     fn = jax.jit(lambda q, k, v: fused_mosaic.attention(q, k, v, problem, config))
     (out, lse), vjp = jax.vjp(fn, q, k, v)
     grads = vjp((dout, jnp.zeros_like(lse)))

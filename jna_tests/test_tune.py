@@ -164,11 +164,14 @@ def test_a_candidate_computing_something_else_is_rejected_not_timed(table_dir, m
     assert fused_triton.config_from_dict(entry["config"]) == cands[1].config
 
 
-def test_mosaic_candidates_add_the_direct_layout_where_tiles_divide_the_map():
+def test_mosaic_candidates_add_persistent_and_direct_layout_variants():
     divisible = problem_sets.Problem("d", 1, 2, 64, (64, 64), (13, 13), (1, 1), (1, 1), (False, False))
     cands = tune.candidates("fused-mosaic", divisible, 1)
-    direct = [c for c in cands if c.config.direct_layout]
-    assert direct and all(c.class_fields.get("direct_layout") for c in direct)
-    assert len(cands) - len(direct) == len(fused_mosaic.launch_classes())
+    classes = len(fused_mosaic.launch_classes())
+    variants = {(c.config.direct_layout, c.config.persistent) for c in cands}
+    assert variants == {(False, False), (False, True), (True, False), (True, True)}
+    assert len(cands) == 4 * classes
+    assert all(c.class_fields.get("direct_layout", False) == c.config.direct_layout for c in cands)
     odd = problem_sets.Problem("o", 1, 2, 64, (60, 60), (13, 13), (1, 1), (1, 1), (False, False))
-    assert not any(c.config.direct_layout for c in tune.candidates("fused-mosaic", odd, 1))
+    odd_cands = tune.candidates("fused-mosaic", odd, 1)
+    assert not any(c.config.direct_layout for c in odd_cands) and len(odd_cands) == 2 * classes

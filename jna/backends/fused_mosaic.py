@@ -252,7 +252,16 @@ def _static(problem: NAProblem, config: MosaicConfig, simulator) -> Static:
         config=config,
         simulator=simulator,
         direct=config.direct_layout and direct_ok(plan),
+        ctas=_persistent_ctas(simulator) if config.persistent else 0,
     )
+
+
+def _persistent_ctas(simulator) -> int:
+    """CTAs of the persistent forward: one per SM (3 in the simulator: several Q tiles each)."""
+    if simulator is not None:
+        return 3
+    count = getattr(jax.devices()[0], "core_count", None)
+    return int(count) if count else 132  # an H100 SXM / H200 has 132 SMs
 
 
 def _run(q, k, v, problem: NAProblem, config: MosaicConfig, simulator=None):

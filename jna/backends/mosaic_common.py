@@ -37,14 +37,17 @@ class MosaicConfig:
     uses 224 KiB of the 227 KiB of SMEM). The backward kernels use 2 stages.
     ``direct_layout``: the forward reads Q/K/V tiles in place from ``[B, *X, H, D]`` and writes
     the output there (one TMA per contiguous run of the last axis; no token permutation) where
-    the problem allows it (`direct_ok`). Off by default: checked in the simulator and lowered,
-    not yet measured on a GPU.
+    the problem allows it (`direct_ok`). ``persistent``: the forward runs one CTA per SM, each
+    looping over Q tiles, its producer loading the next tile's K/V while the consumers finish the
+    current one (the per-CTA fixed cost is 12% of the 1-D public problems' kernel). Both off by
+    default: checked in the simulator and lowered, not yet measured on a GPU.
     """
 
     q_tile: tuple[int, ...]
     kv_tile: tuple[int, ...]
     num_stages: int = 2
     direct_layout: bool = False
+    persistent: bool = False
 
     def __post_init__(self):
         for name in ("q_tile", "kv_tile"):
@@ -89,6 +92,7 @@ class Static:
     config: MosaicConfig
     simulator: plgpu.InterpretGPUParams | None
     direct: bool = False  # the forward's tensors are [B, *X, H, D], not permuted (`direct_ok`)
+    ctas: int = 0  # > 0: the forward is persistent with this many CTAs (at most)
 
     @property
     def simulated(self) -> bool:

@@ -32,26 +32,26 @@ _LN2 = tiling.LN2
 _MASK_VALUE = tiling.MASK_VALUE
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st: Static):
+def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st: Static, bg_count: int,
+                    ctas: int):
     (q_smem, k_smem, v_smem, lse_smem, p_smem), (q_bars, k_bars, v_bars), (k_free, v_free), sched = scoped
     plan, cfg = st.plan, st.config
     stages, nwg = cfg.num_stages, st.q_warpgroups
     tq, tk, dim = cfg.q_tokens, cfg.kv_tokens, st.head_dim
-
-    qt_flat = lax.axis_index("q")
-    bg = lax.axis_index("bg")
-    head = lax.axis_index("h")
     wg = lax.axis_index("wg")
 
-    # Plan lookups, shared by producer and consumers (a few scalar loads from GMEM).
-    geo = tiling.Geometry(plan, tab_ref, bg)
-    qt = tiling.unravel(qt_flat, [a.num_q_tiles for a in plan.axes])
-    total, kv_tile = kv_tile_visits(geo, qt)
+    def item_plan(bg, qt_flat):
+        """Plan lookups of one Q tile (a few scalar loads from GMEM): ``(geo, qt, total, visit)``."""
+        geo = tiling.Geometry(plan, tab_ref, bg)
+        qt = tiling.unravel(qt_flat, [a.num_q_tiles for a in plan.axes])
+        return (geo, qt, *kv_tile_visits(geo, qt))
 
-    @pl.when(wg < nwg)
-    def _consumer():
-        if nwg > 1:
-            plgpu.set_max_registers(232, action="increase")
+    def consume(qt_flat, bg, head, planned, step0):
+        """This warpgroup's 64 rows of one Q tile. ``step0``: the ring position of the tile's first
+        KV step (0 with one CTA per Q tile; the running step count in the persistent kernel)."""
+        geo, qt, total, _ = planned
+        ring = (lambda step: lax.rem(step, stages)) if isinstance(step0, int) and step0 == 0 else (
+            lambda step: lax.rem(step0 + step, stages))
         q_slot, lse_slot = q_smem.at[wg], lse_smem.at[wg]
         base = qt_flat * tq + wg * ROWS
         # This warpgroup's 64 rows of the Q tile (the same rows of O on the way out).
@@ -66,7 +66,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
         acc = plgpu.layout_cast(jnp.zeros((ROWS, dim), jnp.float32), WGMMA)
 
         plgpu.barrier_wait(q_bars.at[wg])
-        plgpu.barrier_wait(k_bars.at[0])  # step 0 always exists
+        plgpu.barrier_wait(k_bars.at[ring(0)])  # step 0 always exists
         if nwg > 1:
             pl.when(wg == 1)(lambda: sync(sched))
 
@@ -79,7 +79,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
 
         def body(step, carry):
             acc, m, l, offs = carry
-            slot = lax.rem(step, stages)
+            slot = ring(step)
             kt = cursor.tiles(offs)
             full = geo.full(qt, kt) > 0  # table loads issued ahead of the wgmma wait
 
@@ -115,7 +115,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
             def wait_next_k():
                 @pl.when(step + 1 < total)
                 def _():
-                    plgpu.barrier_wait(k_bars.at[lax.rem(step + 1, stages)])
+                    plgpu.barrier_wait(k_bars.at[ring(step + 1)])
 
             if not st.simulated:  # FA3: P from registers, accumulate in place
                 def pv(acc_ref):
@@ -151,36 +151,97 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
         plgpu.copy_smem_to_gmem(lse_slot, lse_ref.at[bg, head, pl.ds(base, ROWS)])
         plgpu.wait_smem_to_gmem(0)
 
+    def issue(bg, kv_head, visit, step, slot, wait):
+        """TMA of the KV tile of ``step`` into ring ``slot``; ``wait`` (a bool or a traced
+        predicate): first observe the release of the slot by its previous readers."""
+        kt, kt_flat = visit(step)
+        for ref, buf, ready, free in ((k_ref, k_smem, k_bars, k_free), (v_ref, v_smem, v_bars, v_free)):
+            if wait is True:
+                plgpu.barrier_wait(free.at[slot])
+            elif wait is not False:
+                pl.when(wait)(lambda free=free: plgpu.barrier_wait(free.at[slot]))
+            for view, row, n in tile_rows(ref, bg, kv_head, kt, kt_flat, cfg.kv_tile, 0, tk, st.direct):
+                plgpu.copy_gmem_to_smem(view, rows_of(buf.at[slot], row, n, tk), ready.at[slot])
+
+    def drain(steps):
+        # Observe the consumers' releases of the last steps. Nearly free on the GPU (the producer
+        # has nothing left to do); the simulator insists that every waiter of a barrier has seen
+        # all of its phases before the barrier is deallocated.
+        for s in range(stages):
+            @pl.when(s < steps)
+            def _():
+                plgpu.barrier_wait(k_free.at[s])
+                plgpu.barrier_wait(v_free.at[s])
+
+    if not ctas:  # one CTA per (Q tile, batch*group, head)
+        qt_flat, bg, head = lax.axis_index("q"), lax.axis_index("bg"), lax.axis_index("h")
+        planned = item_plan(bg, qt_flat)  # shared by producer and consumers
+        total, visit = planned[2], planned[3]
+
+        @pl.when(wg < nwg)
+        def _consumer():
+            if nwg > 1:
+                plgpu.set_max_registers(232, action="increase")
+            consume(qt_flat, bg, head, planned, 0)
+
+        @pl.when(wg == nwg)
+        def _producer():
+            if nwg > 1:
+                plgpu.set_max_registers(40, action="decrease")
+            kv_head = lax.div(head, st.group)
+            for i in range(stages):
+                pl.when(i < total)(functools.partial(issue, bg, kv_head, visit, i, i, False))
+
+            @pl.loop(0, total - stages)
+            def _(i):
+                issue(bg, kv_head, visit, i + stages, lax.rem(i, stages), True)
+
+            drain(total)
+        return
+
+    # Persistent: ``ctas`` CTAs, each looping over the Q tiles cta, cta + ctas, ... (Q tile fastest,
+    # then batch*group, then head). The producer runs ahead across tile boundaries, so the next
+    # tile's first K/V tiles load while the consumers finish the current one.
+    cta = lax.axis_index("cta")
+    items = plan.num_q_tiles * bg_count * st.heads
+    mine = lax.div(items - cta + ctas - 1, ctas)
+
+    def coords(i):
+        it = cta + i * ctas
+        rest = lax.div(it, plan.num_q_tiles)
+        return lax.rem(it, plan.num_q_tiles), lax.rem(rest, bg_count), lax.div(rest, bg_count)
+
+    @pl.when(wg < nwg)
+    def _consumer():
+        if nwg > 1:
+            plgpu.set_max_registers(232, action="increase")
+
+        def item(i, step0):
+            qt_flat, bg, head = coords(i)
+            planned = item_plan(bg, qt_flat)
+            consume(qt_flat, bg, head, planned, step0)
+            return step0 + planned[2]
+
+        lax.fori_loop(0, mine, item, jnp.int32(0))
+
     @pl.when(wg == nwg)
     def _producer():
         if nwg > 1:
             plgpu.set_max_registers(40, action="decrease")
-        kv_head = lax.div(head, st.group)
 
-        def issue(step, slot, wait: bool):
-            """TMA of KV tile ``step`` into ring ``slot`` (after its last reader released it)."""
-            kt, kt_flat = kv_tile(step)
-            for ref, buf, ready, free in ((k_ref, k_smem, k_bars, k_free), (v_ref, v_smem, v_bars, v_free)):
-                if wait:
-                    plgpu.barrier_wait(free.at[slot])
-                for view, row, n in tile_rows(ref, bg, kv_head, kt, kt_flat, cfg.kv_tile, 0, tk, st.direct):
-                    plgpu.copy_gmem_to_smem(view, rows_of(buf.at[slot], row, n, tk), ready.at[slot])
+        def item(i, step0):
+            qt_flat, bg, head = coords(i)
+            _, _, total, visit = item_plan(bg, qt_flat)
+            kv_head = lax.div(head, st.group)
 
-        for i in range(stages):
-            pl.when(i < total)(functools.partial(issue, i, i, False))
+            @pl.loop(0, total)
+            def _(step):
+                g = step0 + step
+                issue(bg, kv_head, visit, step, lax.rem(g, stages), g >= stages)
 
-        @pl.loop(0, total - stages)
-        def _(i):
-            issue(i + stages, lax.rem(i, stages), True)
+            return step0 + total
 
-        # Drain: observe the consumers' releases of the last steps. Nearly free on the GPU (the
-        # producer has nothing left to do); the simulator insists that every waiter of a
-        # barrier has seen all of its phases before the barrier is deallocated.
-        for s in range(stages):
-            @pl.when(s < total)
-            def _():
-                plgpu.barrier_wait(k_free.at[s])
-                plgpu.barrier_wait(v_free.at[s])
+        drain(lax.fori_loop(0, mine, item, jnp.int32(0)))
 
 
 def forward_call(qp, kp, vp, st: Static):
@@ -192,6 +253,10 @@ def forward_call(qp, kp, vp, st: Static):
     plan, cfg = st.plan, st.config
     bg, nq = qp.shape[0], (math.prod(qp.shape[1:-2]) if st.direct else qp.shape[1])
     nwg, stages = st.q_warpgroups, cfg.num_stages
+    # Persistent (st.ctas > 0): at most one CTA per Q tile of the whole call.
+    ctas = min(st.ctas, plan.num_q_tiles * bg * st.heads)
+    grid = dict(grid=(ctas,), grid_names=("cta",)) if ctas else dict(
+        grid=(plan.num_q_tiles, bg, st.heads), grid_names=("q", "bg", "h"))
 
     def entry(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref):
         scratch = (
@@ -209,7 +274,8 @@ def forward_call(qp, kp, vp, st: Static):
         consumed = (plgpu.Barrier(num_arrivals=nwg, num_barriers=stages),) * 2
         sched = plgpu.Barrier(num_arrivals=nwg) if nwg > 1 else None
         pl.run_scoped(
-            lambda *scoped: _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, st=st),
+            lambda *scoped: _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, st=st,
+                                            bg_count=bg, ctas=ctas),
             scratch,
             arrivals,
             consumed,
@@ -223,8 +289,7 @@ def forward_call(qp, kp, vp, st: Static):
             jax.ShapeDtypeStruct(qp.shape, qp.dtype),
             jax.ShapeDtypeStruct((bg, st.heads, nq), jnp.float32),
         ],
-        grid=(plan.num_q_tiles, bg, st.heads),
-        grid_names=("q", "bg", "h"),
+        **grid,
         num_threads=nwg + 1,
         thread_name="wg",
         # Row max/sum in the wgmma layout reduce within warps: no cross-warp scratch needed,
