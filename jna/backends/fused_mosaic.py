@@ -14,11 +14,14 @@ Same data flow as `jna.backends.fused_triton` (DESIGN.md section 2), built for s
    kernel over the transposed lists (GQA heads summed in the kernel), both deterministic.
 4. `jax.custom_vjp` around the kernels on permuted tensors (`_fused`); permutation and its
    inverse stay outside, differentiated by JAX.
-5. ``MosaicConfig(direct_layout=True)`` (off by default; the tuner tries it): where the tiles
-   divide the map and there is no dilation (`mosaic_common.direct_ok`), the forward reads Q/K/V
-   and writes O in place in ``[B, *X, H, D]`` with one TMA copy per contiguous run of the last
-   axis (`_fused_direct`); its backward permutes and runs the kernels of 3. Checked in the
-   simulator and lowered for the GPU; not yet measured on one.
+5. Two forward variants, off by default (the tuner tries them; checked in the simulator and
+   lowered for the GPU, not yet measured on one):
+   ``MosaicConfig(direct_layout=True)``: where the tiles divide the map and there is no dilation
+   (`mosaic_common.direct_ok`), the forward reads Q/K/V and writes O in place in
+   ``[B, *X, H, D]`` with one TMA copy per contiguous run of the last axis (`_fused_direct`); its
+   backward permutes and runs the kernels of 3.
+   ``MosaicConfig(persistent=True)``: one CTA per SM loops over Q tiles; its producer loads the
+   next tile's K/V while the consumers finish the current one.
 
 On a machine without a GPU the kernels run in the Mosaic GPU simulator
 (`plgpu.InterpretGPUParams`), slowly; tests use tiny shapes. The simulator (jax 0.11.2)
