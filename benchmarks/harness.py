@@ -116,6 +116,8 @@ def tiles_used(problem, backend: str, dtype=jnp.bfloat16) -> str:
     text = f"q{'x'.join(map(str, cfg.q_tile))} kv{'x'.join(map(str, cfg.kv_tile))}"
     if backend == "fused-mosaic":
         text += f" s{cfg.num_stages}"
+        text += " direct" if cfg.direct_layout else ""
+        text += " persistent" if cfg.persistent else ""
     return f"{text} eff {eff:.2f}"
 
 
