@@ -129,21 +129,28 @@ def tune_problem(backend: str, problem, dtype, objective: str, shapes_per_class:
     flops = problem.forward_flops * (1.0 if objective == "fwd" else 3.5)
     # Every candidate's forward output is checked against the default config's before it is
     # timed: a config that computes something else (a kernel variant broken on this GPU) must
-    # never win on speed.
-    q, k, v, _ = problem.inputs(dtype)
-    forward = lambda config: jax.jit(lambda q, k, v: module.attention(q, k, v, na, config)[0])(q, k, v)
-    expected = forward(None).astype(jnp.float32)
+    # never win on speed. With the forward objective the timed function itself gives the output
+    # (one compilation per candidate).
+    def output(config, jitted, args):
+        if objective == "fwd":
+            return jitted(*args).astype(jnp.float32)
+        q, k, v, _ = args
+        return jax.jit(lambda q, k, v: module.attention(q, k, v, na, config)[0])(q, k, v).astype(jnp.float32)
+
+    default_call = timed_call(backend, problem, None, objective, dtype)
+    expected = output(None, *default_call)
     results, start = [], time.time()
     for i, cand in enumerate(cands):
         try:
-            got = forward(cand.config).astype(jnp.float32)
+            call = timed_call(backend, problem, cand.config, objective, dtype)
+            got = output(cand.config, *call)
             error = float(jnp.linalg.norm(got - expected) / jnp.linalg.norm(expected))
             del got
             if not error <= MAX_REL_L2:
                 _progress(f"  [{i + 1}/{len(cands)}] {cand.describe()}: REJECTED, output differs from the "
                           f"default config's (rel. L2 {error:.3g})")
                 continue
-            ms = budgeted_median_ms(*timed_call(backend, problem, cand.config, objective, dtype), budget_s)
+            ms = budgeted_median_ms(*call, budget_s)
         except Exception as e:  # noqa: BLE001 - a config that does not compile/run is skipped
             _progress(f"  [{i + 1}/{len(cands)}] {cand.describe()}: failed ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:160]})")
@@ -155,7 +162,8 @@ def tune_problem(backend: str, problem, dtype, objective: str, shapes_per_class:
                   f"(best {best[0]:.4g} ms; ~{eta:.0f}s left)")
     if not results:
         raise RuntimeError(f"no candidate config of {backend} ran on {problem.name}")
-    default_ms = budgeted_median_ms(*timed_call(backend, problem, None, objective, dtype), budget_s)
+    del expected
+    default_ms = budgeted_median_ms(*default_call, budget_s)
     best_ms, best = min(results, key=lambda r: r[0])
     speeds: dict[str, tuple[dict, float]] = {}
     for ms, cand in results:  # each class's best candidate, as TFLOP/s at full tile efficiency

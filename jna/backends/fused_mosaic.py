@@ -18,7 +18,7 @@ Same data flow as `jna.backends.fused_triton` (DESIGN.md section 2), built for s
    lowered for the GPU, not yet measured on one):
    ``MosaicConfig(direct_layout=True)``: where the tiles divide the map and there is no dilation
    (`mosaic_common.direct_ok`), the forward reads Q/K/V and writes O in place in
-   ``[B, *X, H, D]`` with one TMA copy per contiguous run of the last axis (`_fused_direct`); its
+   ``[B, *X, H, D]`` with one TMA copy per contiguous run of the last axis (`_fused` with ``Static.direct``); its
    backward permutes and runs the kernels of 3.
    ``MosaicConfig(persistent=True)``: one CTA per SM loops over Q tiles; its producer loads the
    next tile's K/V while the consumers finish the current one.
@@ -182,9 +182,19 @@ def default_config(problem: NAProblem) -> MosaicConfig:
 # ----------------------------------------------------------------------------------------------
 
 
+def _permute_inputs(q, k, v, plan):
+    return (planning.permute(q, plan, "q"), planning.permute(k, plan, "kv"),
+            planning.permute(v, plan, "kv"))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fused(qp, kp, vp, st: Static):
-    """``(out [BG, Nq, H, D], lse [BG, H, Nq])`` on tensors permuted by ``st.plan``."""
+    """``(out [BG, Nq, H, D], lse [BG, H, Nq])`` on tensors permuted by ``st.plan``.
+
+    With ``st.direct`` the tensors are ``[B, *X, H, D]`` as passed (out too; lse stays in plan
+    order): the forward kernel reads and writes them in place, and the backward permutes them
+    first (its kernels read permuted tiles).
+    """
     return tuple(mosaic_forward.forward_call(qp, kp, vp, st))
 
 
@@ -196,6 +206,13 @@ def _fused_fwd(qp, kp, vp, st):
 def _fused_bwd(st, residuals, cotangents):
     qp, kp, vp, out, lse = residuals
     dout, dlse = cotangents
+    if st.direct:
+        plan = st.plan
+        permuted, pullback = jax.vjp(functools.partial(_permute_inputs, plan=plan), qp, kp, vp)
+        grads = _fused_bwd(dataclasses.replace(st, direct=False),
+                           (*permuted, planning.permute(out, plan, "q"), lse),
+                           (planning.permute(dout, plan, "q"), dlse))
+        return pullback(grads)
     # d lse_i / d s_ij = P_ij, so an lse cotangent enters as a shift of delta.
     delta = jnp.einsum("bnhd,bnhd->bhn", out.astype(jnp.float32), dout.astype(jnp.float32)) - dlse
     dout = dout.astype(qp.dtype)
@@ -205,37 +222,6 @@ def _fused_bwd(st, residuals, cotangents):
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
-
-
-def _permute_inputs(q, k, v, plan):
-    return (planning.permute(q, plan, "q"), planning.permute(k, plan, "kv"),
-            planning.permute(v, plan, "kv"))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused_direct(q, k, v, st: Static):
-    """``(out [B, *X, H, D], lse [B, H, Nq] in plan order)``: the forward kernel reads and
-    writes ``[B, *X, H, D]`` in place (``st.direct``); the backward runs the permuted kernels."""
-    return tuple(mosaic_forward.forward_call(q, k, v, st))
-
-
-def _fused_direct_fwd(q, k, v, st):
-    out, lse = mosaic_forward.forward_call(q, k, v, st)
-    return (out, lse), (q, k, v, out, lse)
-
-
-def _fused_direct_bwd(st, residuals, cotangents):
-    q, k, v, out, lse = residuals
-    dout, dlse = cotangents
-    plan = st.plan
-    permuted, pullback = jax.vjp(functools.partial(_permute_inputs, plan=plan), q, k, v)
-    grads = _fused_bwd(dataclasses.replace(st, direct=False),
-                       (*permuted, planning.permute(out, plan, "q"), lse),
-                       (planning.permute(dout, plan, "q"), dlse))
-    return pullback(grads)
-
-
-_fused_direct.defvjp(_fused_direct_fwd, _fused_direct_bwd)
 
 
 def _static(problem: NAProblem, config: MosaicConfig, simulator) -> Static:
@@ -273,7 +259,7 @@ def _run(q, k, v, problem: NAProblem, config: MosaicConfig, simulator=None):
     plan = st.plan
     spatial = problem.spatial_shape
     if st.direct:
-        out, lse = _fused_direct(q, k, v, st)
+        out, lse = _fused(q, k, v, st)
     else:
         out, lse = _fused(*_permute_inputs(q, k, v, plan), st)
         out = planning.unpermute(out, plan, "q", spatial)
