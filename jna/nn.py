@@ -3,35 +3,31 @@
 Thin over the functional core: a fused QKV projection, `jna.neighborhood_attention`, and an
 output projection with dropout. With ``rel_pos_bias=True`` the layer has NATTEN 0.17's relative
 positional bias ``rpb`` and attends through the unfused ops instead (`jna.unfused`: logits with
-bias -> float32 softmax -> weighted sum).
+bias -> float32 softmax -> weighted sum). The computation is shared with the NNX modules of
+`jna.nnx` (same weights, same outputs); `jna.natten_weights` loads NATTEN's PyTorch weights.
+
+Parameters (``C`` channels, ``K`` the kernel size per axis)::
+
+    {'qkv': {'kernel': [C, 3C], 'bias': [3C] (qkv_bias)},
+     'proj': {'kernel': [C, C], 'bias': [C]},
+     'rpb': [num_heads, 2K_1 - 1, ..., 2K_n - 1] (rel_pos_bias)}
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+from flax.linen.linear import default_kernel_init
 
-from jna import semantics
-from jna.functional import neighborhood_attention
-from jna.unfused import neighborhood_attention_av, neighborhood_attention_qk
+from jna._attention_layer import attend, check_proj_drop, rpb_init, rpb_shape
 
 __all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D", "rpb_init"]
 
-
-def rpb_init(key, shape, dtype=jnp.float32):
-    """NATTEN 0.17's bias init: ``trunc_normal_(rpb, std=.02, mean=0., a=-2., b=2.)``.
-
-    A normal of standard deviation 0.02 truncated to the absolute interval ``[-2, 2]``
-    (100 standard deviations, as in torch's ``trunc_normal_``).
-    """
-    std = 0.02
-    return (std * jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, jnp.float32)).astype(dtype)
-
 IntOrTuple = Union[int, Sequence[int]]
 BoolOrTuple = Union[bool, Sequence[bool]]
+Initializer = Callable[..., Any]
 
 
 class _NeighborhoodAttention(nn.Module):
@@ -46,14 +42,20 @@ class _NeighborhoodAttention(nn.Module):
         (see `jna.neighborhood_attention`).
       qkv_bias: whether the fused QKV projection has a bias.
       qk_scale: logit scale; default ``head_dim ** -0.5``.
-      proj_drop: dropout rate after the output projection.
+      proj_drop: dropout rate after the output projection. When > 0, the mode must be given
+        through ``deterministic`` (here or at call time, as in flax's attention modules).
       rel_pos_bias: add NATTEN 0.17's relative positional bias, a parameter ``rpb`` of shape
-        ``[num_heads, 2K_1 - 1, ..., 2K_n - 1]`` initialized by `rpb_init`; the layer then runs
+        ``[num_heads, 2K_1 - 1, ..., 2K_n - 1]`` initialized by ``rpb_init``; the layer then runs
         the unfused ops (`jna.unfused`) and ignores ``backend``. Non-causal, stride 1 only
         (otherwise NotImplementedError).
       backend: jna backend (``"auto"`` by default).
       dtype: computation dtype (None: inferred from inputs and params).
       param_dtype: parameter dtype.
+      kernel_init: initializer of both projections' kernels (flax's default: LeCun normal).
+      bias_init: initializer of both projections' biases (zeros).
+      rpb_init: initializer of the bias table (NATTEN's truncated normal, `rpb_init`).
+      deterministic: dropout mode, if not given at call time: True disables dropout, False
+        applies it (needs a ``'dropout'`` rng).
     """
 
     num_heads: int
@@ -68,54 +70,41 @@ class _NeighborhoodAttention(nn.Module):
     backend: str = "auto"
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+    bias_init: Initializer = nn.initializers.zeros_init()
+    rpb_init: Initializer = rpb_init
+    deterministic: bool | None = None
 
     rank: int = 0  # set by the 1D/2D/3D subclasses
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool | None = None):
         """Applies the layer.
 
         Args:
           x: ``[B, *X, C]``.
-          deterministic: disables dropout when True; otherwise needs a ``'dropout'`` rng.
+          deterministic: dropout mode (see the attribute); exactly one of the attribute and this
+            argument must be given when ``proj_drop > 0`` (flax's `merge_param`), neither is
+            needed otherwise.
 
         Returns:
           ``[B, *X, C]``.
         """
-        if x.ndim != self.rank + 2:
-            raise ValueError(
-                f"x has {x.ndim} dimensions {tuple(x.shape)}; {type(self).__name__} takes "
-                f"[batch, {self.rank} spatial axes, channels]."
-            )
+        check_proj_drop(self.proj_drop)
+        dense = lambda features, use_bias, name: nn.Dense(
+            features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=self.kernel_init, bias_init=self.bias_init, name=name)
         channels = x.shape[-1]
-        if channels % self.num_heads != 0:
-            raise ValueError(
-                f"x's channels ({channels}) must be divisible by num_heads ({self.num_heads})."
-            )
-        head_dim = channels // self.num_heads
-        qkv = nn.Dense(
-            3 * channels, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-            name="qkv",
-        )(x)
-        qkv = qkv.reshape(*x.shape[:-1], 3, self.num_heads, head_dim)
-        q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+        rpb = None
         if self.rel_pos_bias:
-            kernel_size = semantics.normalize_per_axis("kernel_size", self.kernel_size, self.rank, int)
-            rpb = self.param("rpb", rpb_init, (self.num_heads, *(2 * k - 1 for k in kernel_size)),
+            rpb = self.param("rpb", self.rpb_init, rpb_shape(self.num_heads, self.kernel_size, self.rank),
                              self.param_dtype)
-            window = dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation,
-                          is_causal=self.is_causal)
-            logits = neighborhood_attention_qk(q, k, **window, rpb=rpb, scale=self.qk_scale)
-            attn = jax.nn.softmax(logits, axis=-1)  # float32
-            out = neighborhood_attention_av(attn, v, **window)
-        else:
-            out = neighborhood_attention(
-                q, k, v, self.kernel_size, stride=self.stride, dilation=self.dilation,
-                is_causal=self.is_causal, scale=self.qk_scale, backend=self.backend,
-            )
-        out = out.reshape(*x.shape[:-1], channels)
-        out = nn.Dense(channels, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)
-        return nn.Dropout(rate=self.proj_drop)(out, deterministic=deterministic)
+        out = attend(self, x, dense(3 * channels, self.qkv_bias, "qkv"), dense(channels, True, "proj"),
+                     rpb)
+        if self.proj_drop > 0:  # as flax's attention: the mode is required only with dropout
+            deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+            out = nn.Dropout(rate=self.proj_drop)(out, deterministic=deterministic)
+        return out
 
 
 class NeighborhoodAttention1D(_NeighborhoodAttention):

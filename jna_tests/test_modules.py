@@ -6,6 +6,7 @@ oracle NA -> ``@ proj.kernel + proj.bias``. Gradients wrt params and input are c
 the same chain differentiated by hand (the oracle's backward in the middle).
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,7 +44,9 @@ def _setup(rank, seed=0, batch=2, **overrides):
     kwargs = {**kwargs, **overrides}
     module = MODULES[rank](**kwargs)
     x = jax.random.normal(jax.random.key(seed), (batch, *shape, C), jnp.float32)
-    params = module.init(jax.random.key(seed + 1), x)
+    # With dropout the mode must be given once (here or as a field), as in flax's attention.
+    mode = {} if "deterministic" in kwargs else {"deterministic": True}
+    params = module.init(jax.random.key(seed + 1), x, **mode)
     return module, kwargs, x, params
 
 
@@ -138,6 +141,61 @@ def test_dropout_only_when_not_deterministic():
     dropped = train == 0
     assert 0.3 < dropped.mean() < 0.7, dropped.mean()
     assert_abs(train[~dropped], 2.0 * want[~dropped], 1e-4, "kept outputs (x2)")
+
+
+def test_dropout_mode_is_required_with_dropout():
+    """As flax's attention (`merge_param`): with proj_drop > 0 the mode must be given exactly
+    once, as the field or at call time (ValueError naming deterministic otherwise); with
+    proj_drop == 0 none is needed."""
+    module, kwargs, x, params = _setup(2, seed=5, proj_drop=0.5)
+    for call in (lambda: module.apply(params, x), lambda: module.init(jax.random.key(0), x)):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert_names(e.value, "deterministic")
+    fixed = MODULES[2](**kwargs, deterministic=True)
+    with pytest.raises(ValueError) as e:
+        fixed.apply(params, x, deterministic=False)
+    assert_names(e.value, "deterministic")
+    module0, _, x0, params0 = _setup(2, seed=5)
+    module0.apply(params0, x0)  # proj_drop == 0: no mode needed
+
+
+def test_deterministic_field():
+    """deterministic=True as a field is the plain output; deterministic=False as a field drops
+    (with a 'dropout' rng) the same outputs as deterministic=False at call time."""
+    module, kwargs, x, params = _setup(2, seed=5, proj_drop=0.5)
+    want, _ = _hand_forward(params, x, kwargs)
+    assert_abs(MODULES[2](**kwargs, deterministic=True).apply(params, x), want, 1e-4, "eval out")
+    rngs = {"dropout": jax.random.key(7)}
+    train = MODULES[2](**kwargs, deterministic=False).apply(params, x, rngs=rngs)
+    np.testing.assert_array_equal(train, module.apply(params, x, deterministic=False, rngs=rngs))
+
+
+def test_proj_drop_out_of_range():
+    """proj_drop outside [0, 1] is a ValueError naming proj_drop."""
+    module = jna.nn.NeighborhoodAttention1D(num_heads=2, kernel_size=3, proj_drop=1.5)
+    with pytest.raises(ValueError) as e:
+        module.init(jax.random.key(0), jnp.zeros((1, 8, 8)), deterministic=True)
+    assert_names(e.value, "proj_drop")
+
+
+def test_initializers_are_fields():
+    """kernel_init / bias_init initialize both projections; rpb_init the bias table. Defaults:
+    flax's LeCun normal kernels, zero biases."""
+    x = jnp.zeros((1, 8, 8))
+    module = jna.nn.NeighborhoodAttention1D(
+        num_heads=2, kernel_size=3, rel_pos_bias=True, kernel_init=nn.initializers.constant(0.5),
+        bias_init=nn.initializers.ones_init(), rpb_init=nn.initializers.constant(-1.0))
+    p = module.init(jax.random.key(0), x)["params"]
+    for name in ("qkv", "proj"):
+        np.testing.assert_array_equal(p[name]["kernel"], np.full(p[name]["kernel"].shape, 0.5))
+        np.testing.assert_array_equal(p[name]["bias"], np.ones(p[name]["bias"].shape))
+    np.testing.assert_array_equal(p["rpb"], -np.ones((2, 5)))
+    default = jna.nn.NeighborhoodAttention1D(num_heads=2, kernel_size=3).init(jax.random.key(0), x)
+    default = default["params"]
+    assert not np.any(default["proj"]["bias"]) and not np.any(default["qkv"]["bias"])
+    std = float(jnp.std(default["qkv"]["kernel"]))  # LeCun normal: std = fan_in ** -0.5
+    assert 0.75 < std * 8 ** 0.5 < 1.25, std
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
