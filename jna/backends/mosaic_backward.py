@@ -19,6 +19,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -68,7 +69,7 @@ def _producer(total, issue_step, free):
 
     @pl.loop(0, total - _STAGES)
     def _(i):
-        slot = lax.rem(i, _STAGES)
+        slot = lax.rem(i, np.int32(_STAGES))
         plgpu.barrier_wait(free.at[slot])
         issue_step(i + _STAGES, slot)
 
@@ -113,7 +114,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
         k_ready, v_ready = ring_bars
 
         def body(step, dq):
-            slot = lax.rem(step, _STAGES)
+            slot = lax.rem(step, np.int32(_STAGES))
             kt, _ = kv_tile(step)
             full = geo.full(qt, kt) > 0
             plgpu.barrier_wait(k_ready.at[slot])
@@ -146,7 +147,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
     def _():
         if nwg > 1:
             plgpu.set_max_registers(40, action="decrease")
-        kv_head = lax.div(head, st.group)
+        kv_head = lax.div(head, np.int32(st.group))
 
         def issue(step, slot):
             _, kt_flat = kv_tile(step)
@@ -225,7 +226,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
 
         def body(step, carry):
             dk, dv = carry
-            slot = lax.rem(step, _STAGES)
+            slot = lax.rem(step, np.int32(_STAGES))
             _, qt, _ = q_tile(step)
             full = geo.full(qt, kt) > 0
             for bar in ring_bars:

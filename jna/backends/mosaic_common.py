@@ -13,6 +13,7 @@ import functools
 import math
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -172,7 +173,9 @@ def pow2_unravel(index, radices):
         return tiling.unravel(index, radices)
     parts, shift = [], 0
     for r in reversed(radices):
-        parts.append(lax.shift_right_logical(index, shift) & (r - 1) if shift else index & (r - 1))
+        # A Python int shift would be int64 under jax_enable_x64 (lax does not promote).
+        parts.append(lax.shift_right_logical(index, index.dtype.type(shift)) & (r - 1)
+                     if shift else index & (r - 1))
         shift += r.bit_length() - 1
     return parts[::-1]
 
@@ -263,6 +266,8 @@ def q_tile_visits(geo: tiling.Geometry, kt, group: int):
     per_head = _product(counts)
 
     def visit(step):
+        if group > 1:  # a static step as int32: lax does not promote (int64 under x64)
+            step = np.int32(step) if isinstance(step, int) else step
         j, rest = (lax.div(step, per_head), lax.rem(step, per_head)) if group > 1 else (0, step)
         offs = tiling.unravel(rest, counts)
         qt = [first + o for (first, _), o in zip(ranges, offs)]

@@ -17,6 +17,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -51,8 +52,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
         KV step (0 with one CTA per Q tile; the running step count in the persistent kernel)."""
         geo, qt, total, _ = planned
         # A static 0 adds nothing: the one-CTA-per-tile kernel keeps its measured code exactly.
-        ring = (lambda step: lax.rem(step, stages)) if isinstance(step0, int) and step0 == 0 else (
-            lambda step: lax.rem(step0 + step, stages))
+        # int32 operands: lax does not promote, and a Python int is int64 under jax_enable_x64.
+        n_stages = np.int32(stages)
+        ring = (lambda step: lax.rem(step, n_stages)) if isinstance(step0, int) and step0 == 0 else (
+            lambda step: lax.rem(step0 + step, n_stages))
         q_slot, lse_slot = q_smem.at[wg], lse_smem.at[wg]
         base = qt_flat * tq + wg * ROWS
         # This warpgroup's 64 rows of the Q tile (the same rows of O on the way out).
@@ -67,7 +70,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
         acc = plgpu.layout_cast(jnp.zeros((ROWS, dim), jnp.float32), WGMMA)
 
         plgpu.barrier_wait(q_bars.at[wg])
-        plgpu.barrier_wait(k_bars.at[ring(0)])  # step 0 always exists
+        plgpu.barrier_wait(k_bars.at[ring(np.int32(0))])  # step 0 always exists
         if nwg > 1:
             pl.when(wg == 1)(lambda: sync(sched))
 
@@ -189,13 +192,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
         def _producer():
             if nwg > 1:
                 plgpu.set_max_registers(40, action="decrease")
-            kv_head = lax.div(head, st.group)
+            kv_head = lax.div(head, np.int32(st.group))
             for i in range(stages):
                 pl.when(i < total)(functools.partial(issue, bg, kv_head, visit, i, i, False))
 
             @pl.loop(0, total - stages)
             def _(i):
-                issue(bg, kv_head, visit, i + stages, lax.rem(i, stages), True)
+                issue(bg, kv_head, visit, i + stages, lax.rem(i, np.int32(stages)), True)
 
             drain(total)
         return
@@ -205,12 +208,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
     # tile's first K/V tiles load while the consumers finish the current one.
     cta = lax.axis_index("cta")
     items = plan.num_q_tiles * bg_count * st.heads
-    mine = lax.div(items - cta + ctas - 1, ctas)
+    mine = lax.div(items - cta + ctas - 1, np.int32(ctas))
 
     def coords(i):
         it = cta + i * ctas
-        rest = lax.div(it, plan.num_q_tiles)
-        return lax.rem(it, plan.num_q_tiles), lax.rem(rest, bg_count), lax.div(rest, bg_count)
+        n_q, n_bg = np.int32(plan.num_q_tiles), np.int32(bg_count)  # int32 under x64 too
+        rest = lax.div(it, n_q)
+        return lax.rem(it, n_q), lax.rem(rest, n_bg), lax.div(rest, n_bg)
 
     @pl.when(wg < nwg)
     def _consumer():
@@ -233,12 +237,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
         def item(i, step0):
             qt_flat, bg, head = coords(i)
             _, _, total, visit = item_plan(bg, qt_flat)
-            kv_head = lax.div(head, st.group)
+            kv_head = lax.div(head, np.int32(st.group))
 
             @pl.loop(0, total)
             def _(step):
                 g = step0 + step
-                issue(bg, kv_head, visit, step, lax.rem(g, stages), g >= stages)
+                issue(bg, kv_head, visit, step, lax.rem(g, np.int32(stages)), g >= stages)
 
             return step0 + total
 

@@ -73,6 +73,26 @@ class ConfigOverride:
         return dataclasses.replace(base, q_tile=fit(base.q_tile), kv_tile=fit(base.kv_tile))
 
 
+def config_source(override: ConfigOverride, backend: str, params: semantics.NAParams,
+                  head_dim: int, dtype: str, tuned_speeds: bool) -> str:
+    """Where a tiled backend's `default_config` takes its config from, in words (`jna.explain`).
+
+    The order is the one every tiled backend's ``default_config`` follows: an active override,
+    this device's tuned config for exactly this problem, then the chooser (tile efficiency x
+    class speed) with speeds tuned on this device (where the backend uses them, ``tuned_speeds``)
+    or the shipped calibration. ``head_dim`` and ``dtype`` are the backend's tuned-table key.
+    """
+    from jna import tuned  # here, not at import: tuned reads the device
+
+    if override.current() is not None:
+        return "override_config"
+    if tuned.exact(backend, params, head_dim, dtype) is not None:
+        return "tuned table: this exact problem on this device"
+    if tuned_speeds and tuned.class_speeds(backend, params.rank, head_dim, dtype):
+        return "tile efficiency x class speeds tuned on this device"
+    return "tile efficiency x calibrated class speeds"
+
+
 def tile_shapes(tokens: int, caps: list[int]):
     """All per-axis power-of-two extents within ``caps`` whose product is ``tokens``."""
     if len(caps) == 1:
@@ -135,6 +155,15 @@ def ravel(parts, radices):
     for p, r in zip(parts, radices):
         flat = flat * r + p
     return flat
+
+
+def as_int32(index):
+    """A scalar index as int32: returned as is (nothing traced) when it is int32 already.
+
+    With ``jax_enable_x64`` on, the counter of a `jax.lax.fori_loop` with static bounds is int64
+    (and Python ints are int64 in `jax.lax` ops); kernel index math stays int32.
+    """
+    return index if jnp.result_type(index) == jnp.int32 else jnp.asarray(index, jnp.int32)
 
 
 def _table(tab_ref, offset, index):

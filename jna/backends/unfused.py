@@ -48,13 +48,16 @@ from jax.experimental.pallas import triton as pltriton
 from jna import plan as planning
 from jna import tuned as jna_tuned
 from jna.arguments import NAProblem
-from jna.backends import device, fused_triton
-from jna.backends.tiling import ConfigOverride, Geometry, ranked_tiles, ravel, unravel
+from jna.backends import device, fused_triton, tiling
+from jna.backends.tiling import ConfigOverride, Geometry, as_int32, ranked_tiles, ravel, unravel
 
 NAME = "unfused"
 
 MAX_HEAD_DIM = 256
 _F32_MAX = float(np.finfo(np.float32).max)
+# float32 constants where both operands of an op are constants: Python floats would make
+# the result float64 under jax_enable_x64 (and the carries/cond branches mismatch).
+_ZERO, _ONE = np.float32(0), np.float32(1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,11 +236,11 @@ def _gather_q_kernel(s_ref, b_ref, tab_ref, out_ref, *, st: _Static, mult: float
         kt, kt_flat = _step(ranges, i, nk)
         b = b_ref[pl.ds(kt_flat * tk, tk), :]
         slot, valid = _slots(st, geo, windows, kt)
-        p = pltriton.load(s_ref.at[rows, slot], mask=valid, other=0.0)
+        p = pltriton.load(s_ref.at[rows, slot], mask=valid, other=_ZERO)
         if contain_nonfinite:
             # 0 * NaN = NaN: a non-finite row of b outside a query's window would leak into its
             # output through P @ B. Zero such rows; mark the queries whose windows hold one.
-            bad = jnp.max(jnp.where(jnp.abs(b.astype(jnp.float32)) <= _F32_MAX, 0.0, 1.0), axis=1)
+            bad = jnp.max(jnp.where(jnp.abs(b.astype(jnp.float32)) <= _F32_MAX, _ZERO, _ONE), axis=1)
             b = jnp.where(bad[:, None] > 0, jnp.zeros_like(b), b)
             poisoned = jnp.maximum(poisoned, jnp.max(jnp.where(valid, bad[None, :], 0.0), axis=1))
         acc = acc + _dot(p.astype(b.dtype), b)
@@ -270,11 +273,12 @@ def _gather_kv_kernel(s_ref, a_ref, tab_ref, out_ref, *, st: _Static, mult: floa
         slot, valid = _slots(st, geo, windows, kt)
         rows = qt_flat * tq + local
         heads = jnp.full((tq, tk), head, jnp.int32)
-        p = pltriton.load(s_ref.at[rows, heads, slot], mask=valid, other=0.0)
+        p = pltriton.load(s_ref.at[rows, heads, slot], mask=valid, other=_ZERO)
         a = a_ref[pl.ds(qt_flat * tq, tq), head, :]
         return acc + _dot(p.astype(a.dtype), a, trans_a=True)
 
     def head_body(head, acc):
+        head = as_int32(head)  # static bounds: an int64 counter under jax_enable_x64
         return jax.lax.fori_loop(0, total, functools.partial(q_tile_body, head=head), acc)
 
     acc = jax.lax.fori_loop(0, st.group, head_body, jnp.zeros((tk, dim), jnp.float32))
@@ -454,6 +458,13 @@ def _padded_dim(dim: int) -> int:
 # ``with override_config(TritonConfig(...)):`` unfused calls use that config's tiles and launch
 # parameters (fitted to each problem like `fused_triton.override_config`, which this does not affect).
 override_config = ConfigOverride(min_tokens=16)
+
+
+def config_source(problem: NAProblem) -> str:
+    """Where `default_config` takes this problem's config from (`tiling.config_source`)."""
+    return tiling.config_source(override_config, NAME, problem.params,
+                                max(problem.head_dim, problem.value_dim),
+                                jnp.dtype(problem.dtype).name, tuned_speeds=False)
 
 
 def default_config(problem: NAProblem) -> fused_triton.TritonConfig:
