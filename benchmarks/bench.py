@@ -45,17 +45,14 @@ def _progress(*args):
     print(*args, file=sys.stderr, flush=True)
 
 
-def resolve_problem_files(spec: str) -> list[pathlib.Path]:
-    """Problem-set names (files of ``configs/problems/`` without ``.json``) or paths."""
+def resolve_problem_files(spec: str) -> list[str]:
+    """Problem-set names (`jna.problem_sets.set_names`) or paths of JSON files."""
     files = []
     for item in (s for s in spec.split(",") if s):
-        path = pathlib.Path(item)
-        if not path.exists():
-            path = problem_sets.PUBLIC_PROBLEMS.parent / f"{item}.json"
-        if not path.exists():
-            known = ", ".join(p.stem for p in problem_sets.problem_files())
+        if item not in problem_sets.set_names() and not pathlib.Path(item).is_file():
+            known = ", ".join(problem_sets.set_names())
             raise SystemExit(f"--problems: no problem set {item!r} (known: {known}, or a path)")
-        files.append(path)
+        files.append(item)
     return files
 
 
@@ -259,7 +256,7 @@ def main(argv=None) -> int:
     meta = {"device": f"{device.device_kind} ({device.platform})", "jax": jax.__version__,
             "jna": jna.__version__, "commit": commit(), "baseline": baseline,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "problem_files": [f.name for f in files], "budget_s": args.budget_s,
+            "problem_files": [pathlib.Path(f).name for f in files], "budget_s": args.budget_s,
             "memory_limit_bytes": memory_limit}
     _progress(f"{len(problems)} problems x {len(dtypes)} dtypes x {len(backends) + bool(baseline)} "
               f"candidates x {len(modes)} modes on {meta['device']}")

@@ -217,7 +217,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     parser.add_argument("--problems", default="", help="comma-separated names (default: all rank 1-2)")
-    parser.add_argument("--problem-file", default=str(problem_sets.PUBLIC_PROBLEMS))
+    parser.add_argument("--problem-file", default="public", help="a shipped set name or a JSON path")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--mem-limit-gb", type=float, default=None,
                         help="default: 60%% of the device's memory (60 GB where it is unknown)")
@@ -230,7 +230,7 @@ def main() -> int:
     if args.tiny:
         problems = TINY
     else:
-        problems = [p for p in problem_sets.load(pathlib.Path(args.problem_file)) if len(p.shape) <= 2]
+        problems = [p for p in problem_sets.load(args.problem_file) if len(p.shape) <= 2]
     if args.problems:
         problems = [p for p in problems if p.name in args.problems.split(",")]
     dtypes = [jnp.dtype(d) for d in args.dtypes.split(",") if d]

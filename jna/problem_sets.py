@@ -1,6 +1,9 @@
-"""Benchmark problem sets (``configs/problems/*.json``): loading, inputs, FLOP counts.
+"""Benchmark problem sets (``configs/problems/*.json``, shipped as package data): loading,
+inputs, FLOP counts.
 
-Shared by the benchmarks (`benchmarks/`) and the autotuner (`python -m jna.tune`).
+Shared by the benchmarks (`benchmarks/`) and the autotuner (`python -m jna.tune`). A set is named
+by its file stem (``"public"``, ``"models"``, ``"paper_sweeps"``, ``"tiny"``: `set_names`) or
+given as the path of a JSON file of the same format.
 """
 
 from __future__ import annotations
@@ -8,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 
 import jax
 import jax.numpy as jnp
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-PUBLIC_PROBLEMS = REPO / "configs" / "problems" / "public.json"
+from jna import resources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +75,25 @@ def _per_axis(value, rank: int) -> tuple:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,) * rank
 
 
-def load(path: pathlib.Path = PUBLIC_PROBLEMS) -> list[Problem]:
-    """The problems of a problem-set file (``{"problems": [...]}``; stride, dilation and is_causal
-    may be omitted (1, 1, false) or given as one value for every axis)."""
-    raw = json.loads(pathlib.Path(path).read_text())["problems"]
+def set_names() -> list[str]:
+    """The names of the problem sets shipped with jna."""
+    return [f.name[: -len(".json")] for f in resources.list_json("problems")]
+
+
+def load(source: str | os.PathLike = "public") -> list[Problem]:
+    """The problems of a problem set: a shipped set's name (`set_names`) or a JSON file's path.
+
+    The file holds ``{"problems": [...]}``; stride, dilation and is_causal may be omitted
+    (1, 1, false) or given as one value for every axis.
+    """
+    if isinstance(source, str) and source in set_names():
+        text = resources.data_file("problems", f"{source}.json").read_text(encoding="utf-8")
+    elif pathlib.Path(source).is_file():
+        text = pathlib.Path(source).read_text(encoding="utf-8")
+    else:
+        raise ValueError(f"problem set {str(source)!r} is neither a shipped set "
+                         f"({', '.join(set_names())}) nor a JSON file")
+    raw = json.loads(text)["problems"]
     problems = []
     for p in raw:
         rank = len(p["shape"])
@@ -85,8 +103,3 @@ def load(path: pathlib.Path = PUBLIC_PROBLEMS) -> list[Problem]:
             _per_axis(p.get("dilation", 1), rank), _per_axis(p.get("is_causal", False), rank),
             p.get("sweep")))
     return problems
-
-
-def problem_files() -> list[pathlib.Path]:
-    """The problem sets shipped in ``configs/problems/``."""
-    return sorted(PUBLIC_PROBLEMS.parent.glob("*.json"))

@@ -16,9 +16,11 @@ included) on random inputs and is timed (median of synchronized runs after warm-
 compile or run are reported and skipped. Progress goes to stderr.
 
 The best candidate, its time, the default (untuned) choice's time and every class's measured speed
-(TFLOP/s at full tile efficiency) are written to ``configs/tuned/<device>.json`` (``--table``
-elsewhere), which `jna.tuned` reads for ``backend="auto"`` and explicit backend calls alike. The
-table is keyed by (backend, rank, head dim, dtype): see `jna.tuned` for how calls use it.
+(TFLOP/s at full tile efficiency) are written to the user's table, ``<user cache>/tuned/<device>.json``
+(``$JNA_TUNED_DIR``, else ``$JNA_CACHE_DIR/tuned``, default ``~/.cache/jna/tuned``; ``--table``
+elsewhere, e.g. ``configs/tuned/<device>.json`` in a checkout to ship it), which `jna.tuned` reads
+over the shipped tables for ``backend="auto"`` and explicit backend calls alike. The table is keyed
+by (backend, rank, head dim, dtype): see `jna.tuned` for how calls use it.
 
 Timings on an emulated device (Pallas interpret mode on a CPU) say nothing about a GPU: the tuner
 refuses to write them unless ``--allow-emulated`` (for tests).
@@ -198,10 +200,10 @@ def problems_from_args(args) -> list[problem_sets.Problem]:
         return [problem_sets.Problem(name, args.batch, args.heads, args.head_dim, shape,
                                      per_axis(_ints(args.kernel_size), None), per_axis(_ints(args.stride), 1),
                                      per_axis(_ints(args.dilation), 1), per_axis(causal, False))]
-    path = problem_sets.PUBLIC_PROBLEMS.parent / f"{args.problems}.json"
-    if not path.exists():
-        raise SystemExit(f"--problems: no problem set {args.problems!r} in {path.parent}")
-    problems = problem_sets.load(path)
+    try:
+        problems = problem_sets.load(args.problems)
+    except ValueError as e:
+        raise SystemExit(f"--problems: {e}")
     if args.names:
         wanted = args.names.split(",")
         problems = [p for p in problems if p.name in wanted]
@@ -231,7 +233,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes-per-class", type=int, default=2)
     parser.add_argument("--max-candidates", type=int, default=None)
     parser.add_argument("--budget-s", type=float, default=1.0, help="timing budget per candidate")
-    parser.add_argument("--table", default=None, help="tuned table to write (default: configs/tuned/<device>.json)")
+    parser.add_argument("--table", default=None, help="tuned table to write (default: the user table, see jna.tuned)")
     parser.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
     parser.add_argument("--allow-emulated", action="store_true",
                         help="write timings of an emulated device (interpret mode; for tests only)")

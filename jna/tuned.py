@@ -11,8 +11,15 @@ that choice, per (backend, rank, head dim, dtype):
    instead of the shipped calibration.
 
 An `override_config` of a backend still wins over both. The table is looked up by the device
-kind of ``jax.devices()[0]`` (``"NVIDIA H200"`` -> ``nvidia_h200.json``); ``JNA_TUNED_DIR``
-points elsewhere (tests, user tables); ``JNA_TUNED_DIR=off`` disables tuned tables.
+kind of ``jax.devices()[0]`` (``"NVIDIA H200"`` -> ``nvidia_h200.json``) in two places:
+
+- the tables shipped with jna (package data, `jna.resources`: ``configs/tuned/`` in the repository);
+- the user's tables, written by ``python -m jna.tune``: ``$JNA_TUNED_DIR`` if set, else
+  ``<user cache>/tuned/`` (`jna.resources.user_cache_dir`: ``$JNA_CACHE_DIR``, default
+  ``~/.cache/jna``). They are read over the shipped ones: a user entry replaces a shipped entry
+  of the same key and problem. A read-only site-packages never needs to be written.
+
+``JNA_TUNED_DIR=off`` disables tuned tables (shipped and user) altogether.
 
 File format::
 
@@ -35,10 +42,7 @@ import statistics
 
 import jax
 
-from jna import semantics
-
-TUNED_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tuned"
-
+from jna import resources, semantics
 
 def device_slug(device_kind: str | None = None) -> str:
     """File stem of a device kind: lower case, runs of other characters as ``_``."""
@@ -46,31 +50,52 @@ def device_slug(device_kind: str | None = None) -> str:
     return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_") or "unknown"
 
 
-def table_dir() -> pathlib.Path | None:
-    where = os.environ.get("JNA_TUNED_DIR")
-    if where == "off":
+def tables_disabled() -> bool:
+    return os.environ.get("JNA_TUNED_DIR") == "off"
+
+
+def user_table_dir() -> pathlib.Path | None:
+    """Where the tuner writes tables (None when tables are disabled)."""
+    if tables_disabled():
         return None
-    return pathlib.Path(where) if where else TUNED_DIR
+    where = os.environ.get("JNA_TUNED_DIR")
+    return pathlib.Path(where).expanduser() if where else resources.user_cache_dir() / "tuned"
 
 
 def table_path(device_kind: str | None = None) -> pathlib.Path | None:
-    base = table_dir()
+    """The user table of a device (what the tuner writes; it may not exist yet)."""
+    base = user_table_dir()
     return None if base is None else base / f"{device_slug(device_kind)}.json"
 
 
-@functools.lru_cache(maxsize=8)
-def _load(path: str, mtime: float) -> tuple[dict, ...]:
-    del mtime  # part of the cache key: a rewritten table is read again
-    data = json.loads(pathlib.Path(path).read_text())
-    return tuple(data.get("entries", ()))
+def shipped_table(device_kind: str | None = None):
+    """The table shipped with jna for a device (a `Traversable`), or None."""
+    node = resources.data_root().joinpath("tuned", f"{device_slug(device_kind)}.json")
+    return node if node.is_file() else None
+
+
+@functools.lru_cache(maxsize=16)
+def _parse(text: str) -> tuple[dict, ...]:
+    return tuple(json.loads(text).get("entries", ()))
+
+
+def _entry_key(entry: dict) -> str:
+    return json.dumps([entry["backend"], entry["rank"], entry["head_dim"], entry["dtype"],
+                       entry["problem"]], sort_keys=True)
 
 
 def entries() -> tuple[dict, ...]:
-    """The tuned entries for the current device (empty without a table)."""
-    path = table_path()
-    if path is None or not path.exists():
+    """The tuned entries for the current device: shipped, then the user's (a user entry replaces
+    a shipped one of the same key and problem); empty without tables."""
+    if tables_disabled():
         return ()
-    return _load(str(path), path.stat().st_mtime)
+    merged: dict[str, dict] = {}
+    for table in (shipped_table(), table_path()):
+        if table is not None and table.is_file():
+            for entry in _parse(table.read_text(encoding="utf-8")):
+                merged.pop(_entry_key(entry), None)  # re-inserted last: the newest wins in `exact`
+                merged[_entry_key(entry)] = entry
+    return tuple(merged.values())
 
 
 def problem_signature(params: semantics.NAParams) -> dict:
@@ -123,7 +148,7 @@ def write_entry(entry: dict, device_kind: str, path: pathlib.Path | None = None)
     """Adds ``entry`` to the device's table (replacing an entry of the same key and problem)."""
     path = path or table_path(device_kind)
     if path is None:
-        raise ValueError("JNA_TUNED_DIR=off: no tuned table to write")
+        raise ValueError("JNA_TUNED_DIR=off: tuned tables are disabled, none is written")
     path.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(path.read_text()) if path.exists() else {"device": device_kind, "entries": []}
     same = lambda e: (e["backend"], e["rank"], e["head_dim"], e["dtype"], e["problem"]) == (

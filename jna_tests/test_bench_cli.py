@@ -51,7 +51,7 @@ def test_cells_that_do_not_fit_are_reported_not_run():
     sys.path.insert(0, str(REPO))
     from benchmarks import harness, problems
 
-    problem = problems.load(problems.PUBLIC_PROBLEMS.parent / "tiny.json")[0]
+    problem = problems.load("tiny")[0]
     args = problem.inputs()
     cell = harness.measure(problem, "reference", "fwd", args, budget_s=0.05, memory_limit=1024)
     assert "ms" not in cell and cell["skipped"].startswith("does not fit: needs"), cell

@@ -175,3 +175,21 @@ def test_mosaic_candidates_add_persistent_and_direct_layout_variants():
     odd = problem_sets.Problem("o", 1, 2, 64, (60, 60), (13, 13), (1, 1), (1, 1), (False, False))
     odd_cands = tune.candidates("fused-mosaic", odd, 1)
     assert not any(c.config.direct_layout for c in odd_cands) and len(odd_cands) == 2 * classes
+
+
+def test_user_tables_go_to_the_user_cache_never_into_the_package(tmp_path, monkeypatch):
+    """The tuner's default table is under ``$JNA_CACHE_DIR/tuned`` (else ``~/.cache/jna``), so a
+    read-only site-packages does not stop tuning; ``JNA_TUNED_DIR`` overrides the folder."""
+    from jna import resources
+
+    monkeypatch.delenv("JNA_TUNED_DIR", raising=False)
+    monkeypatch.setenv("JNA_CACHE_DIR", str(tmp_path / "cache"))
+    path = tuned.write_entry(_entry(PROBLEM, {"q_tile": [8, 8], "kv_tile": [8, 8]}, []), "NVIDIA H200")
+    assert path == tmp_path / "cache" / "tuned" / "nvidia_h200.json" and path.is_file()
+    assert pathlib.Path(str(resources.data_root())) not in path.parents
+    monkeypatch.delenv("JNA_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert tuned.table_path("NVIDIA H200") == tmp_path / "home" / ".cache" / "jna" / "tuned" / "nvidia_h200.json"
+    monkeypatch.setenv("JNA_TUNED_DIR", str(tmp_path / "mine"))
+    assert tuned.table_path("cpu") == tmp_path / "mine" / "cpu.json"

@@ -40,9 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +48,7 @@ from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jna import plan as planning
+from jna import compat, resources
 from jna import semantics
 from jna import tuned as jna_tuned
 from jna.arguments import NAProblem
@@ -101,16 +100,9 @@ def unsupported_reason(problem: NAProblem) -> str | None:
     return None
 
 
-CONFIG_FILE = pathlib.Path(__file__).resolve().parents[2] / "configs" / "fused_mosaic.json"
-
-
 @functools.lru_cache(maxsize=1)
 def _config_file() -> dict:
-    if not CONFIG_FILE.exists():
-        raise FileNotFoundError(
-            f"jna's tile configs are missing: {CONFIG_FILE} (install jna from its repository, "
-            f"e.g. pip install -e .)")
-    return json.loads(CONFIG_FILE.read_text())
+    return resources.read_json("fused_mosaic.json")
 
 
 def launch_classes() -> tuple[tuple[int, int, int, float], ...]:
@@ -160,6 +152,12 @@ def config_from_dict(fields: dict) -> MosaicConfig:
 # ``with override_config(MosaicConfig(...)):`` fused-mosaic calls use that config (tiles fitted
 # to each problem; at least one 64-row warpgroup of queries).
 override_config = tiling.ConfigOverride(min_tokens=64)
+
+
+def config_source(problem: NAProblem) -> str:
+    """Where `default_config` takes this problem's config from (`tiling.config_source`)."""
+    return tiling.config_source(override_config, NAME, problem.params, problem.head_dim,
+                                jnp.dtype(problem.dtype).name, tuned_speeds=True)
 
 
 def default_config(problem: NAProblem) -> MosaicConfig:
@@ -283,7 +281,7 @@ def attention(q, k, v, problem: NAProblem, config: MosaicConfig | None = None):
     one is not, the call takes fused-triton's containing kernel instead (a run-time
     ``lax.cond``), so queries off a non-finite value stay exact.
     """
-    simulator = plgpu.InterpretGPUParams() if _interpret() else None
+    simulator = compat.mosaic_simulator() if _interpret() else None
     config = config or default_config(problem)
     fast = functools.partial(_run, problem=problem, config=config, simulator=simulator)
     if simulator is not None:

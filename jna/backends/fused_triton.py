@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -31,16 +29,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jna import plan as planning
+from jna import resources
 from jna import semantics
 from jna import tuned as jna_tuned
 from jna.arguments import NAProblem
-from jna.backends import device
+from jna.backends import device, tiling
 from jna.backends.tiling import (
     LN2 as _LN2,
     LOG2E as _LOG2E,
     MASK_VALUE as _MASK_VALUE,
     ConfigOverride,
     Geometry,
+    as_int32,
     axis_caps,
     choose_tiles,
     fit_tile,
@@ -52,7 +52,9 @@ NAME = "fused-triton"
 
 MAX_HEAD_DIM = 256
 _F32_MAX = float(np.finfo(np.float32).max)
-_CONFIG_FILE = pathlib.Path(__file__).resolve().parents[2] / "configs" / "fused_triton.json"
+# float32 constants where both operands of an op are constants: Python floats would make
+# the result float64 under jax_enable_x64 (and the carries/cond branches mismatch).
+_ZERO, _ONE = np.float32(0), np.float32(1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,12 +134,7 @@ class LaunchClass:
 @functools.lru_cache(maxsize=None)
 def launch_classes() -> tuple[LaunchClass, ...]:
     """The launch classes of ``configs/fused_triton.json``."""
-    if not _CONFIG_FILE.exists():
-        raise FileNotFoundError(
-            f"jna's tile configs are missing: {_CONFIG_FILE} (install jna from its repository, "
-            f"e.g. pip install -e .)"
-        )
-    return tuple(LaunchClass(**c) for c in json.loads(_CONFIG_FILE.read_text())["classes"])
+    return tuple(LaunchClass(**c) for c in resources.read_json("fused_triton.json")["classes"])
 
 
 # ``with override_config(TritonConfig(...)):`` fused-triton calls use that config (tiles fitted
@@ -177,6 +174,13 @@ def _choose(params: semantics.NAParams, dim: int, tuned_speeds: tuple = ()) -> T
 def config_from_dict(fields: dict) -> TritonConfig:
     """A `TritonConfig` from its fields as stored in JSON (lists for the tiles)."""
     return TritonConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def config_source(problem: NAProblem) -> str:
+    """Where `default_config` takes this problem's config from (`tiling.config_source`)."""
+    return tiling.config_source(override_config, NAME, problem.params,
+                                max(problem.head_dim, problem.value_dim),
+                                jnp.dtype(problem.dtype).name, tuned_speeds=True)
 
 
 def default_config(problem: NAProblem) -> TritonConfig:
@@ -342,7 +346,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static
             # runs only when v holds a non-finite value.)
             def partial_tile(s, v):
                 allowed = geo.mask(windows, y)
-                bad = jnp.max(jnp.where(jnp.abs(v.astype(jnp.float32)) <= _F32_MAX, 0.0, 1.0), axis=1)
+                bad = jnp.max(jnp.where(jnp.abs(v.astype(jnp.float32)) <= _F32_MAX, _ZERO, _ONE), axis=1)
                 v = jnp.where(bad[:, None] > 0, jnp.zeros_like(v), v)
                 hits = jnp.max(jnp.where(allowed, bad[None, :], 0.0), axis=1)
                 return jnp.where(allowed, s, _MASK_VALUE), v, hits
@@ -454,6 +458,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
         return dk, dv
 
     def head_body(head, carry):
+        head = as_int32(head)  # static bounds: an int64 counter under jax_enable_x64
         return jax.lax.fori_loop(0, total, functools.partial(q_tile_body, head=head), carry)
 
     init = (
