@@ -81,10 +81,9 @@ LSE_ATOL = 2e-2
 def _simulate(name: str) -> dict:
     """Runs one case in the simulator (in the subprocess); returns its errors."""
     import jax
-    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
-    from jax.experimental.pallas import mosaic_gpu as plgpu
 
     import jna
+    from jna import compat
     from jna.arguments import check_call
     from jna.backends import fused_mosaic
     from jna_tests import oracle
@@ -96,14 +95,14 @@ def _simulate(name: str) -> dict:
                          cfg.is_causal, None, None, None, None)
     config = fused_mosaic.MosaicConfig(q_tile, kv_tile, stages, **(flags[0] if flags else {}))
     start = time.perf_counter()
-    sim = plgpu.InterpretGPUParams(detect_races=True)
+    sim = compat.mosaic_simulator(detect_races=True)
     (out, lse), vjp = jax.vjp(lambda q, k, v: fused_mosaic._run(q, k, v, problem, config, sim),
                               inp.q, inp.k, inp.v)
     grads = vjp((inp.dout.astype(out.dtype), inp.dlse))
     out, lse = np.asarray(out.astype(jnp.float32), np.float64), np.asarray(lse, np.float64)
     grads = [np.asarray(g.astype(jnp.float32), np.float64) for g in grads]
     seconds = time.perf_counter() - start
-    races = bool(interpret_pallas_call.get_races().races_found)
+    races = compat.simulator_races_found()
     o_out, o_lse = oracle_fwd(cfg, inp)
     o_grads = oracle_bwd(cfg, inp)[:3]
     up = lambda x: x.astype(jnp.float32)

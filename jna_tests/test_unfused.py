@@ -456,15 +456,13 @@ def test_kernels_lower_to_triton_for_cuda(dtype, monkeypatch):
     """Every unfused kernel (forward and backward, QK with rpb, AV) lowers to Triton IR for an
     sm90 GPU, cross-lowered from this machine with `jax.export` (Triton rejects what interpret
     mode accepts, e.g. non-power-of-two tensor shapes). Compiling the IR to PTX still needs the
-    GPU. Uses two private hooks: the GPU-info query and the backend's interpret switch."""
-    from types import SimpleNamespace
-
+    GPU. Uses two private hooks: the GPU-info query (`jna.compat.triton_lowering_for_cuda`) and
+    the backend's interpret switch."""
     from jax import export
 
+    from jna import compat
     from jna.backends import unfused
 
-    pcr = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
-    monkeypatch.setattr(pcr.gpu_info_lib, "get_gpu_info", lambda: SimpleNamespace(compute_capability=90))
     monkeypatch.setattr(unfused, "_interpret", lambda: False)
     spec = jax.ShapeDtypeStruct
     window = dict(kernel_size=(5, 7), stride=(1, 2), dilation=(2, 1), is_causal=(False, True))
@@ -482,8 +480,9 @@ def test_kernels_lower_to_triton_for_cuda(dtype, monkeypatch):
     }
     triton = "__gpu$xla.gpu.triton"
     for name, (fn, args) in calls.items():
-        exported = export.export(jax.jit(fn), platforms=["cuda"],
-                                 disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(*args)
+        with compat.triton_lowering_for_cuda(90):
+            exported = export.export(jax.jit(fn), platforms=["cuda"],
+                                     disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(*args)
         assert exported.mlir_module().count(triton) >= 3, name
 
 
