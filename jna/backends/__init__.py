@@ -13,6 +13,7 @@ None`` to let ``auto`` pass a call on to the next backend where it is measured s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import warnings
@@ -71,8 +72,21 @@ def _warn_reference_on_gpu(reasons: tuple[str, ...]) -> None:
         + "; ".join(reasons), stacklevel=4)
 
 
-def resolve(backend: str, problem: NAProblem) -> ModuleType:
-    """The backend module that will run ``problem``.
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """Which backend runs a call, and why the backends before it in `AUTO_ORDER` did not.
+
+    ``passed_over``: ``(name, reason)`` for each backend ``auto`` tried first (empty for an
+    explicitly named backend).
+    """
+
+    name: str
+    module: ModuleType
+    passed_over: tuple[tuple[str, str], ...] = ()
+
+
+def choose(backend: str, problem: NAProblem) -> Choice:
+    """The backend that will run ``problem``, with the reasons behind the choice.
 
     Raises:
       ValueError / NotImplementedError: for a bad name, or an explicit backend that is not
@@ -86,13 +100,12 @@ def resolve(backend: str, problem: NAProblem) -> ModuleType:
                 continue
             module = _load(name)
             declines = getattr(module, "auto_declines", lambda problem: None)
-            why = (None if module.runs_natively() else module.is_available()[1] or "emulated here") \
+            why = (None if module.runs_natively()
+                   else f"not native on this device ({module.is_available()[1] or 'emulated'})") \
                 or module.unsupported_reason(problem) or declines(problem)
             if why is None:
-                if name == "reference" and device.default_device().platform == "gpu":
-                    _warn_reference_on_gpu(tuple(passed_over))
-                return module
-            passed_over.append(f"{name}: {why}")
+                return Choice(name, module, tuple(passed_over))
+            passed_over.append((name, why))
         raise NotImplementedError("no jna backend supports this call")  # reference takes all
     module = _load(backend)
     available, why = module.is_available()
@@ -101,4 +114,13 @@ def resolve(backend: str, problem: NAProblem) -> ModuleType:
     reason = module.unsupported_reason(problem)
     if reason is not None:
         raise NotImplementedError(f"backend={backend!r} does not support this call: {reason}")
-    return module
+    return Choice(backend, module)
+
+
+def resolve(backend: str, problem: NAProblem) -> ModuleType:
+    """The backend module that will run ``problem`` (`choose`; ``auto`` warns once when it
+    runs the reference backend on a GPU)."""
+    choice = choose(backend, problem)
+    if backend == "auto" and choice.name == "reference" and device.default_device().platform == "gpu":
+        _warn_reference_on_gpu(tuple(f"{name}: {why}" for name, why in choice.passed_over))
+    return choice.module
