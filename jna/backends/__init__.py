@@ -100,8 +100,9 @@ def choose(backend: str, problem: NAProblem) -> Choice:
                 continue
             module = _load(name)
             declines = getattr(module, "auto_declines", lambda problem: None)
+            available, reason = module.is_available()
             why = (None if module.runs_natively()
-                   else f"not native on this device ({module.is_available()[1] or 'emulated'})") \
+                   else reason if not available else f"only emulated here ({reason})") \
                 or module.unsupported_reason(problem) or declines(problem)
             if why is None:
                 return Choice(name, module, tuple(passed_over))
