@@ -2,6 +2,8 @@
 #   make demo   # creates .venv (Python >= 3.12), installs jna, runs the demo on this device
 #   make test   # same set-up, then the test suite (CPU; Pallas kernels in interpret mode)
 # More:
+#   make test-full            # also the slow tier (the rest of the sweeps; every backend for the
+#                             # backend-independent checks)
 #   make smoke JAX=0.12.0.1   # build the wheel, install it into a fresh venv with that jax, run
 #                             # the smoke tier from outside the checkout (.ci/run: both jax ends)
 VENV := .venv
@@ -12,7 +14,7 @@ JAX ?= 0.12.0.1
 # checks the high end. Both ends are named here and in .ci/run only.
 JAX_SUITE := 0.11.2
 
-.PHONY: demo test smoke clean
+.PHONY: demo test test-full smoke clean
 
 $(VENV)/.installed: pyproject.toml scripts/find_python.sh Makefile
 	@python=$$(scripts/find_python.sh) && echo "using $$python" && "$$python" -m venv $(VENV)
@@ -24,6 +26,9 @@ demo: $(VENV)/.installed
 	$(PY) -m jna.demo
 
 test: $(VENV)/.installed
+	JAX_PLATFORMS=cpu $(PY) -m pytest -n $(PYTEST_WORKERS) -q -m "not gpu and not slow" jna_tests
+
+test-full: $(VENV)/.installed
 	JAX_PLATFORMS=cpu $(PY) -m pytest -n $(PYTEST_WORKERS) -q -m "not gpu" jna_tests
 
 smoke:

@@ -14,6 +14,7 @@ import dataclasses
 import os
 
 import jax
+import pytest
 import jax.numpy as jnp
 
 
@@ -93,3 +94,11 @@ def float32_backends() -> list[str]:
     and its simulator tests)."""
     return [n for n in active_backends() if jnp.float32 in BACKENDS[n].dtypes]
 
+
+
+def tiered(backends, fast=("reference",)) -> list:
+    """Backends as pytest params of a test whose subject is not the backend (jit/vmap/grad,
+    modules, window semantics): the ``fast`` ones run in ``make test``, the others are marked
+    ``slow`` and run in ``make test-full`` (every backend's own behaviour is covered in the fast
+    tier by the oracle sweep, the bad-input and the non-finite checks)."""
+    return [pytest.param(b, id=b, marks=() if b in fast else pytest.mark.slow) for b in backends]

@@ -12,7 +12,7 @@ import pytest
 
 import jna
 from jna_tests import oracle
-from jna_tests.backends import NOT_YET_BUILT, float32_backends, native_backends
+from jna_tests.backends import NOT_YET_BUILT, float32_backends, native_backends, tiered
 from jna_tests.common import (Config, assert_abs, assert_names, f64, make_inputs,
                               oracle_bwd, oracle_fwd)
 
@@ -32,7 +32,7 @@ def _ones_grads(cfg, inp):
     return oracle_bwd(cfg, type(inp)(**{**inp.__dict__, **ones}))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", tiered(BACKENDS))
 def test_jit_partial_and_static_argnames(backend, inp2):
     """jit through functools.partial and through static_argnames both match the oracle."""
     want, _ = oracle_fwd(CFG2, inp2)
@@ -44,7 +44,7 @@ def test_jit_partial_and_static_argnames(backend, inp2):
                "jit(static_argnames)")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", tiered(BACKENDS))
 def test_vmap_over_leading_axis(backend):
     """vmap over an extra leading axis equals the oracle on each slice."""
     cfg = Config((6, 5), (3, 2), (2, 1), (1, 2), (True, False), batch=2, heads=2, heads_kv=1)
@@ -58,7 +58,7 @@ def test_vmap_over_leading_axis(backend):
         assert_abs(lse[i], want_lse, 1e-4, f"vmap lse[{i}]")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", tiered(BACKENDS))
 @pytest.mark.parametrize("remat", [False, True], ids=["grad", "checkpoint"])
 def test_grad_and_checkpoint(backend, remat, inp2):
     """jax.grad of sum(out) wrt q, k, v (optionally under jax.checkpoint) matches the oracle."""
@@ -69,7 +69,7 @@ def test_grad_and_checkpoint(backend, remat, inp2):
         assert_abs(g, w, 1e-3, name)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", tiered(BACKENDS))
 @pytest.mark.parametrize("rank", [1, 2, 3])
 def test_neighborhood_attention_dispatches_on_rank(backend, rank):
     """neighborhood_attention takes the rank from q.ndim - 3 and matches the oracle."""
@@ -84,7 +84,7 @@ def test_neighborhood_attention_dispatches_on_rank(backend, rank):
     assert_abs(lse, want_lse, 1e-4, "lse", cfg)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", tiered(BACKENDS))
 def test_return_lse_and_default_scale(backend, inp2):
     """return_lse=False gives one array; True gives (out, float32 lse [B, *X, H]); the default
     scale is D ** -0.5 (with D_v != D, so using D_v would show)."""
@@ -102,7 +102,7 @@ def test_return_lse_and_default_scale(backend, inp2):
     assert_abs(out2, want2, 1e-4, "out (scale=1.3)")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", tiered(BACKENDS))
 def test_scalar_arguments_apply_to_every_axis(backend):
     """Scalar kernel_size/stride/dilation/is_causal mean the same value on every axis."""
     cfg = Config((6, 8, 7), (3,) * 3, (2,) * 3, (2,) * 3, (True,) * 3, heads=2, heads_kv=1)

@@ -14,7 +14,7 @@ import pytest
 
 import jna
 from jna_tests import oracle
-from jna_tests.backends import float32_backends
+from jna_tests.backends import float32_backends, tiered
 from jna_tests.common import assert_abs, assert_names, assert_rel_l2, f64
 
 
@@ -100,7 +100,7 @@ def test_params_and_output_shape(rank):
     assert module.apply(params, x).shape == x.shape
 
 
-@pytest.mark.parametrize("backend", float32_backends())
+@pytest.mark.parametrize("backend", tiered(float32_backends()))
 @pytest.mark.parametrize("rank", [1, 2, 3])
 def test_output_matches_hand_built_computation(rank, backend):
     """apply (eager and jitted) == qkv Dense -> oracle NA -> proj Dense, from the params."""
@@ -110,7 +110,7 @@ def test_output_matches_hand_built_computation(rank, backend):
     assert_abs(jax.jit(module.apply)(params, x), want, 1e-4, "jit(module.apply) out")
 
 
-@pytest.mark.parametrize("backend", float32_backends())
+@pytest.mark.parametrize("backend", tiered(float32_backends()))
 @pytest.mark.parametrize("rank", [1, 2, 3])
 def test_grads_wrt_params_and_input(rank, backend):
     """jax.grad of <out, dy> wrt params and x equals the hand-differentiated chain."""

@@ -19,7 +19,7 @@ import pytest
 
 from jna import semantics
 from jna_tests import oracle
-from jna_tests.backends import float32_backends
+from jna_tests.backends import float32_backends, tiered
 from jna_tests.common import Config, assert_abs, assert_names, make_inputs, na_fn
 
 
@@ -143,7 +143,7 @@ def _blocked_2d(q, k, v, bs, scale):
     return out.transpose(0, 1, 3, 2, 4, 5, 6).reshape(b, x0, x1, h, -1)
 
 
-@pytest.mark.parametrize("backend", float32_backends())
+@pytest.mark.parametrize("backend", tiered(float32_backends()))
 def test_library_blocked_equals_window_attention(backend):
     """na2d with stride = kernel_size and L % K == 0 equals attention within blocks."""
     cfg = Config((8, 9), (4, 3), (4, 3), (1, 1), (False, False), batch=2, heads=4, heads_kv=2,
@@ -155,7 +155,7 @@ def test_library_blocked_equals_window_attention(backend):
     assert_abs(out, want, 1e-4, "blocked out", cfg)
 
 
-@pytest.mark.parametrize("backend", float32_backends())
+@pytest.mark.parametrize("backend", tiered(float32_backends()))
 @pytest.mark.parametrize("rank", [1, 2, 3])
 def test_library_full_kernel_equals_self_attention(backend, rank):
     """K = L on every axis, non-causal: plain softmax attention over all tokens."""
@@ -169,7 +169,7 @@ def test_library_full_kernel_equals_self_attention(backend, rank):
     assert_abs(out, want, 1e-4, "full-attention out", cfg)
 
 
-@pytest.mark.parametrize("backend", float32_backends())
+@pytest.mark.parametrize("backend", tiered(float32_backends()))
 @pytest.mark.parametrize("causal", [False, True])
 def test_library_dilation_is_na_on_each_group(backend, causal):
     """Dilation d = NA with the same K, s on each sub-map x[g::d] (computed by the library)."""

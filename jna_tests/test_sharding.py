@@ -92,7 +92,8 @@ def _check(name, row) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("group", list(GROUPS))
+@pytest.mark.parametrize("group", [  # 1-D and 3-D in the full tier: 2-D covers the routes
+    pytest.param(g, marks=pytest.mark.slow if g in ("1d", "3d") else ()) for g in GROUPS])
 def test_sharded_matches_unsharded(group):
     rows, proc = _run_group(GROUPS[group])
     failures = []
@@ -201,6 +202,7 @@ def test_exported():
     assert jna.sharding is js
 
 
+@pytest.mark.slow
 def test_bench_sharding_cpu_smoke(tmp_path):
     """benchmarks/bench_sharding.py runs end to end on 8 virtual CPU devices (tiny shapes)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))

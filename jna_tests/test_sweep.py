@@ -22,6 +22,7 @@ from jna_tests.common import (Config, assert_abs, assert_rel_l2, make_inputs, or
                               oracle_fwd, run_na)
 
 MAX_EXTENT = {1: 48, 2: 24, 3: 10}
+FAST_CASES = 2  # float32 random cases per rank and backend in the fast tier
 
 
 def random_config(rank: int, index: int, caps) -> Config:
@@ -80,8 +81,11 @@ def _cases():
         caps = BACKENDS[backend]
         for rank in (1, 2, 3):
             for i in range(caps.cases[rank - 1] if jnp.float32 in caps.dtypes else 0):
+                # The first FAST_CASES per rank run in `make test` (with the edge cases they cover
+                # every feature axis); the rest of the sweep in `make test-full`.
                 yield pytest.param(backend, jnp.float32, random_config(rank, i, caps), i,
-                                   id=f"{backend}-f32-{rank}d-{i}")
+                                   id=f"{backend}-f32-{rank}d-{i}",
+                                   marks=() if i < FAST_CASES else pytest.mark.slow)
             for dtype in caps.dtypes:
                 if dtype == jnp.float32:
                     continue

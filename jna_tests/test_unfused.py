@@ -392,7 +392,8 @@ def _hand_module(params, x, kwargs, rank):
     return a @ p["proj"]["kernel"] + p["proj"]["bias"]
 
 
-@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("rank", [pytest.param(1, marks=pytest.mark.slow), 2,
+                                  pytest.param(3, marks=pytest.mark.slow)])
 def test_module_rel_pos_bias_param_and_output(rank, _exact_float32_matmuls):
     """rel_pos_bias=True adds a param rpb [heads, 2K-1, ...]; the output equals the float64
     chain with the bias from the params; gradients reach rpb (checked nonzero and finite)."""
