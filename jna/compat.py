@@ -19,6 +19,12 @@ here:
   without a GPU (`triton_lowering_for_cuda`); and the source locations of lowered code
   (`lowering_without_source_locations`), so that lowered kernels can be compared byte for byte
   across commits that move code but do not change it.
+
+Seen on the GPU under jax 0.12.0.1 and not bridged (nothing here can: it is XLA's), see
+``benchmarks/results/h200_install_check_2026-12-01.md``: XLA's Triton GEMM fusion returned wrong
+values for a small jitted float32 einsum chain (jna's ``additional_keys`` path is one; the
+workaround is ``XLA_FLAGS=--xla_gpu_enable_triton_gemm=false``), and fused-mosaic's backward ran
+about 2x slower than under 0.11.2.
 """
 
 from __future__ import annotations
