@@ -14,7 +14,7 @@ For each problem, forward and forward+backward (VJP of ``sum(out * dout)``) are 
 * batch-sharded: batch 4 over P devices (no communication).
 
 Every sharded result (output and the q/k/v gradients) is checked against the single-device one:
-relative L2 error <= 1e-2 in bf16 (DESIGN.md section 5); a failed check is reported in the table
+relative L2 error <= 1e-2 in bf16 (the suite's half-type tolerance); a failed check is reported in the table
 and makes the script exit non-zero. Writes ``bench_sharding.json`` and ``bench_sharding.md`` to
 ``--out`` and prints the markdown.
 

@@ -7,12 +7,19 @@ logsumexp when there are any.
 
 from __future__ import annotations
 
+from typing import Literal, Protocol, Sequence, overload
+
+import jax
+
 from jna import backends
 from jna.arguments import check_call
 from jna.dense import dense_attention
 from jna.merge import merge_attentions
 
 __all__ = ["na1d", "na2d", "na3d", "neighborhood_attention"]
+
+IntOrTuple = int | Sequence[int]
+BoolOrTuple = bool | Sequence[bool]
 
 
 def _neighborhood_attention(
@@ -32,23 +39,41 @@ def _neighborhood_attention(
     return (out, lse) if return_lse else out
 
 
+@overload
 def neighborhood_attention(
-    q,
-    k,
-    v,
-    kernel_size,
-    stride=1,
-    dilation=1,
-    is_causal=False,
-    scale=None,
-    additional_keys=None,
-    additional_values=None,
-    return_lse=False,
-    backend="auto",
-):
+    q: jax.Array, k: jax.Array, v: jax.Array, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+    dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, scale: float | None = None,
+    additional_keys: jax.Array | None = None, additional_values: jax.Array | None = None,
+    return_lse: Literal[False] = False, backend: str = "auto",
+) -> jax.Array: ...
+
+
+@overload
+def neighborhood_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+    dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, scale: float | None = None,
+    additional_keys: jax.Array | None = None, additional_values: jax.Array | None = None, *,
+    return_lse: Literal[True], backend: str = "auto",
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+def neighborhood_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    dilation: IntOrTuple = 1,
+    is_causal: BoolOrTuple = False,
+    scale: float | None = None,
+    additional_keys: jax.Array | None = None,
+    additional_values: jax.Array | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Neighborhood attention over a 1-D, 2-D or 3-D token grid (rank taken from ``q``).
 
-    Each query attends the ``prod(kernel_size)`` keys of its window (DESIGN.md section 1,
+    Each query attends the ``prod(kernel_size)`` keys of its window (docs/semantics.md,
     NATTEN 0.21 semantics), plus every additional key if given, in one softmax.
 
     Args:
@@ -84,7 +109,31 @@ def neighborhood_attention(
     )
 
 
-def _fixed_rank(rank: int):
+class FixedRankNA(Protocol):
+    """The type of `na1d`, `na2d`, `na3d`: `neighborhood_attention` for one rank."""
+
+    @overload
+    def __call__(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, kernel_size: IntOrTuple,
+        stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+        scale: float | None = None, additional_keys: jax.Array | None = None,
+        additional_values: jax.Array | None = None, return_lse: Literal[False] = False,
+        backend: str = "auto",
+    ) -> jax.Array: ...
+
+    @overload
+    def __call__(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, kernel_size: IntOrTuple,
+        stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+        scale: float | None = None, additional_keys: jax.Array | None = None,
+        additional_values: jax.Array | None = None, *, return_lse: Literal[True],
+        backend: str = "auto",
+    ) -> tuple[jax.Array, jax.Array]: ...
+
+    def __call__(self, *args, **kwargs) -> jax.Array | tuple[jax.Array, jax.Array]: ...
+
+
+def _fixed_rank(rank: int) -> FixedRankNA:
     def na(
         q,
         k,
@@ -115,6 +164,6 @@ def _fixed_rank(rank: int):
     return na
 
 
-na1d = _fixed_rank(1)
-na2d = _fixed_rank(2)
-na3d = _fixed_rank(3)
+na1d: FixedRankNA = _fixed_rank(1)
+na2d: FixedRankNA = _fixed_rank(2)
+na3d: FixedRankNA = _fixed_rank(3)

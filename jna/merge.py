@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 
 __all__ = ["merge_attentions"]
 
 
-def merge_attentions(outputs: Sequence[jnp.ndarray], lses: Sequence[jnp.ndarray]):
+def merge_attentions(outputs: Sequence[jax.Array], lses: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
     """Combines attentions over disjoint key sets into the attention over their union.
 
     With ``o_i = softmax(S_i) V_i`` and ``lse_i = logsumexp(S_i)`` per query row, the attention

@@ -1,4 +1,4 @@
-"""The rules of neighborhood attention, in one place (DESIGN.md section 1, NATTEN 0.21).
+"""The rules of neighborhood attention, in one place (docs/semantics.md, NATTEN 0.21).
 
 Everything that decides *which keys a query may attend* lives here:
 

@@ -18,12 +18,15 @@ query ``x`` and key ``y`` gains ``rpb[h, (y'_1 - x'_1) + K_1 - 1, ...]`` (group 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jna import backends, semantics
 from jna.arguments import check_av_call, check_qk_call, check_rpb
+from jna.functional import BoolOrTuple, IntOrTuple
 
 __all__ = [
     "na1d_qk", "na2d_qk", "na3d_qk", "na1d_av", "na2d_av", "na3d_av",
@@ -60,8 +63,10 @@ def relative_position_bias(rpb, params: semantics.NAParams):
     return jnp.moveaxis(bias, 0, -2)
 
 
-def neighborhood_attention_qk(q, k, kernel_size, stride=1, dilation=1, is_causal=False, rpb=None,
-                              scale=None):
+def neighborhood_attention_qk(q: jax.Array, k: jax.Array, kernel_size: IntOrTuple,
+                              stride: IntOrTuple = 1, dilation: IntOrTuple = 1,
+                              is_causal: BoolOrTuple = False, rpb: jax.Array | None = None,
+                              scale: float | None = None) -> jax.Array:
     """Attention logits of each query over its window (rank from ``q.ndim - 3``).
 
     Args:
@@ -83,7 +88,9 @@ def neighborhood_attention_qk(q, k, kernel_size, stride=1, dilation=1, is_causal
     return _qk(q, k, kernel_size, stride, dilation, is_causal, rpb, scale, rank=None)
 
 
-def neighborhood_attention_av(attn, v, kernel_size, stride=1, dilation=1, is_causal=False):
+def neighborhood_attention_av(attn: jax.Array, v: jax.Array, kernel_size: IntOrTuple,
+                              stride: IntOrTuple = 1, dilation: IntOrTuple = 1,
+                              is_causal: BoolOrTuple = False) -> jax.Array:
     """Weighted sum of each query's window values (rank from ``attn.ndim - 3``).
 
     Args:
@@ -115,7 +122,7 @@ def _av(attn, v, kernel_size, stride, dilation, is_causal, rank):
     return module.av(attn, v, problem)
 
 
-def _fixed_rank(rank: int, op: str):
+def _fixed_rank(rank: int, op: str) -> Callable[..., jax.Array]:
     axes = {1: "L", 2: "X, Y", 3: "X, Y, Z"}[rank]
     if op == "qk":
         def fn(q, k, kernel_size, stride=1, dilation=1, is_causal=False, rpb=None, scale=None):

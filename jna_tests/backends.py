@@ -33,7 +33,7 @@ class Capabilities:
       platforms: jax platforms ("cpu", "gpu") the backend runs on (interpret mode counts).
       interpreted_on_cpu: a Pallas backend that only interprets on CPU; large-problem tests
         (e.g. the 65k-token memory check) leave it out there.
-      lowp_rtol: relative L2 bound for bf16/fp16 outputs and gradients (DESIGN.md section 5).
+      lowp_rtol: relative L2 bound for bf16/fp16 outputs and gradients (the suite's tolerance for half types).
       same_value_dim: the backend needs D_v == D (the sweep draws equal dims; edge cases are
         run at ``head_dims[0]``).
     """

@@ -1,4 +1,4 @@
-"""Float64 brute-force oracle for neighborhood attention, written from DESIGN.md section 1.
+"""Float64 brute-force oracle for neighborhood attention, written from the rule in docs/semantics.md ("One axis").
 
 Deliberately independent of ``jna``: it does not import the library and re-derives the window
 rule from the design text with plain Python integers, one query at a time. It builds the dense
@@ -28,7 +28,7 @@ def per_axis(value, rank):
 
 
 def axis_allowed(x: int, y: int, L: int, K: int, s: int, d: int, causal: bool) -> bool:
-    """DESIGN.md section 1, one axis: may query ``x`` attend key ``y``?"""
+    """docs/semantics.md, one axis: may query ``x`` attend key ``y``?"""
     if x % d != y % d:  # rule 1: same dilation group
         return False
     g = x % d

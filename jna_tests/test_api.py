@@ -284,7 +284,7 @@ def test_large_map_never_materializes_n_by_n(backend):
 
 
 def test_auto_on_a_gpu_without_pallas_support_warns_and_runs_reference(monkeypatch):
-    """DESIGN.md section 3: on e.g. a T4 (sm75) neither Pallas backend runs; ``auto`` takes the
+    """docs/backends.md ("No silent fallback"): on e.g. a T4 (sm75) neither Pallas backend runs; ``auto`` takes the
     reference backend and says why in a warning (once per reason), an explicit one raises."""
     import types
 
@@ -301,3 +301,20 @@ def test_auto_on_a_gpu_without_pallas_support_warns_and_runs_reference(monkeypat
         assert backends.resolve("auto", problem).NAME == "reference"
     with pytest.raises(NotImplementedError, match="fused-triton.*cannot run on this machine"):
         backends.resolve("fused-triton", problem)
+
+
+def test_public_api_is_typed():
+    """Type hints on the public functions; ``return_lse=True`` types as a tuple (an overload),
+    also for the per-rank functions (their `FixedRankNA` protocol)."""
+    import typing
+
+    from jna import functional
+
+    for fn in (jna.neighborhood_attention, functional.FixedRankNA.__call__):
+        plain, with_lse = typing.get_overloads(fn)
+        assert typing.get_type_hints(plain)["return"] is jax.Array
+        assert typing.get_type_hints(with_lse)["return"] == tuple[jax.Array, jax.Array]
+    for fn in (jna.neighborhood_attention_qk, jna.neighborhood_attention_av, jna.merge_attentions,
+               jna.explain):
+        assert "return" in typing.get_type_hints(fn), fn.__name__
+    assert typing.get_type_hints(functional)["na2d"] is functional.FixedRankNA

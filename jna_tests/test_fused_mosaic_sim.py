@@ -74,7 +74,7 @@ SIM_CASES = {
                dim_v=64), (4, 16), (4, 16), 2, "bfloat16", {"persistent": True, "direct_layout": True}),
 }
 
-RTOL = 1e-2  # bf16/fp16 relative L2 (DESIGN.md section 5)
+RTOL = 1e-2  # bf16/fp16 relative L2 (the suite's half-type tolerance, jna_tests/backends.py)
 LSE_ATOL = 2e-2
 
 

@@ -1,6 +1,6 @@
 """Checks of the oracle itself, so that the rest of the suite can trust it.
 
-* The window rule against tables derived by hand from DESIGN.md section 1.
+* The window rule against tables derived by hand from the rule in docs/semantics.md.
 * The float64 forward and the hand-written backward against jax autodiff of a separately
   written dense masked-softmax formula, run in float64 (``jax.enable_x64``).
 """

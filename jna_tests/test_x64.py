@@ -38,7 +38,7 @@ from jna_tests.common import (
 )
 
 DTYPES = {"f32": jnp.float32, "f16": jnp.float16, "bf16": jnp.bfloat16}
-RTOL = 1e-2  # half types: relative L2 (DESIGN.md section 5)
+RTOL = 1e-2  # half types: relative L2 (the suite's half-type tolerance, jna_tests/backends.py)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -1,7 +1,7 @@
 """The `fused-mosaic` backend: fused NA with Pallas' Mosaic GPU backend (Hopper), forward and
 backward.
 
-Same data flow as `jna.backends.fused_triton` (DESIGN.md section 2), built for sm90:
+Same data flow as `jna.backends.fused_triton` (docs/fused_triton.md), built for sm90:
 
 1. `jna.plan.make_plan` tiles every axis; `jna.plan.permute` makes every Q/KV tile one
    contiguous run of ``[B * G, tiles * tile_tokens, H, D]``.

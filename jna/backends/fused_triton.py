@@ -1,6 +1,6 @@
 """The `fused-triton` backend: flash-style fused neighborhood attention with Pallas' Triton backend.
 
-Data flow (DESIGN.md section 2):
+Data flow (docs/fused_triton.md):
 
 1. `jna.plan.make_plan` tiles every axis (dilation groups folded into the batch) and lists, per
    axis, the KV tiles each Q tile visits, which pairs are *full*, and the transpose.

@@ -1,5 +1,5 @@
 """The fused Mosaic GPU backward kernels: dQ over each Q tile's KV visit list, dK/dV over each
-KV tile's transposed list (DESIGN.md section 2). Deterministic: no atomics; GQA sums dK/dV over
+KV tile's transposed list (docs/fused_triton.md, "Backward"). Deterministic: no atomics; GQA sums dK/dV over
 the query heads of a group inside the kernel.
 
 Both kernels are warp specialized like the forward: consumer warpgroups own 64 rows of the
