@@ -145,11 +145,10 @@ def bench_problem(p: problem_sets.Problem, dtype, budget_s: float, mem_limit: fl
         # Other tilings, to show whether the default choice leaves speed behind (not the bar).
         best = (row["unfused_ms"], row["tiles"])
         for cfg in candidate_configs(p):
-            # A fresh jitted function per tiling: the config is read at trace time.
-            fn = jax.jit(functools.partial(jna.neighborhood_attention, backend="unfused", **p.na_kwargs))
+            fn = jax.jit(functools.partial(jna.neighborhood_attention, backend=unfused.Unfused(cfg),
+                                           **p.na_kwargs))
             try:
-                with unfused.override_config(cfg):
-                    ms = round(_time(fn, (q, k, v), budget_s), 4)
+                ms = round(_time(fn, (q, k, v), budget_s), 4)
             except Exception as e:  # noqa: BLE001
                 _log(f"candidate {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 continue

@@ -57,22 +57,21 @@ def main() -> int:
         q, k, v, dout = (jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16) for key in keys)
         cfg = ft.TritonConfig((c.q_tokens,), (c.kv_tokens,), c.num_warps, c.num_stages,
                               c.bwd_num_warps, c.bwd_num_stages)
-        fn = functools.partial(jna.na1d, kernel_size=args.window, stride=args.window, backend="fused-triton")
+        fn = functools.partial(jna.na1d, kernel_size=args.window, stride=args.window, backend=ft.FusedTriton(cfg))
         flops = 4.0 * args.batch * args.heads * args.length * args.window * dim
 
         def loss(q, k, v, dout):
             return jnp.sum(fn(q, k, v).astype(jnp.float32) * dout.astype(jnp.float32))
 
-        with ft.override_config(cfg):
-            fwd = jax.jit(fn)
-            bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-            try:
-                t_fwd = median_ms(fwd, q, k, v, repeats=15, inner=5)
-                t_bwd = median_ms(bwd, q, k, v, dout, repeats=10, inner=3)
-            except Exception as e:  # noqa: BLE001 - a class that fails to compile gets speed 0
-                print(f"class {entry} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                entry["speed"] = 0
-                continue
+        fwd = jax.jit(fn)
+        bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        try:
+            t_fwd = median_ms(fwd, q, k, v, repeats=15, inner=5)
+            t_bwd = median_ms(bwd, q, k, v, dout, repeats=10, inner=3)
+        except Exception as e:  # noqa: BLE001 - a class that fails to compile gets speed 0
+            print(f"class {entry} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            entry["speed"] = 0
+            continue
         entry["speed"] = round(flops / (t_fwd * 1e-3) / 1e12, 1)
         entry["fwd_bwd_speed"] = round(3.5 * flops / (t_bwd * 1e-3) / 1e12, 1)
         rows.append(entry)

@@ -107,11 +107,11 @@ def measure(problem, name: str, mode: str, args, budget_s: float, memory_limit: 
 
 def tiles_used(problem, backend: str, dtype=jnp.bfloat16) -> str:
     """The tile config a fused backend runs ``problem`` with, and its tile efficiency ('' if none)."""
-    from jna.backends import fused_mosaic, fused_triton, tiling
-    modules = {"fused-triton": fused_triton, "fused-mosaic": fused_mosaic}
-    if backend not in modules:
+    from jna import backends
+    from jna.backends import tiling
+    if backend not in ("fused-triton", "fused-mosaic"):
         return ""
-    cfg = modules[backend].default_config(problem.na_problem(dtype))
+    cfg = backends.get(backend).config_for(problem.na_problem(dtype))
     eff = tiling.tile_efficiency(problem.params, cfg.q_tile, cfg.kv_tile)
     text = f"q{'x'.join(map(str, cfg.q_tile))} kv{'x'.join(map(str, cfg.kv_tile))}"
     if backend == "fused-mosaic":

@@ -46,9 +46,8 @@ def parts(problem, config=None):
     kernel = jax.jit(lambda qp, kp, vp: ft._fused(qp, kp, vp, st))
     out, lse = kernel(qp, kp, vp)
     unperm = jax.jit(lambda o: o if direct else planning.unpermute(o, plan, "q", call.spatial_shape, call.value_dim))
-    with ft.override_config(cfg):
-        full = jax.jit(functools.partial(jna.neighborhood_attention, backend="fused-triton", **problem.na_kwargs))
-        t_full = median_ms(full, q, k, v, repeats=20, inner=10)
+    full = jax.jit(functools.partial(jna.neighborhood_attention, backend=ft.FusedTriton(cfg), **problem.na_kwargs))
+    t_full = median_ms(full, q, k, v, repeats=20, inner=10)
     return {
         "config": f"q{cfg.q_tile} kv{cfg.kv_tile} w{cfg.num_warps} s{cfg.num_stages}",
         "layout": "direct" if direct else "permuted",

@@ -28,10 +28,10 @@ class Explanation:
 
     Attributes:
       backend: the backend that runs the call.
-      requested: the ``backend`` argument (``"auto"`` or a name).
+      requested: the ``backend`` argument (``"auto"``, a name, or a backend instance's repr).
       config: the backend's tile config for this call (None for the reference backend).
-      config_source: where that config comes from (an override, this device's tuned table,
-        or the calibrated launch classes).
+      config_source: where that config comes from (the instance's explicit config, this
+        device's tuned table, or the calibrated launch classes).
       passed_over: ``(backend, reason)`` for each faster backend ``auto`` did not take.
       device: the device kind the choice was made for.
       problem: the validated call (`jna.arguments.NAProblem`).
@@ -61,7 +61,8 @@ class Explanation:
 
 
 def explain(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-            additional_keys=None, additional_values=None, backend: str = "auto") -> Explanation:
+            additional_keys=None, additional_values=None,
+            backend: "str | backends.base.Backend" = "auto") -> Explanation:
     """Says which backend and tile config `jna.neighborhood_attention` would use for this call.
 
     Args: as `jna.neighborhood_attention` (q, k, v may be arrays or ``jax.ShapeDtypeStruct``:
@@ -77,9 +78,6 @@ def explain(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=N
     problem = check_call(q, k, v, kernel_size, stride, dilation, is_causal, scale,
                          additional_keys, additional_values, None)
     choice = backends.choose(backend, problem)
-    config = source = None
-    if hasattr(choice.module, "config_source"):
-        config = choice.module.default_config(problem)
-        source = choice.module.config_source(problem)
-    return Explanation(choice.name, backend, config, source, choice.passed_over,
-                       device.default_device().device_kind, problem)
+    return Explanation(choice.name, backend if isinstance(backend, str) else repr(backend),
+                       choice.backend.config_for(problem), choice.backend.config_source(problem),
+                       choice.passed_over, device.default_device().device_kind, problem)

@@ -12,6 +12,7 @@ from typing import Literal, Protocol, Sequence, overload
 import jax
 
 from jna import backends
+from jna.backends.base import Backend
 from jna.arguments import check_call
 from jna.dense import dense_attention
 from jna.merge import merge_attentions
@@ -20,6 +21,7 @@ __all__ = ["na1d", "na2d", "na3d", "neighborhood_attention"]
 
 IntOrTuple = int | Sequence[int]
 BoolOrTuple = bool | Sequence[bool]
+BackendArg = str | Backend  # a name, or a backend instance (with an explicit config)
 
 
 def _neighborhood_attention(
@@ -44,7 +46,7 @@ def neighborhood_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
     dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, scale: float | None = None,
     additional_keys: jax.Array | None = None, additional_values: jax.Array | None = None,
-    return_lse: Literal[False] = False, backend: str = "auto",
+    return_lse: Literal[False] = False, backend: BackendArg = "auto",
 ) -> jax.Array: ...
 
 
@@ -53,7 +55,7 @@ def neighborhood_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
     dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, scale: float | None = None,
     additional_keys: jax.Array | None = None, additional_values: jax.Array | None = None, *,
-    return_lse: Literal[True], backend: str = "auto",
+    return_lse: Literal[True], backend: BackendArg = "auto",
 ) -> tuple[jax.Array, jax.Array]: ...
 
 
@@ -69,7 +71,7 @@ def neighborhood_attention(
     additional_keys: jax.Array | None = None,
     additional_values: jax.Array | None = None,
     return_lse: bool = False,
-    backend: str = "auto",
+    backend: BackendArg = "auto",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Neighborhood attention over a 1-D, 2-D or 3-D token grid (rank taken from ``q``).
 
@@ -89,8 +91,10 @@ def neighborhood_attention(
       additional_keys: optional ``[B, N_extra, H_kv, D]`` attended by every query.
       additional_values: optional ``[B, N_extra, H_kv, D_v]``, given with ``additional_keys``.
       return_lse: also return the logsumexp of each query's logits.
-      backend: ``"auto"`` or a backend name (``jna.backends.KNOWN_BACKENDS``). An explicit
-        backend that cannot run the call raises instead of falling back.
+      backend: ``"auto"``, a backend name (``jna.backends.KNOWN_BACKENDS``), or a backend
+        instance carrying a tile config (``jna.backends.FusedTriton(TritonConfig(...))``: part of
+        what ``jax.jit`` sees as static, so a changed config retraces). An explicit backend that
+        cannot run the call raises instead of falling back.
 
     Returns:
       ``out`` ``[B, *X, H, D_v]`` in q's dtype, or ``(out, lse)`` with ``lse`` ``[B, *X, H]``
@@ -118,7 +122,7 @@ class FixedRankNA(Protocol):
         stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
         scale: float | None = None, additional_keys: jax.Array | None = None,
         additional_values: jax.Array | None = None, return_lse: Literal[False] = False,
-        backend: str = "auto",
+        backend: BackendArg = "auto",
     ) -> jax.Array: ...
 
     @overload
@@ -127,7 +131,7 @@ class FixedRankNA(Protocol):
         stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
         scale: float | None = None, additional_keys: jax.Array | None = None,
         additional_values: jax.Array | None = None, *, return_lse: Literal[True],
-        backend: str = "auto",
+        backend: BackendArg = "auto",
     ) -> tuple[jax.Array, jax.Array]: ...
 
     def __call__(self, *args, **kwargs) -> jax.Array | tuple[jax.Array, jax.Array]: ...

@@ -306,7 +306,7 @@ def _local_spatial(q, k, v, problem, h: Halo, method: str, module, axis_name: st
         coords[dim] = own_start + jnp.arange(n, dtype=jnp.int32)
         offsets = [0] * problem.rank
         offsets[dim] = own_start - h.left
-        return OFFSET_BACKENDS[module.NAME](q, k_ext, v_ext, problem, coords, offsets)
+        return OFFSET_BACKENDS[module.name](q, k_ext, v_ext, problem, coords, offsets)
 
     plan = slab_plan(problem.params, h.num_shards, dim)
     size = plan.size
@@ -339,7 +339,7 @@ def _spatial_route(backend: str, problem, h: Halo, method: str):
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}.")
     module = backends.resolve(backend, problem)
-    name = module.NAME
+    name = module.name
 
     def routes_for(name):
         plan = slab_plan(problem.params, h.num_shards, h.dim)

@@ -38,11 +38,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jna import plan as planning
-from jna import problem_sets
+from jna import backends, problem_sets
 from jna import tuned as jna_tuned
-from jna.backends import fused_mosaic, fused_triton, tiling, unfused
-from jna.backends.mosaic_common import direct_ok
 from jna.timing import budgeted_median_ms, fwd_bwd
 
 BACKENDS = ("fused-triton", "fused-mosaic", "unfused")
@@ -70,46 +67,19 @@ class Candidate:
 
 
 def candidates(backend: str, problem, shapes_per_class: int) -> list[Candidate]:
-    """Every launch class with its most tile-efficient per-axis tile shapes."""
-    params, dim = problem.params, problem.head_dim
-    out = []
-    if backend == "fused-triton":
-        classes = [c for c in fused_triton.launch_classes() if dim <= c.max_head_dim]
-        bucket = min(c.max_head_dim for c in classes)
-        for c in (c for c in classes if c.max_head_dim == bucket):
-            for eff, q_tile, kv_tile in tiling.ranked_tiles(params, c.q_tokens, c.kv_tokens, shapes_per_class):
-                cfg = fused_triton.TritonConfig(q_tile, kv_tile, c.num_warps, c.num_stages,
-                                                c.bwd_num_warps, c.bwd_num_stages)
-                out.append(Candidate(fused_triton.class_fields(c), cfg, eff))
-    elif backend == "unfused":
-        for fields, cfg, eff in unfused.tune_candidates(params, dim, shapes_per_class):
-            out.append(Candidate(fields, cfg, eff))
-    else:
-        for q_tokens, kv_tokens, stages, _ in fused_mosaic.launch_classes():
-            for eff, q_tile, kv_tile in tiling.ranked_tiles(params, q_tokens, kv_tokens, shapes_per_class):
-                fields = fused_mosaic.class_fields(q_tokens, kv_tokens, stages)
-                # Each shape also persistent, and where the tiles divide the map in the in-place
-                # (no permutation) layout.
-                layouts = [False, True] if direct_ok(planning.make_plan(params, q_tile, kv_tile)) else [False]
-                for direct in layouts:
-                    for persistent in (False, True):
-                        flags = {k: True for k, on in (("direct_layout", direct), ("persistent", persistent)) if on}
-                        out.append(Candidate(dict(fields, **flags),
-                                             fused_mosaic.MosaicConfig(q_tile, kv_tile, stages, **flags), eff))
-    return out
-
-
-def _module(backend: str):
-    return {"fused-triton": fused_triton, "fused-mosaic": fused_mosaic, "unfused": unfused}[backend]
+    """The backend's candidate configs for ``problem`` (`Backend.candidate_configs`)."""
+    na = problem.na_problem()
+    return [Candidate(fields, config, eff)
+            for fields, config, eff in backends.get(backend).candidate_configs(na, shapes_per_class)]
 
 
 def timed_call(backend: str, problem, config, objective: str, dtype):
     """``(jitted, args)``: the backend's call with ``config`` (or its default if None)."""
-    module = _module(backend)
+    op = backends.get(backend).with_config(config)
     na = problem.na_problem(dtype)
 
     def fwd(q, k, v):
-        return module.attention(q, k, v, na, config)[0]
+        return op.attention(q, k, v, na)[0]
 
     q, k, v, dout = problem.inputs(dtype)
     if objective == "fwd":
@@ -120,9 +90,8 @@ def timed_call(backend: str, problem, config, objective: str, dtype):
 def tune_problem(backend: str, problem, dtype, objective: str, shapes_per_class: int,
                  max_candidates: int | None, budget_s: float) -> dict:
     """Measures the candidates of one problem; returns the tuned-table entry (not yet written)."""
-    module = _module(backend)
     na = problem.na_problem(dtype)
-    reason = module.unsupported_reason(na)
+    reason = backends.get(backend).supports(na)
     if reason is not None:
         raise NotImplementedError(f"{backend} does not support {problem.name}: {reason}")
     cands = candidates(backend, problem, shapes_per_class)
@@ -137,7 +106,8 @@ def tune_problem(backend: str, problem, dtype, objective: str, shapes_per_class:
         if objective == "fwd":
             return jitted(*args).astype(jnp.float32)
         q, k, v, _ = args
-        return jax.jit(lambda q, k, v: module.attention(q, k, v, na, config)[0])(q, k, v).astype(jnp.float32)
+        op = backends.get(backend).with_config(config)
+        return jax.jit(lambda q, k, v: op.attention(q, k, v, na)[0])(q, k, v).astype(jnp.float32)
 
     default_call = timed_call(backend, problem, None, objective, dtype)
     expected = output(None, *default_call)
@@ -242,9 +212,8 @@ def main(argv=None) -> int:
         parser.error("--shape needs --kernel-size")
 
     dtype = jnp.dtype(args.dtype)
-    module = _module(args.backend)
     device = jax.devices()[0]
-    if not module.runs_natively() and not (args.allow_emulated or args.dry_run):
+    if not backends.get(args.backend).runs_natively() and not (args.allow_emulated or args.dry_run):
         parser.error(f"{args.backend} does not run natively on {device.device_kind}: its timings here "
                      f"would be meaningless (pass --dry-run, or --allow-emulated for tests)")
     problems = problems_from_args(args)

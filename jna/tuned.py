@@ -10,7 +10,7 @@ that choice, per (backend, rank, head dim, dtype):
    speeds measured by the tuner on this device (the mean over the tuned problems of that key)
    instead of the shipped calibration.
 
-An `override_config` of a backend still wins over both. The table is looked up by the device
+An explicit config (a backend instance such as ``FusedTriton(config)``) still wins over both. The table is looked up by the device
 kind of ``jax.devices()[0]`` (``"NVIDIA H200"`` -> ``nvidia_h200.json``) in two places:
 
 - the tables shipped with jna (package data, `jna.resources`: ``configs/tuned/`` in the repository);

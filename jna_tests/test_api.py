@@ -298,7 +298,7 @@ def test_auto_on_a_gpu_without_pallas_support_warns_and_runs_reference(monkeypat
     params = jna.semantics.normalize_params((8, 8), 3)
     problem = NAProblem(params, 1, 2, 2, 64, 64, jnp.dtype(jnp.bfloat16), 0.125, 0)
     with pytest.warns(UserWarning, match="reference backend .* fused-triton: needs an NVIDIA GPU"):
-        assert backends.resolve("auto", problem).NAME == "reference"
+        assert backends.resolve("auto", problem).name == "reference"
     with pytest.raises(NotImplementedError, match="fused-triton.*cannot run on this machine"):
         backends.resolve("fused-triton", problem)
 
@@ -318,3 +318,31 @@ def test_public_api_is_typed():
                jna.explain):
         assert "return" in typing.get_type_hints(fn), fn.__name__
     assert typing.get_type_hints(functional)["na2d"] is functional.FixedRankNA
+
+
+def test_a_changed_config_retraces_under_jit():
+    """A backend instance carries its tile config and is a static argument: jitting with another
+    config traces again (never silently keeps the first one's tiles), and both are exact."""
+    from jna.backends import FusedTriton, TritonConfig
+
+    cfg = Config((12, 10), (5, 4), (1, 1), (1, 1), (False, False), heads=2, heads_kv=2, dim=16, dim_v=16)
+    inp = make_inputs(cfg, jnp.float32, seed=4)
+    traced = []
+
+    def na(q, k, v, backend):
+        traced.append(backend)
+        return jna.na2d(q, k, v, kernel_size=(5, 4), backend=backend)
+
+    # The first Pallas call of a process registers jax config options (its trace context grows),
+    # which costs any jitted function one extra trace: make that call first.
+    jna.na2d(inp.q, inp.k, inp.v, kernel_size=(5, 4), backend="fused-triton")
+    run = jax.jit(na, static_argnames="backend")
+    want, _ = oracle_fwd(cfg, inp)
+    small, large = TritonConfig((4, 4), (4, 4)), TritonConfig((4, 8), (8, 8))
+    for config in (small, large, small):
+        assert_abs(run(inp.q, inp.k, inp.v, backend=FusedTriton(config)), want, 1e-4, str(config))
+    assert traced == [FusedTriton(small), FusedTriton(large)]  # the third call hit the cache
+    lowered = {c: run.lower(inp.q, inp.k, inp.v, backend=FusedTriton(c)).as_text() for c in (small, large)}
+    assert lowered[small] != lowered[large]
+    with pytest.raises(ValueError, match="FusedTriton takes TritonConfig"):
+        FusedTriton(object())

@@ -58,7 +58,7 @@ def _supported(backend, case, dtype) -> bool:
     """Whether ``backend`` takes the case (fused-mosaic: bf16/fp16 and D = D_v in {32, 64, 128})."""
     from jna import backends
 
-    return backends._load(backend).unsupported_reason(_problem(case, dtype)) is None
+    return backends.get(backend).supports(_problem(case, dtype)) is None
 
 
 def _large_cases():

@@ -247,14 +247,14 @@ def test_spatial_routes_never_fall_back_silently(monkeypatch):
     # What a GPU sees: fused-triton is available and `auto` resolves to it.
     monkeypatch.setattr(fused_triton, "is_available", lambda: (True, ""))
     real_resolve = backends.resolve
-    monkeypatch.setattr(backends, "resolve", lambda name, problem: fused_triton if name in (
+    monkeypatch.setattr(backends, "resolve", lambda name, problem: fused_triton.FusedTriton() if name in (
         "auto", "fused-triton") else real_resolve(name, problem))
     module, route = js._spatial_route("fused-triton", exact, h_exact, "auto")
-    assert (module.NAME, route) == ("fused-triton", "slab")
+    assert (module.name, route) == ("fused-triton", "slab")
     with pytest.raises(NotImplementedError, match="takes no query offset"):
         js._spatial_route("fused-triton", exact, h_exact, "offset")
     with pytest.raises(NotImplementedError, match="no exact slab"):
         js._spatial_route("fused-triton", inexact, h_inexact, "auto")
     with pytest.warns(UserWarning, match="using backend 'reference'"):
         module, route = js._spatial_route("auto", inexact, h_inexact, "auto")
-    assert (module.NAME, route) == ("reference", "offset")
+    assert (module.name, route) == ("reference", "offset")

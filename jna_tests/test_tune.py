@@ -114,16 +114,19 @@ def test_tuner_writes_its_best_measured_candidate(tmp_path):
     assert repr(fused_triton.config_from_dict(entry["config"])) in check.stdout, check.stderr[-2000:]
 
 
-def test_override_config_wins_over_tuned_entries(table_dir):
+def test_explicit_config_wins_over_tuned_entries(table_dir):
     tuned.write_entry(_entry(PROBLEM, {"q_tile": [4, 16], "kv_tile": [2, 16]}, []), "cpu")
-    with fused_triton.override_config(fused_triton.TritonConfig((16, 8), (16, 8), num_warps=8)):
-        got = fused_triton.default_config(PROBLEM.na_problem(jnp.float32))
+    na = PROBLEM.na_problem(jnp.float32)
+    assert fused_triton.FusedTriton().config_for(na).q_tile == (4, 16)  # the tuned entry
+    explicit = fused_triton.FusedTriton(fused_triton.TritonConfig((16, 8), (16, 8), num_warps=8))
+    got = explicit.config_for(na)
     assert (got.q_tile, got.kv_tile, got.num_warps) == ((16, 8), (16, 8), 8)
+    assert explicit.config_source(na).startswith("explicit")
     problem = problem_sets.Problem("m", 1, 2, 64, (32, 32), (9, 9), (1, 1), (1, 1), (False, False))
     tuned.write_entry(_entry(problem, {"q_tile": [8, 8], "kv_tile": [4, 16], "num_stages": 3}, [],
                              dtype="bfloat16", backend="fused-mosaic"), "cpu")
-    with fused_mosaic.override_config(fused_mosaic.MosaicConfig((4, 32), (2, 64), 2)):
-        got = fused_mosaic.default_config(problem.na_problem(jnp.bfloat16))
+    got = fused_mosaic.FusedMosaic(fused_mosaic.MosaicConfig((4, 32), (2, 64), 2)).config_for(
+        problem.na_problem(jnp.bfloat16))
     assert got == fused_mosaic.MosaicConfig((4, 32), (2, 32), 2)  # kv fitted to the 32-wide map
 
 

@@ -204,8 +204,8 @@ def test_window_wider_than_head_dims():
     assert_abs(jna.na1d_av(attn, v, 260), oracle.av(f64(attn), f64(v), table), 1e-4, "av K=260")
 
 
-def test_override_config_changes_tiles_not_results():
-    """unfused.override_config sets the tiles (fitted to the problem); results stay exact."""
+def test_explicit_config_changes_tiles_not_results():
+    """``Unfused(config)`` sets the tiles (fitted to the problem); results stay exact."""
     from jna.arguments import check_qk_call
     from jna.backends import unfused
     from jna.backends.fused_triton import TritonConfig
@@ -214,11 +214,10 @@ def test_override_config_changes_tiles_not_results():
     q, k, _, _, _, _, _ = _inputs(case, jnp.float32, seed=8)
     want = oracle.qk(f64(q), f64(k), case.table(), case.scale)
     problem = check_qk_call(q, k, *case.window().values(), case.scale, None)
-    with unfused.override_config(TritonConfig((16,), (32,))):
-        assert unfused.default_config(problem).q_tile == (16,)
-        assert unfused.default_config(problem).kv_tile == (32,)
-        got = jna.na1d_qk(q, k, **case.window(), scale=case.scale)
-    _masked_check(got, want, jnp.float32, "logits (q16 kv32)", case)
+    backend = unfused.Unfused(TritonConfig((16,), (32,)))
+    assert backend.config_for(problem).q_tile == (16,)
+    assert backend.config_for(problem).kv_tile == (32,)
+    _masked_check(backend.qk(q, k, problem), want, jnp.float32, "logits (q16 kv32)", case)
 
 
 # ---- the oracle itself --------------------------------------------------------------------------

@@ -1,14 +1,19 @@
-"""Backend registry and the choice behind ``backend="auto"``.
+"""The backend registry and the choice behind ``backend="auto"``.
 
-A backend module exposes ``NAME``, ``is_available() -> (bool, reason)``,
-``runs_natively() -> bool`` (False where it would only run emulated, e.g. Pallas interpret mode
-on a CPU: ``auto`` skips it there), ``unsupported_reason(problem) -> str | None`` and
-``attention(q, k, v, problem) -> (out, lse)`` (differentiable in q, k, v, and in both outputs).
+Every backend implements `jna.backends.base.Backend` (availability, ``supports``, a frozen tile
+config, ``default_config``/``candidate_configs``, ``attention``). The public API's ``backend=``
+takes a name (``"auto"``, ``"reference"``, ``"fused-triton"``, ``"fused-mosaic"``,
+``"unfused"``) or a backend instance, which may carry an explicit config::
+
+    jna.na2d(q, k, v, kernel_size=7, backend=jna.backends.FusedTriton(jna.backends.TritonConfig(
+        q_tile=(8, 8), kv_tile=(8, 8))))
 
 An explicitly named backend never falls back silently: if it cannot run the call, that is an
-error that says why. ``"auto"`` takes the first backend of `AUTO_ORDER` that is available on the
-current device and supports the call (a backend may also define ``auto_declines(problem) -> str |
-None`` to let ``auto`` pass a call on to the next backend where it is measured slower).
+error that says why. ``"auto"`` takes the first backend of `AUTO_ORDER` that runs natively on the
+current device, supports the call and does not decline it (``auto_declines``: measured slower).
+
+The backend classes are imported on first use (``jna.backends.FusedTriton`` loads the Pallas
+Triton backend then, not at ``import jna``).
 """
 
 from __future__ import annotations
@@ -17,51 +22,69 @@ import dataclasses
 import functools
 import importlib
 import warnings
-from types import ModuleType
 
 from jna.arguments import NAProblem
 from jna.backends import device
+from jna.backends.base import Backend
 
-# Every backend name jna knows, with the module that implements it (None: planned, not built).
-_MODULES: dict[str, str | None] = {
-    "reference": "jna.backends.reference",
-    "fused-mosaic": "jna.backends.fused_mosaic",
-    "fused-triton": "jna.backends.fused_triton",
-    "unfused": "jna.backends.unfused",  # not in AUTO_ORDER: explicit only
+__all__ = [
+    "Backend", "Reference", "FusedTriton", "FusedMosaic", "Unfused", "TritonConfig", "MosaicConfig",
+    "KNOWN_BACKENDS", "AUTO_ORDER", "built_backends", "native_backends", "get", "choose", "resolve",
+    "check_backend",
+]
+
+# Every backend name jna knows: the module and class that implement it.
+_CLASSES: dict[str, tuple[str, str]] = {
+    "reference": ("jna.backends.reference", "Reference"),
+    "fused-mosaic": ("jna.backends.fused_mosaic", "FusedMosaic"),
+    "fused-triton": ("jna.backends.fused_triton", "FusedTriton"),
+    "unfused": ("jna.backends.unfused", "Unfused"),  # not in AUTO_ORDER: explicit only
 }
+# Names importable from here, loaded on first use (PEP 562).
+_LAZY = {cls: module for module, cls in _CLASSES.values()} | {
+    "TritonConfig": "jna.backends.fused_triton", "MosaicConfig": "jna.backends.mosaic_common"}
 
 # Preference of "auto", fastest first.
 AUTO_ORDER = ("fused-mosaic", "fused-triton", "reference")
 
-KNOWN_BACKENDS = ("auto", *_MODULES)
+KNOWN_BACKENDS = ("auto", *_CLASSES)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jna.backends' has no attribute {name!r}")
 
 
 def built_backends() -> tuple[str, ...]:
     """Names of the backends that exist in this version of jna."""
-    return tuple(name for name, module in _MODULES.items() if module is not None)
+    return tuple(_CLASSES)
+
+
+def get(name: str) -> Backend:
+    """The backend named ``name`` with its default config (``get("fused-triton")``)."""
+    module, cls = _CLASSES[check_backend(name)]
+    return getattr(importlib.import_module(module), cls)()
 
 
 def native_backends() -> tuple[str, ...]:
     """Built backends that run natively on the current default device (not emulated)."""
-    return tuple(name for name in built_backends() if _load(name).runs_natively())
+    return tuple(name for name in built_backends() if get(name).runs_natively())
 
 
-def _load(name: str) -> ModuleType:
-    return importlib.import_module(_MODULES[name])
-
-
-def check_backend_name(backend) -> str:
-    """Validates a backend name; returns it. Unknown -> ValueError, planned -> NotImplementedError."""
+def check_backend(backend) -> str | Backend:
+    """Validates a ``backend=`` argument (a known name or a `Backend` instance); returns it."""
+    if isinstance(backend, Backend):
+        return backend
     if not isinstance(backend, str) or backend not in KNOWN_BACKENDS:
         raise ValueError(
-            f"backend={backend!r} is not a jna backend; choose one of {', '.join(map(repr, KNOWN_BACKENDS))}."
-        )
-    if backend != "auto" and _MODULES[backend] is None:
-        raise NotImplementedError(
-            f"backend={backend!r} is not built yet in this version of jna; built backends: "
-            f"{', '.join(map(repr, built_backends()))}."
-        )
+            f"backend={backend!r} is not a jna backend; choose one of "
+            f"{', '.join(map(repr, KNOWN_BACKENDS))} or pass a jna.backends.Backend instance "
+            f"(e.g. jna.backends.FusedTriton(config)).")
     return backend
+
+
+check_backend_name = check_backend  # the earlier name, kept for callers outside jna
 
 
 @functools.lru_cache(maxsize=64)
@@ -76,52 +99,52 @@ def _warn_reference_on_gpu(reasons: tuple[str, ...]) -> None:
 class Choice:
     """Which backend runs a call, and why the backends before it in `AUTO_ORDER` did not.
 
-    ``passed_over``: ``(name, reason)`` for each backend ``auto`` tried first (empty for an
-    explicitly named backend).
+    ``backend``: the instance that runs it; ``passed_over``: ``(name, reason)`` for each backend
+    ``auto`` tried first (empty for an explicit backend).
     """
 
-    name: str
-    module: ModuleType
+    backend: Backend
     passed_over: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def name(self) -> str:
+        return self.backend.name
 
-def choose(backend: str, problem: NAProblem) -> Choice:
+
+def choose(backend: str | Backend, problem: NAProblem) -> Choice:
     """The backend that will run ``problem``, with the reasons behind the choice.
 
     Raises:
       ValueError / NotImplementedError: for a bad name, or an explicit backend that is not
         available on this device or does not support the call (with the reason).
     """
-    backend = check_backend_name(backend)
+    backend = check_backend(backend)
     if backend == "auto":
         passed_over = []
         for name in AUTO_ORDER:
-            if _MODULES[name] is None:
-                continue
-            module = _load(name)
-            declines = getattr(module, "auto_declines", lambda problem: None)
-            available, reason = module.is_available()
-            why = (None if module.runs_natively()
+            candidate = get(name)
+            available, reason = candidate.is_available()
+            why = (None if candidate.runs_natively()
                    else reason if not available else f"only emulated here ({reason})") \
-                or module.unsupported_reason(problem) or declines(problem)
+                or candidate.supports(problem) or candidate.auto_declines(problem)
             if why is None:
-                return Choice(name, module, tuple(passed_over))
+                return Choice(candidate, tuple(passed_over))
             passed_over.append((name, why))
         raise NotImplementedError("no jna backend supports this call")  # reference takes all
-    module = _load(backend)
-    available, why = module.is_available()
+    instance = get(backend) if isinstance(backend, str) else backend
+    available, why = instance.is_available()
     if not available:
-        raise NotImplementedError(f"backend={backend!r} cannot run on this machine: {why}")
-    reason = module.unsupported_reason(problem)
+        raise NotImplementedError(f"backend={instance.name!r} cannot run on this machine: {why}")
+    reason = instance.supports(problem)
     if reason is not None:
-        raise NotImplementedError(f"backend={backend!r} does not support this call: {reason}")
-    return Choice(backend, module)
+        raise NotImplementedError(f"backend={instance.name!r} does not support this call: {reason}")
+    return Choice(instance)
 
 
-def resolve(backend: str, problem: NAProblem) -> ModuleType:
-    """The backend module that will run ``problem`` (`choose`; ``auto`` warns once when it
+def resolve(backend: str | Backend, problem: NAProblem) -> Backend:
+    """The backend instance that will run ``problem`` (`choose`; ``auto`` warns once when it
     runs the reference backend on a GPU)."""
     choice = choose(backend, problem)
     if backend == "auto" and choice.name == "reference" and device.default_device().platform == "gpu":
         _warn_reference_on_gpu(tuple(f"{name}: {why}" for name, why in choice.passed_over))
-    return choice.module
+    return choice.backend

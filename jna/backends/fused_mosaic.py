@@ -41,11 +41,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jna import plan as planning
 from jna import compat, resources
@@ -53,6 +53,7 @@ from jna import semantics
 from jna import tuned as jna_tuned
 from jna.arguments import NAProblem
 from jna.backends import device, mosaic_backward, mosaic_forward, tiling
+from jna.backends.base import Backend
 from jna.backends.mosaic_common import MosaicConfig, Static, direct_ok
 
 NAME = "fused-mosaic"
@@ -149,25 +150,17 @@ def config_from_dict(fields: dict) -> MosaicConfig:
     return MosaicConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
-# ``with override_config(MosaicConfig(...)):`` fused-mosaic calls use that config (tiles fitted
-# to each problem; at least one 64-row warpgroup of queries).
-override_config = tiling.ConfigOverride(min_tokens=64)
-
-
 def config_source(problem: NAProblem) -> str:
     """Where `default_config` takes this problem's config from (`tiling.config_source`)."""
-    return tiling.config_source(override_config, NAME, problem.params, problem.head_dim,
+    return tiling.config_source(NAME, problem.params, problem.head_dim,
                                 jnp.dtype(problem.dtype).name, tuned_speeds=True)
 
 
 def default_config(problem: NAProblem) -> MosaicConfig:
-    """The config for ``problem``: an active `override_config` (tiles fitted to the problem),
-    else this device's tuned config for exactly this problem (`jna.tuned`), else the class and
-    tiles that maximize ``tile efficiency * speed`` (speeds tuned on this device for the
-    problem's rank, head dim and dtype if the table has them, else `launch_classes`)."""
-    overridden = override_config.fitted(problem.params)
-    if overridden is not None:
-        return overridden
+    """The config for ``problem``: this device's tuned config for exactly this problem
+    (`jna.tuned`), else the class and tiles that maximize ``tile efficiency * speed`` (speeds
+    tuned on this device for the problem's rank, head dim and dtype if the table has them, else
+    `launch_classes`). An explicit config is given through `FusedMosaic(config)` instead."""
     dtype = jnp.dtype(problem.dtype).name
     found = jna_tuned.exact(NAME, problem.params, problem.head_dim, dtype)
     if found is not None:
@@ -312,3 +305,59 @@ def lower_for_gpu(problem: NAProblem, config: MosaicConfig | None = None, backwa
     args = (shape(problem.heads, problem.head_dim), shape(problem.kv_heads, problem.head_dim),
             shape(problem.kv_heads, problem.value_dim))
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+# ----------------------------------------------------------------------------------------------
+# The backend (the contract of `jna.backends.base`)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedMosaic(Backend):
+    """fused-mosaic: fused NA with Mosaic GPU (Hopper sm90: TMA, wgmma, warp specialization; the
+    Mosaic GPU simulator on a CPU). ``FusedMosaic(MosaicConfig(...))`` runs that config, tiles
+    fitted to each call (at least one 64-row warpgroup of queries)."""
+
+    config: MosaicConfig | None = None
+
+    name: ClassVar[str] = NAME
+    config_type: ClassVar[type] = MosaicConfig
+    min_tile_tokens: ClassVar[int] = 64
+
+    def is_available(self) -> tuple[bool, str]:
+        return is_available()
+
+    def runs_natively(self) -> bool:
+        return runs_natively()
+
+    def supports(self, problem: NAProblem) -> str | None:
+        return unsupported_reason(problem)
+
+    def auto_declines(self, problem: NAProblem) -> str | None:
+        return auto_declines(problem)
+
+    def default_config(self, problem: NAProblem) -> MosaicConfig:
+        return default_config(problem)
+
+    def default_config_source(self, problem: NAProblem) -> str:
+        return config_source(problem)
+
+    def candidate_configs(self, problem: NAProblem, shapes_per_class: int = 2) -> list:
+        """Every launch class with its most tile-efficient shapes, each also ``persistent`` and,
+        where the tiles divide the map, in the direct (no permutation) layout."""
+        out = []
+        for q_tokens, kv_tokens, stages, _ in launch_classes():
+            for eff, q_tile, kv_tile in tiling.ranked_tiles(problem.params, q_tokens, kv_tokens,
+                                                            shapes_per_class):
+                fields = class_fields(q_tokens, kv_tokens, stages)
+                plan = planning.make_plan(problem.params, q_tile, kv_tile)
+                for direct in ([False, True] if direct_ok(plan) else [False]):
+                    for persistent in (False, True):
+                        flags = {k: True for k, on in (("direct_layout", direct),
+                                                       ("persistent", persistent)) if on}
+                        out.append((dict(fields, **flags),
+                                    MosaicConfig(q_tile, kv_tile, stages, **flags), eff))
+        return out
+
+    def attention(self, q, k, v, problem: NAProblem):
+        return attention(q, k, v, problem, self.config_for(problem))

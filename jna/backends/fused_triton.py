@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -34,16 +35,17 @@ from jna import semantics
 from jna import tuned as jna_tuned
 from jna.arguments import NAProblem
 from jna.backends import device, tiling
+from jna.backends.base import Backend
 from jna.backends.tiling import (
     LN2 as _LN2,
     LOG2E as _LOG2E,
     MASK_VALUE as _MASK_VALUE,
-    ConfigOverride,
     Geometry,
     as_int32,
     axis_caps,
     choose_tiles,
     fit_tile,
+    ranked_tiles,
     ravel,
     unravel,
 )
@@ -137,11 +139,6 @@ def launch_classes() -> tuple[LaunchClass, ...]:
     return tuple(LaunchClass(**c) for c in resources.read_json("fused_triton.json")["classes"])
 
 
-# ``with override_config(TritonConfig(...)):`` fused-triton calls use that config (tiles fitted
-# to each problem).
-override_config = ConfigOverride(min_tokens=16)
-
-
 def class_fields(c: LaunchClass) -> dict:
     """A launch class without its speeds: what the autotuner measures and `jna.tuned` keys on."""
     fields = dataclasses.asdict(c)
@@ -178,22 +175,18 @@ def config_from_dict(fields: dict) -> TritonConfig:
 
 def config_source(problem: NAProblem) -> str:
     """Where `default_config` takes this problem's config from (`tiling.config_source`)."""
-    return tiling.config_source(override_config, NAME, problem.params,
+    return tiling.config_source(NAME, problem.params,
                                 max(problem.head_dim, problem.value_dim),
                                 jnp.dtype(problem.dtype).name, tuned_speeds=True)
 
 
 def default_config(problem: NAProblem) -> TritonConfig:
-    """The tile config for ``problem``.
-
-    An `override_config` if one is active (tiles fitted to the problem); else this device's tuned
-    config for exactly this problem (`jna.tuned`); else the launch class and per-axis tile shapes
-    that maximize ``tile efficiency * speed`` (speeds tuned on this device when the tuned table
-    has the problem's backend, rank, head dim and dtype; the shipped calibration otherwise).
+    """The tile config for ``problem``: this device's tuned config for exactly this problem
+    (`jna.tuned`); else the launch class and per-axis tile shapes that maximize ``tile efficiency
+    * speed`` (speeds tuned on this device when the tuned table has the problem's backend, rank,
+    head dim and dtype; the shipped calibration otherwise). An explicit config is given through
+    the backend instance instead (`FusedTriton(config)`).
     """
-    overridden = override_config.fitted(problem.params)
-    if overridden is not None:
-        return overridden
     dim = max(problem.head_dim, problem.value_dim)
     dtype = jnp.dtype(problem.dtype).name
     found = jna_tuned.exact(NAME, problem.params, dim, dtype)
@@ -703,3 +696,55 @@ def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None):
     out = planning.unpermute(out, plan, "q", spatial, problem.value_dim)
     lse = planning.unpermute(lse, plan, "q", spatial)
     return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# The backend (the contract of `jna.backends.base`)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedTriton(Backend):
+    """fused-triton: flash-style fused NA in Pallas Triton (NVIDIA sm80+; interpret mode on CPU).
+
+    ``FusedTriton()`` picks its config per call (`default_config`); ``FusedTriton(TritonConfig(...))``
+    runs that config, tiles fitted to each call.
+    """
+
+    config: TritonConfig | None = None
+
+    name: ClassVar[str] = NAME
+    config_type: ClassVar[type] = TritonConfig
+    min_tile_tokens: ClassVar[int] = 16  # Triton's dot needs 16 rows/columns
+
+    def is_available(self) -> tuple[bool, str]:
+        return is_available()
+
+    def runs_natively(self) -> bool:
+        return runs_natively()
+
+    def supports(self, problem: NAProblem) -> str | None:
+        return unsupported_reason(problem)
+
+    def default_config(self, problem: NAProblem) -> TritonConfig:
+        return default_config(problem)
+
+    def default_config_source(self, problem: NAProblem) -> str:
+        return config_source(problem)
+
+    def candidate_configs(self, problem: NAProblem, shapes_per_class: int = 2) -> list:
+        """Every launch class of the problem's head-dim bucket, each with its
+        ``shapes_per_class`` most tile-efficient per-axis shapes."""
+        classes = [c for c in launch_classes() if problem.head_dim <= c.max_head_dim]
+        bucket = min(c.max_head_dim for c in classes)
+        out = []
+        for c in (c for c in classes if c.max_head_dim == bucket):
+            for eff, q_tile, kv_tile in ranked_tiles(problem.params, c.q_tokens, c.kv_tokens,
+                                                     shapes_per_class):
+                cfg = TritonConfig(q_tile, kv_tile, c.num_warps, c.num_stages, c.bwd_num_warps,
+                                   c.bwd_num_stages)
+                out.append((class_fields(c), cfg, eff))
+        return out
+
+    def attention(self, q, k, v, problem: NAProblem):
+        return attention(q, k, v, problem, self.config_for(problem))

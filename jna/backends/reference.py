@@ -12,13 +12,16 @@ baseline of the benchmarks.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from jna import semantics
 from jna.arguments import NAProblem
+from jna.backends.base import Backend
 
 NAME = "reference"
 
@@ -177,3 +180,22 @@ def attention_window(q, k, v, problem: NAProblem, query_coords=None, key_offsets
     out = (acc / l[..., None]).reshape(batch, *local_shape, heads, value_dim)
     lse = (m + jnp.log(l)).reshape(batch, *local_shape, heads)
     return out.astype(q.dtype), lse
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference(Backend):
+    """reference: pure jax.numpy over each query's gathered window (any device; no tile config)."""
+
+    name: ClassVar[str] = NAME
+
+    def is_available(self) -> tuple[bool, str]:
+        return is_available()
+
+    def runs_natively(self) -> bool:
+        return runs_natively()
+
+    def supports(self, problem: NAProblem) -> str | None:
+        return unsupported_reason(problem)
+
+    def attention(self, q, k, v, problem: NAProblem):
+        return attention(q, k, v, problem)

@@ -9,7 +9,6 @@ from the packed plan tables, and the edge masks built from the window functions 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
@@ -42,50 +41,26 @@ def fit_tile(tile: tuple[int, ...], params: semantics.NAParams, min_tokens: int 
     return tuple(fitted)
 
 
-class ConfigOverride:
-    """A backend's stack of user tile configs: ``with override(config): ...`` (its
-    ``override_config``); `fitted` gives the innermost one, tiles fitted to a problem."""
-
-    def __init__(self, min_tokens: int):
-        self.min_tokens = min_tokens
-        self._stack: list = []
-
-    @contextlib.contextmanager
-    def __call__(self, config):
-        self._stack.append(config)
-        try:
-            yield
-        finally:
-            self._stack.pop()
-
-    def current(self):
-        """The innermost active config as given, or None."""
-        return self._stack[-1] if self._stack else None
-
-    def fitted(self, params: semantics.NAParams):
-        """The innermost active config with its tiles fitted to ``params`` (`fit_tile`), or None."""
-        base = self.current()
-        if base is None:
-            return None
-        if len(base.q_tile) != params.rank:
-            raise ValueError(f"tile config {base} does not have {params.rank} axes")
-        fit = lambda tile: fit_tile(tile, params, self.min_tokens)
-        return dataclasses.replace(base, q_tile=fit(base.q_tile), kv_tile=fit(base.kv_tile))
+def fit_config(config, params: semantics.NAParams, min_tokens: int):
+    """``config`` (any tile config with ``q_tile``/``kv_tile``) with its tiles fitted to
+    ``params`` (`fit_tile`): how an explicit config serves calls of other sizes."""
+    if len(config.q_tile) != params.rank or len(config.kv_tile) != params.rank:
+        raise ValueError(f"tile config {config} does not have {params.rank} axes (the call's rank).")
+    fit = lambda tile: fit_tile(tile, params, min_tokens)
+    return dataclasses.replace(config, q_tile=fit(config.q_tile), kv_tile=fit(config.kv_tile))
 
 
-def config_source(override: ConfigOverride, backend: str, params: semantics.NAParams,
-                  head_dim: int, dtype: str, tuned_speeds: bool) -> str:
-    """Where a tiled backend's `default_config` takes its config from, in words (`jna.explain`).
+def config_source(backend: str, params: semantics.NAParams, head_dim: int, dtype: str,
+                  tuned_speeds: bool) -> str:
+    """Where a tiled backend's default config comes from, in words (`jna.explain`).
 
-    The order is the one every tiled backend's ``default_config`` follows: an active override,
-    this device's tuned config for exactly this problem, then the chooser (tile efficiency x
-    class speed) with speeds tuned on this device (where the backend uses them, ``tuned_speeds``)
-    or the shipped calibration. ``head_dim`` and ``dtype`` are the backend's tuned-table key.
+    The order is the one every tiled backend's ``default_config`` follows: this device's tuned
+    config for exactly this problem, then the chooser (tile efficiency x class speed) with speeds
+    tuned on this device (where the backend uses them, ``tuned_speeds``) or the shipped
+    calibration. ``head_dim`` and ``dtype`` are the backend's tuned-table key.
     """
     from jna import tuned  # here, not at import: tuned reads the device
 
-    if override.current() is not None:
-        return "override_config"
     if tuned.exact(backend, params, head_dim, dtype) is not None:
         return "tuned table: this exact problem on this device"
     if tuned_speeds and tuned.class_speeds(backend, params.rank, head_dim, dtype):

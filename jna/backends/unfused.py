@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,8 @@ from jna import plan as planning
 from jna import tuned as jna_tuned
 from jna.arguments import NAProblem
 from jna.backends import device, fused_triton, tiling
-from jna.backends.tiling import ConfigOverride, Geometry, as_int32, ranked_tiles, ravel, unravel
+from jna.backends.base import Backend
+from jna.backends.tiling import Geometry, as_int32, ranked_tiles, ravel, unravel
 
 NAME = "unfused"
 
@@ -455,27 +457,18 @@ def _padded_dim(dim: int) -> int:
     return max(16, pl.next_power_of_2(dim))
 
 
-# ``with override_config(TritonConfig(...)):`` unfused calls use that config's tiles and launch
-# parameters (fitted to each problem like `fused_triton.override_config`, which this does not affect).
-override_config = ConfigOverride(min_tokens=16)
-
-
 def config_source(problem: NAProblem) -> str:
     """Where `default_config` takes this problem's config from (`tiling.config_source`)."""
-    return tiling.config_source(override_config, NAME, problem.params,
+    return tiling.config_source(NAME, problem.params,
                                 max(problem.head_dim, problem.value_dim),
                                 jnp.dtype(problem.dtype).name, tuned_speeds=False)
 
 
 def default_config(problem: NAProblem) -> fused_triton.TritonConfig:
-    """Tiles and launch parameters: an active `override_config`; else this device's tuned config
-    for exactly this problem (`jna.tuned`, backend ``"unfused"``, written by
+    """Tiles and launch parameters: this device's tuned config for exactly this problem (`jna.tuned`, backend ``"unfused"``, written by
     ``python -m jna.tune --backend unfused``); else fused-triton's chooser with its shipped
     calibration (tile efficiency x speed of the fused kernels: a proxy, these kernels were not
     calibrated as classes; fused-triton's own tuned entries are not used for them)."""
-    overridden = override_config.fitted(problem.params)
-    if overridden is not None:
-        return overridden
     dim = max(problem.head_dim, problem.value_dim)
     found = jna_tuned.exact(NAME, problem.params, dim, jnp.dtype(problem.dtype).name)
     if found is not None:
@@ -516,7 +509,7 @@ def _unpermute_slots(x, st: _Static, problem: NAProblem):
     return planning.unpermute(x, st.plan, "q", problem.spatial_shape)
 
 
-def qk(q, k, problem: NAProblem):
+def qk(q, k, problem: NAProblem, config: fused_triton.TritonConfig | None = None):
     """Neighborhood attention logits (``scale * q . k`` per window slot).
 
     Args:
@@ -527,14 +520,14 @@ def qk(q, k, problem: NAProblem):
       ``[B, *X, H, prod(K)]`` float32, slots in row-major window order; masked (causal) slots
       are ``-inf``. Differentiable in q and k.
     """
-    st = _static(problem)
+    st = _static(problem, config)
     dim = _padded_dim(problem.head_dim)
     qp = planning.permute(q, st.plan, "q", dim)
     kp = planning.permute(k, st.plan, "kv", dim)
     return _unpermute_slots(_qk_p(qp, kp, st), st, problem)
 
 
-def av(attn, v, problem: NAProblem):
+def av(attn, v, problem: NAProblem, config: fused_triton.TritonConfig | None = None):
     """Weighted sum of each query's window values.
 
     Args:
@@ -545,7 +538,7 @@ def av(attn, v, problem: NAProblem):
     Returns:
       ``[B, *X, H, D_v]`` in v's dtype. Differentiable in attn and v.
     """
-    st = _static(problem)
+    st = _static(problem, config)
     ap = planning.permute(attn, st.plan, "q")
     vp = planning.permute(v, st.plan, "kv", _padded_dim(problem.value_dim))
     out = _av_p(ap, vp, st)
@@ -577,3 +570,48 @@ def attention(q, k, v, problem: NAProblem, config: fused_triton.TritonConfig | N
     out = planning.unpermute(out, st.plan, "q", spatial, problem.value_dim)
     lse = planning.unpermute(lse, st.plan, "q", spatial)
     return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# The backend (the contract of `jna.backends.base`)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Unfused(Backend):
+    """unfused: QK (+ bias) / float32 softmax / AV Pallas Triton kernels, attention weights
+    exposed (`qk`, `av`: the public ``na*d_qk``/``na*d_av`` run these). Explicit only: not in
+    ``auto``. ``Unfused(TritonConfig(...))`` runs that config's tiles and launch parameters."""
+
+    config: fused_triton.TritonConfig | None = None
+
+    name: ClassVar[str] = NAME
+    config_type: ClassVar[type] = fused_triton.TritonConfig
+    min_tile_tokens: ClassVar[int] = 16
+
+    def is_available(self) -> tuple[bool, str]:
+        return is_available()
+
+    def runs_natively(self) -> bool:
+        return runs_natively()
+
+    def supports(self, problem: NAProblem) -> str | None:
+        return unsupported_reason(problem)
+
+    def default_config(self, problem: NAProblem) -> fused_triton.TritonConfig:
+        return default_config(problem)
+
+    def default_config_source(self, problem: NAProblem) -> str:
+        return config_source(problem)
+
+    def candidate_configs(self, problem: NAProblem, shapes_per_class: int = 2) -> list:
+        return tune_candidates(problem.params, problem.head_dim, shapes_per_class)
+
+    def attention(self, q, k, v, problem: NAProblem):
+        return attention(q, k, v, problem, self.config_for(problem))
+
+    def qk(self, q, k, problem: NAProblem):
+        return qk(q, k, problem, self.config_for(problem))
+
+    def av(self, attn, v, problem: NAProblem):
+        return av(attn, v, problem, self.config_for(problem))

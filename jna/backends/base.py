@@ -1,0 +1,102 @@
+"""The backend contract: what every jna backend is, and how a tile config reaches its kernels.
+
+A backend is a frozen (hashable) dataclass: its one field, ``config``, is the tile config the
+instance runs with (None: the backend chooses one per call, `default_config`). Because the
+instance is hashable and a `jax.jit` static argument, a changed config is a different
+``backend=`` value and always retraces::
+
+    from jna.backends import FusedTriton, TritonConfig
+    out = jna.na2d(q, k, v, kernel_size=7, backend=FusedTriton(TritonConfig((8, 8), (8, 8))))
+
+An explicit config's tiles are fitted to each call (`tiling.fit_tile`: a tile extent larger than
+the map, rounded up to a power of two, shrinks), so one config serves several problem sizes.
+
+The name table, ``"auto"`` and the choice between backends are in `jna.backends` (the registry).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar
+
+from jna.arguments import NAProblem
+
+__all__ = ["Backend"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend(abc.ABC):
+    """One jna backend (see the module docstring).
+
+    Attributes:
+      config: the tile config (the backend's ``config_type``), or None for `default_config`.
+    """
+
+    config: Any = None
+
+    name: ClassVar[str]
+    config_type: ClassVar[type | None] = None  # None: the backend has no tile config
+    min_tile_tokens: ClassVar[int] = 1  # smallest Q/KV tile an explicit config is fitted down to
+
+    def __post_init__(self):
+        if self.config is not None and (self.config_type is None
+                                        or not isinstance(self.config, self.config_type)):
+            want = self.config_type.__name__ if self.config_type else "no config"
+            raise ValueError(f"{type(self).__name__} takes {want}, got config={self.config!r}.")
+
+    # -- where it runs ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def is_available(self) -> tuple[bool, str]:
+        """``(available, reason)`` on the current default device (the reason says how or why not)."""
+
+    @abc.abstractmethod
+    def runs_natively(self) -> bool:
+        """False where it would only run emulated (Pallas interpret mode on a CPU)."""
+
+    @abc.abstractmethod
+    def supports(self, problem: NAProblem) -> str | None:
+        """None if the backend runs ``problem``, else the reason it does not."""
+
+    def auto_declines(self, problem: NAProblem) -> str | None:
+        """A reason for ``auto`` to prefer the next backend (measured slower here), or None."""
+        return None
+
+    # -- tile configs ----------------------------------------------------------------------------
+
+    def default_config(self, problem: NAProblem):
+        """The config the backend picks for ``problem`` (heuristic, then the tuned table)."""
+        return None
+
+    def default_config_source(self, problem: NAProblem) -> str | None:
+        """Where `default_config` takes its config from, in words."""
+        return None
+
+    def candidate_configs(self, problem: NAProblem, shapes_per_class: int = 2) -> list:
+        """``[(class_fields, config, tile_efficiency)]`` for the tuner (`jna.tune`)."""
+        return []
+
+    def config_for(self, problem: NAProblem):
+        """The config this instance runs ``problem`` with: its own, fitted, or the default."""
+        if self.config is None:
+            return self.default_config(problem)
+        from jna.backends import tiling
+
+        return tiling.fit_config(self.config, problem.params, self.min_tile_tokens)
+
+    def config_source(self, problem: NAProblem) -> str | None:
+        if self.config is not None:
+            return "explicit config (tiles fitted to the call)"
+        return self.default_config_source(problem)
+
+    def with_config(self, config) -> "Backend":
+        return dataclasses.replace(self, config=config)
+
+    # -- the op ----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def attention(self, q, k, v, problem: NAProblem):
+        """``(out, lse)`` for the validated call ``problem``, differentiable in q, k, v and in
+        both outputs: q ``[B, *X, H, D]``, k/v ``[B, *X, H_kv, D/D_v]`` -> out ``[B, *X, H, D_v]``
+        in q's dtype, lse ``[B, *X, H]`` float32."""
