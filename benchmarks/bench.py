@@ -46,7 +46,7 @@ def _progress(*args):
 
 
 def resolve_problem_files(spec: str) -> list[str]:
-    """Problem-set names (`jna.problem_sets.set_names`) or paths of JSON files."""
+    """Problem-set names (`jna.tuning.problem_sets.set_names`) or paths of JSON files."""
     files = []
     for item in (s for s in spec.split(",") if s):
         if item not in problem_sets.set_names() and not pathlib.Path(item).is_file():

@@ -4,7 +4,7 @@
         [--backend auto] [--method auto] [--repeats 10] [--cpu-smoke]
 
 For each problem, forward and forward+backward (VJP of ``sum(out * dout)``) are timed
-(median of synchronized repeats after warm-up, `jna.timing.median_ms`):
+(median of synchronized repeats after warm-up, `jna.tuning.timing.median_ms`):
 
 * on one device (the baseline, batch 1 and batch 4);
 * ``1`` in ``--gpus``: through `jna.sharding` on a mesh of one device (the sharded code path with
@@ -48,7 +48,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 import jna  # noqa: E402
 from benchmarks import problems as problem_sets  # noqa: E402
 from jna import sharding as js  # noqa: E402
-from jna.timing import median_ms  # noqa: E402
+from jna.tuning.timing import median_ms  # noqa: E402
 
 RTOL = 1e-2
 SMOKE = {

@@ -12,7 +12,7 @@ speedup (with the default tiling; a few other tilings are timed too, for informa
 
 Problems whose unfused forward would not fit in ``--mem-limit-gb`` (float32 logits and weights,
 ``2 * B * N * H * prod(K) * 4`` bytes, plus q/k/v/out) are skipped and reported as such.
-Timing: `jna.timing.median_ms` (synchronized batches after warm-up) on random inputs.
+Timing: `jna.tuning.timing.median_ms` (synchronized batches after warm-up) on random inputs.
 
 Writes ``bench_unfused.json`` and ``bench_unfused.md`` into ``--out`` (default ``$OUT`` or
 ``benchmarks/results``) and prints the markdown table last. ``--tiny`` runs two small problems
@@ -41,10 +41,10 @@ import jax.numpy as jnp  # noqa: E402
 
 import jna  # noqa: E402
 from benchmarks import problems as problem_sets  # noqa: E402
-from jna.backends import unfused  # noqa: E402
-from jna.backends.fused_triton import TritonConfig  # noqa: E402
+from jna.backends.triton import unfused as unfused  # noqa: E402
+from jna.backends.triton.fused import TritonConfig  # noqa: E402
 from jna.backends.tiling import axis_caps, tile_efficiency, tile_shapes  # noqa: E402
-from jna.timing import median_ms  # noqa: E402
+from jna.tuning.timing import median_ms  # noqa: E402
 
 # (rank, dtype kind) -> minimum average speedup of unfused over reference (issue 5).
 BAR = {(1, "float32"): 9.95, (2, "float32"): 3.72, (1, "half"): 5.96, (2, "half"): 2.13}
@@ -139,7 +139,7 @@ def bench_problem(p: problem_sets.Problem, dtype, budget_s: float, mem_limit: fl
         row["speedup"] = round(row["reference_ms"] / row["unfused_ms"], 2)
     problem = jna.arguments.check_call(q, k, v, *p.na_kwargs.values(), None, None, None, None)
     row["tiles"] = _describe(p, unfused.default_config(problem))
-    if jna.tuned.exact(unfused.NAME, problem.params, max(problem.head_dim, problem.value_dim), name):
+    if jna.tuning.tables.exact(unfused.NAME, problem.params, max(problem.head_dim, problem.value_dim), name):
         row["tiles"] += " (tuned)"
     if candidates and row.get("unfused_ms"):
         # Other tilings, to show whether the default choice leaves speed behind (not the bar).

@@ -22,8 +22,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import jna  # noqa: E402
-from jna.backends import fused_triton as ft  # noqa: E402
-from jna.timing import median_ms  # noqa: E402
+from jna.backends.triton import fused as ft  # noqa: E402
+from jna.tuning.timing import median_ms  # noqa: E402
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "fused_triton.json"
 

@@ -6,7 +6,7 @@
 Writes ``gpu_check.json`` and ``gpu_check.md`` (device, jax version, date, commit) to ``--out``
 and prints the markdown table last. Commit them under ``benchmarks/results/``.
 
-Timing: median of repeated synchronized batches after warm-up (`jna.timing.median_ms`), on
+Timing: median of repeated synchronized batches after warm-up (`jna.tuning.timing.median_ms`), on
 random inputs; speedups are over cuDNN dense attention measured in the same run.
 """
 

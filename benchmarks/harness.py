@@ -3,7 +3,7 @@ forward and forward+backward functions, timing within a budget, and a memory-fit
 
 Used by `benchmarks/bench.py` (the benchmark CLI) and `benchmarks/gpu_check.py`.
 
-Timing: `jna.timing.median_ms` (synchronized batches after warm-up) on random inputs, never on
+Timing: `jna.tuning.timing.median_ms` (synchronized batches after warm-up) on random inputs, never on
 zeros. Forward+backward is the jitted VJP of ``sum(out * dout)`` with ``dout`` an argument (not a
 constant XLA could fold), i.e. the q, k and v gradients.
 """
@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 import jna
-from jna.timing import budgeted_median_ms as time_ms
-from jna.timing import fwd_bwd
+from jna.tuning.timing import budgeted_median_ms as time_ms
+from jna.tuning.timing import fwd_bwd
 
 MODES = ("fwd", "fwd_bwd")
 FWD_BWD_FLOP_FACTOR = 3.5  # problems.json: forward+backward counts as 3.5x the forward

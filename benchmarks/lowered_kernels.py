@@ -6,7 +6,7 @@
 For each public problem (``configs/problems/public.json``) and each Pallas backend that supports
 it (fused-mosaic: bf16, head dim 64/128; fused-triton and unfused: bf16 and float32), the
 forward and backward kernels (a VJP of out and lse) are lowered for CUDA at the tiles the backend
-would choose on an H200 (the shipped tuned table, `jna.tuned`), and the StableHLO module is
+would choose on an H200 (the shipped tuned table, `jna.tuning.tables`), and the StableHLO module is
 hashed with its source locations stripped (`jna.compat.lowering_without_source_locations`):
 Mosaic GPU checks layouts, wgmma shapes, TMA boxes and the SMEM budget while lowering, and the
 Triton lowering checks Triton's shape rules. Two dumps with equal hashes mean the kernels that
@@ -33,8 +33,12 @@ import jax
 import jax.numpy as jnp
 from jax import export
 
-from jna import compat, problem_sets, tuned
-from jna.backends import fused_mosaic, fused_triton, unfused
+from jna import compat
+from jna.tuning import problem_sets
+from jna.tuning import tables as tuned
+from jna.backends.mosaic import op as fused_mosaic
+from jna.backends.triton import fused as fused_triton
+from jna.backends.triton import unfused as unfused
 
 DEVICE_KIND = "NVIDIA H200"  # whose tuned tiles to lower at
 TRITON_CALL = "__gpu$xla.gpu.triton"

@@ -31,9 +31,12 @@ import numpy as np  # noqa: E402
 import jna  # noqa: E402
 from jna import plan as planning  # noqa: E402
 from jna.arguments import check_call  # noqa: E402
-from jna.backends import device, fused_mosaic, mosaic_backward, mosaic_forward, tiling  # noqa: E402
-from jna.backends.mosaic_common import MosaicConfig  # noqa: E402
-from jna.timing import median_ms  # noqa: E402
+from jna.backends import device, tiling  # noqa: E402
+from jna.backends.mosaic import op as fused_mosaic
+from jna.backends.mosaic import backward as mosaic_backward
+from jna.backends.mosaic import forward as mosaic_forward
+from jna.backends.mosaic.common import MosaicConfig  # noqa: E402
+from jna.tuning.timing import median_ms  # noqa: E402
 
 # (name, shape, kernel, stride, dilation, causal, heads, kv heads, head_dim, dtype, config or None)
 CHECKS = (

@@ -2,7 +2,7 @@
 
     python benchmarks/mosaic_profile.py [--problems 2d-flux,2d-flux-gna]
 
-Columns (ms, median of synchronized batches, `jna.timing.budgeted_median_ms`): ``total`` the forward as users call it
+Columns (ms, median of synchronized batches, `jna.tuning.timing.budgeted_median_ms`): ``total`` the forward as users call it
 (`jna.neighborhood_attention`, backend fused-mosaic: isfinite check, permutations, kernel);
 ``kernel`` the forward kernel alone on permuted tensors; ``no-mask`` the same kernel with every
 tile pair treated as full (wrong results: the cost of the edge masks is the difference);
@@ -38,8 +38,10 @@ import numpy as np  # noqa: E402
 import jna  # noqa: E402
 from benchmarks.mosaic_bench import _problem_of, _random, public_problems  # noqa: E402
 from jna import plan as planning  # noqa: E402
-from jna.backends import fused_mosaic, mosaic_backward, mosaic_forward  # noqa: E402
-from jna.timing import budgeted_median_ms  # noqa: E402
+from jna.backends.mosaic import op as fused_mosaic  # noqa: E402
+from jna.backends.mosaic import backward as mosaic_backward
+from jna.backends.mosaic import forward as mosaic_forward
+from jna.tuning.timing import budgeted_median_ms  # noqa: E402
 
 
 def all_full(plan: planning.TilePlan) -> planning.TilePlan:
@@ -73,7 +75,7 @@ def mean_steps(plan: planning.TilePlan) -> float:
 
 
 def _timed(budget_s: float, fn, *args) -> float:
-    """Median ms of ``fn(*args)``, calls under 20 ms batched (`jna.timing.budgeted_median_ms`):
+    """Median ms of ``fn(*args)``, calls under 20 ms batched (`jna.tuning.timing.budgeted_median_ms`):
     a millisecond kernel timed one synchronized call at a time would be mostly dispatch."""
     return budgeted_median_ms(fn, args, budget_s)
 

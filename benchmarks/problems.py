@@ -1,3 +1,3 @@
-"""Benchmark problems: `jna.problem_sets` (kept here for the benchmark scripts' imports)."""
+"""Benchmark problems: `jna.tuning.problem_sets` (kept here for the benchmark scripts' imports)."""
 
-from jna.problem_sets import Problem, load, set_names  # noqa: F401
+from jna.tuning.problem_sets import Problem, load, set_names  # noqa: F401

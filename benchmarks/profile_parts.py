@@ -22,9 +22,9 @@ import jna  # noqa: E402
 from benchmarks import problems as problem_sets  # noqa: E402
 from jna import plan as planning  # noqa: E402
 from jna.arguments import check_call  # noqa: E402
-from jna.backends import fused_triton as ft  # noqa: E402
+from jna.backends.triton import fused as ft  # noqa: E402
 from jna.backends import tiling  # noqa: E402
-from jna.timing import median_ms  # noqa: E402
+from jna.tuning.timing import median_ms  # noqa: E402
 
 
 def parts(problem, config=None):

@@ -7,7 +7,7 @@ Public API:
     jna.natten_weights loads NATTEN's PyTorch module weights into either.
   explain: which backend and tile config a call runs with, and why.
   na1d_qk/na2d_qk/na3d_qk, na1d_av/na2d_av/na3d_av: unfused ops exposing the attention logits
-    (with optional relative positional bias) and applying weights (jna.unfused).
+    (with optional relative positional bias) and applying weights (jna.qk_av).
   semantics: the exact window rules (NATTEN 0.21), usable on host and in kernels.
   sharding: the same ops over a device mesh (batch/head parallel, spatial halo exchange).
 """
@@ -18,7 +18,7 @@ from jna.backends import KNOWN_BACKENDS, built_backends
 from jna.explain import explain
 from jna.functional import na1d, na2d, na3d, neighborhood_attention
 from jna.merge import merge_attentions
-from jna.unfused import (
+from jna.qk_av import (
     na1d_av,
     na1d_qk,
     na2d_av,

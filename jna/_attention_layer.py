@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jna import semantics
 from jna.functional import neighborhood_attention
-from jna.unfused import neighborhood_attention_av, neighborhood_attention_qk
+from jna.qk_av import neighborhood_attention_av, neighborhood_attention_qk
 
 
 def rpb_init(key, shape, dtype=jnp.float32):

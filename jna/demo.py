@@ -20,7 +20,7 @@ import numpy as np
 
 import jna
 from jna import backends, semantics
-from jna.timing import median_ms
+from jna.tuning.timing import median_ms
 
 
 def _na_mask(params: semantics.NAParams) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Thin over the functional core: a fused QKV projection, `jna.neighborhood_attention`, and an
 output projection with dropout. With ``rel_pos_bias=True`` the layer has NATTEN 0.17's relative
-positional bias ``rpb`` and attends through the unfused ops instead (`jna.unfused`: logits with
+positional bias ``rpb`` and attends through the unfused ops instead (`jna.qk_av`: logits with
 bias -> float32 softmax -> weighted sum). The computation is shared with the NNX modules of
 `jna.nnx` (same weights, same outputs); `jna.natten_weights` loads NATTEN's PyTorch weights.
 
@@ -46,7 +46,7 @@ class _NeighborhoodAttention(nn.Module):
         through ``deterministic`` (here or at call time, as in flax's attention modules).
       rel_pos_bias: add NATTEN 0.17's relative positional bias, a parameter ``rpb`` of shape
         ``[num_heads, 2K_1 - 1, ..., 2K_n - 1]`` initialized by ``rpb_init``; the layer then runs
-        the unfused ops (`jna.unfused`) and ignores ``backend``. Non-causal, stride 1 only
+        the unfused ops (`jna.qk_av`) and ignores ``backend``. Non-causal, stride 1 only
         (otherwise NotImplementedError).
       backend: jna backend (``"auto"`` by default).
       dtype: computation dtype (None: inferred from inputs and params).

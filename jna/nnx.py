@@ -53,7 +53,7 @@ class _NeighborhoodAttention(nnx.Module):
         as `flax.nnx.MultiHeadAttention`).
       rel_pos_bias: add NATTEN 0.17's relative positional bias, a parameter ``rpb`` of shape
         ``[num_heads, 2K_1 - 1, ..., 2K_n - 1]`` initialized by ``rpb_init``; the layer then runs
-        the unfused ops (`jna.unfused`) and ignores ``backend``. Non-causal, stride 1 only
+        the unfused ops (`jna.qk_av`) and ignores ``backend``. Non-causal, stride 1 only
         (otherwise NotImplementedError at call time).
       backend: jna backend (``"auto"`` by default).
       dtype: computation dtype (None: inferred from inputs and params).

@@ -10,8 +10,8 @@ checkout's own ``configs/`` is read.
 Layout (relative to the root)::
 
     fused_triton.json, fused_mosaic.json   launch classes of the fused backends
-    tuned/<device>.json                    tuned tables shipped per device (`jna.tuned`)
-    problems/<set>.json                    benchmark problem sets (`jna.problem_sets`)
+    tuned/<device>.json                    tuned tables shipped per device (`jna.tuning.tables`)
+    problems/<set>.json                    benchmark problem sets (`jna.tuning.problem_sets`)
 
 Tables written by the tuner go to a user-writable cache instead (`user_cache_dir`), never into
 the installed package.

@@ -1,4 +1,4 @@
-"""CPU checks of the fused-mosaic kernels (`jna.backends.fused_mosaic`), no GPU needed.
+"""CPU checks of the fused-mosaic kernels (`jna.backends.mosaic.op`), no GPU needed.
 
 1. Simulation: tiny 1-D/2-D/3-D problems (stride, dilation, causal, GQA, padding, one and two
    consumer warpgroups, 2 and 3 pipeline stages, ring wrap-around, bf16 and fp16, D 64 and 128)
@@ -85,7 +85,7 @@ def _simulate(name: str) -> dict:
     import jna
     from jna import compat
     from jna.arguments import check_call
-    from jna.backends import fused_mosaic
+    from jna.backends.mosaic import op as fused_mosaic
     from jna_tests import oracle
     from jna_tests.common import make_inputs, oracle_bwd, oracle_fwd
 
@@ -188,7 +188,7 @@ def test_cases_cover_the_pipeline():
     warpgroups, and visit tile pairs that skip the mask in 1-D and in 2-D."""
     from jna import plan as planning
     from jna.arguments import check_call
-    from jna.backends import fused_mosaic
+    from jna.backends.mosaic import op as fused_mosaic
     from jna_tests.common import make_inputs
 
     wraps, unmasked_ranks = set(), set()
@@ -229,7 +229,7 @@ def _public_problems():
 
 @pytest.mark.parametrize("name", [p["name"] for p in _public_problems()])
 def test_public_problem_lowers_for_gpu(name):
-    from jna.backends import fused_mosaic
+    from jna.backends.mosaic import op as fused_mosaic
 
     p = next(p for p in _public_problems() if p["name"] == name)
     problem = _problem(p["shape"], p["kernel_size"], p["stride"], p["dilation"], p["is_causal"],
@@ -241,7 +241,7 @@ def test_public_problem_lowers_for_gpu(name):
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("tokens", [(128, 128, 2), (128, 64, 3), (64, 128, 2), (64, 64, 3)])
 def test_tile_classes_lower_for_gpu(tokens, dim):
-    from jna.backends import fused_mosaic
+    from jna.backends.mosaic import op as fused_mosaic
 
     q_tokens, kv_tokens, stages = tokens
     problem = _problem((48, 40), (13, 9), (1, 3), (1, 2), (True, False), dim=dim,
@@ -256,7 +256,7 @@ def test_tile_classes_lower_for_gpu(tokens, dim):
 def test_direct_layout_lowers_for_gpu_on_public_problems(name, q_tile, kv_tile):
     """The direct layout's per-run TMA copies pass Mosaic GPU's lowering checks (TMA boxes,
     SMEM slices, barriers) at the public problems' tuned tiles; the permuted path is unchanged."""
-    from jna.backends import fused_mosaic
+    from jna.backends.mosaic import op as fused_mosaic
 
     p = next(p for p in _public_problems() if p["name"] == name)
     problem = _problem(p["shape"], p["kernel_size"], p["stride"], p["dilation"], p["is_causal"],
@@ -270,7 +270,7 @@ def test_direct_layout_lowers_for_gpu_on_public_problems(name, q_tile, kv_tile):
     ("1d-long", (128,), (128,), False), ("1d-long-gna", (128,), (64,), False),
     ("2d-flux-gna", (8, 16), (16, 8), True), ("3d-hunyuan", (8, 4, 4), (2, 8, 8), False)])
 def test_persistent_forward_lowers_for_gpu_on_public_problems(name, q_tile, kv_tile, direct):
-    from jna.backends import fused_mosaic
+    from jna.backends.mosaic import op as fused_mosaic
 
     p = next(p for p in _public_problems() if p["name"] == name)
     problem = _problem(p["shape"], p["kernel_size"], p["stride"], p["dilation"], p["is_causal"],
@@ -283,7 +283,7 @@ def test_persistent_forward_lowers_for_gpu_on_public_problems(name, q_tile, kv_t
 
 
 def test_direct_layout_only_where_tiles_divide_the_map():
-    from jna.backends import fused_mosaic
+    from jna.backends.mosaic import op as fused_mosaic
 
     direct = lambda problem, q, kv: fused_mosaic._static(
         problem, fused_mosaic.MosaicConfig(q, kv, 2, direct_layout=True), None).direct
@@ -296,7 +296,7 @@ def test_direct_layout_only_where_tiles_divide_the_map():
 
 
 def test_three_stages_of_128x128_fit_at_d128_and_four_do_not():
-    from jna.backends import fused_mosaic
+    from jna.backends.mosaic import op as fused_mosaic
 
     problem = _problem((4096,), 512)
     fused_mosaic.lower_for_gpu(problem, fused_mosaic.MosaicConfig((128,), (128,), 3))
@@ -305,7 +305,7 @@ def test_three_stages_of_128x128_fit_at_d128_and_four_do_not():
 
 
 def test_default_config_and_support():
-    from jna.backends import fused_mosaic
+    from jna.backends.mosaic import op as fused_mosaic
 
     for problem in (_problem((5, 6), 3, dim=64), _problem((30, 48, 80), (18, 24, 24)),
                     _problem((32768,), 2048)):
@@ -324,7 +324,7 @@ if __name__ == "__main__":  # the simulation subprocess: one JSON line per case
 def test_tile_cursor_walks_the_visit_list_in_order():
     """The forward consumers' division-free cursor visits the same KV tiles, in the same order,
     as the unravelled step index the producer uses."""
-    from jna.backends import mosaic_common
+    from jna.backends.mosaic import common as mosaic_common
 
     class _Axis:
         def __init__(self, n):

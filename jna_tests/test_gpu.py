@@ -171,7 +171,7 @@ def test_mosaic_layout_variants_match_reference(case, flags):
     tile and barrier) and/or ``persistent`` (one CTA per SM looping over Q tiles) against the
     reference backend: forward, lse and gradients."""
     from jna.arguments import check_call
-    from jna.backends import fused_mosaic
+    from jna.backends.mosaic import op as fused_mosaic
 
     shape, ks, st, ca, q_tile, kv_tile = case
     keys = jax.random.split(jax.random.key(7), 4)

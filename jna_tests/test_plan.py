@@ -19,7 +19,7 @@ import pytest
 import jna
 from jna import plan as planning
 from jna import semantics
-from jna.backends import fused_triton as ft
+from jna.backends.triton import fused as ft
 from jna.backends import tiling
 from jna_tests import oracle
 

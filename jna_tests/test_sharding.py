@@ -230,7 +230,7 @@ def _route_problem(length, kernel_size, stride):
 def test_spatial_routes_never_fall_back_silently(monkeypatch):
     """Explicit backends raise when neither route applies; ``auto`` falls back with a warning."""
     from jna import backends
-    from jna.backends import fused_triton
+    from jna.backends.triton import fused as fused_triton
 
     exact = _route_problem(48, 5, 1)  # 4 shards: the slab route is exact
     inexact = _route_problem(48, 5, 5)  # stride groups straddle the 12-row shards

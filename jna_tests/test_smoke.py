@@ -24,8 +24,10 @@ import numpy as np
 import pytest
 
 import jna
-from jna import problem_sets, resources, tuned
-from jna_tests.common import (Config, assert_abs, assert_rel_l2, make_inputs, oracle_bwd,
+from jna import resources
+from jna.tuning import problem_sets
+from jna.tuning import tables as tuned
+from jna_tests.common import (Config, assert_abs, make_inputs, oracle_bwd,
                               oracle_fwd, run_na)
 
 CASE = Config((7, 9), (3, 4), (1, 2), (2, 1), (False, True), batch=1, heads=2, heads_kv=1,
@@ -99,7 +101,7 @@ def test_shipped_problem_sets_load():
 def test_tuned_table_lookup(monkeypatch, tmp_path):
     """The H200 table shipped as package data answers for its problems; a user table (written
     where the tuner writes, never into the package) is read over it."""
-    from jna.backends import fused_mosaic
+    from jna.backends.mosaic import op as fused_mosaic
 
     monkeypatch.setenv("JNA_TUNED_DIR", str(tmp_path))
     monkeypatch.setattr(tuned, "device_slug", lambda kind=None: "nvidia_h200")

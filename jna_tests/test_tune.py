@@ -1,5 +1,5 @@
-"""Tuned tile tables (`jna.tuned`) steer the fused backends' config choice; the autotuner
-(`python -m jna.tune`) writes them. On CPU the tuner times interpret-mode kernels (meaningless
+"""Tuned tile tables (`jna.tuning.tables`) steer the fused backends' config choice; the autotuner
+(`python -m jna.tuning`) writes them. On CPU the tuner times interpret-mode kernels (meaningless
 numbers, so it needs ``--allow-emulated``): these tests check the mechanics, not speed."""
 
 from __future__ import annotations
@@ -14,8 +14,12 @@ import sys
 import jax.numpy as jnp
 import pytest
 
-from jna import problem_sets, tune, tuned
-from jna.backends import fused_mosaic, fused_triton, unfused
+from jna.tuning import problem_sets
+from jna.tuning import tuner as tune
+from jna.tuning import tables as tuned
+from jna.backends.mosaic import op as fused_mosaic
+from jna.backends.triton import fused as fused_triton
+from jna.backends.triton import unfused as unfused
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROBLEM = problem_sets.Problem("p", 1, 2, 16, (16, 16), (5, 5), (1, 1), (1, 1), (False, False))
@@ -85,7 +89,7 @@ def test_mosaic_reads_exact_entries(table_dir):
 
 def _tune(*args, table_dir):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JNA_TUNED_DIR=str(table_dir))
-    return subprocess.run([sys.executable, "-m", "jna.tune", "--backend", "fused-triton", *args],
+    return subprocess.run([sys.executable, "-m", "jna.tuning", "--backend", "fused-triton", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -106,7 +110,7 @@ def test_tuner_writes_its_best_measured_candidate(tmp_path):
     # a fresh process reads it back for that problem
     check = subprocess.run(
         [sys.executable, "-c",
-         "import jax.numpy as jnp; from jna import problem_sets; from jna.backends import fused_triton as f;"
+         "import jax.numpy as jnp; from jna.tuning import problem_sets; from jna.backends.triton import fused as f;"
          "p = problem_sets.Problem('p', 1, 2, 16, (16, 16), (5, 5), (1, 1), (1, 1), (False, False));"
          "print(f.default_config(p.na_problem(jnp.float32)))"],
         cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu", JNA_TUNED_DIR=str(tmp_path)),

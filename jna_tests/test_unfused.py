@@ -207,8 +207,8 @@ def test_window_wider_than_head_dims():
 def test_explicit_config_changes_tiles_not_results():
     """``Unfused(config)`` sets the tiles (fitted to the problem); results stay exact."""
     from jna.arguments import check_qk_call
-    from jna.backends import unfused
-    from jna.backends.fused_triton import TritonConfig
+    from jna.backends.triton import unfused as unfused
+    from jna.backends.triton.fused import TritonConfig
 
     case = CASES["1d-causal-strided"]
     q, k, _, _, _, _, _ = _inputs(case, jnp.float32, seed=8)
@@ -461,7 +461,7 @@ def test_kernels_lower_to_triton_for_cuda(dtype, monkeypatch):
     from jax import export
 
     from jna import compat
-    from jna.backends import unfused
+    from jna.backends.triton import unfused as unfused
 
     monkeypatch.setattr(unfused, "_interpret", lambda: False)
     spec = jax.ShapeDtypeStruct
@@ -538,7 +538,7 @@ def test_gpu_unfused_against_reference(case, dtype):
     if any(np.atleast_1d(ca)) or any(np.atleast_1d(st) != 1):
         return
     # rpb on the GPU: logits with bias minus logits without bias is the gathered bias, and the
-    # bias gradient equals autodiff of jna.unfused.relative_position_bias (pure jax gather).
+    # bias gradient equals autodiff of jna.qk_av.relative_position_bias (pure jax gather).
     kk = tuple(np.broadcast_to(ks, (len(shape),)))
     rpb = jax.random.normal(keys[4], (heads, *(2 * k_ - 1 for k_ in kk)), jnp.float32)
     qk = functools.partial(jna.neighborhood_attention_qk, kernel_size=ks, stride=st, dilation=dl)
@@ -546,7 +546,7 @@ def test_gpu_unfused_against_reference(case, dtype):
     with_bias, vjp = jax.vjp(lambda r: qk(q, k, rpb=r), rpb)
     (drpb,) = vjp(dlog)
     params = jna.semantics.normalize_params(shape, ks, st, dl, ca)
-    bias, vjp_b = jax.vjp(lambda r: jna.unfused.relative_position_bias(r, params), rpb)
+    bias, vjp_b = jax.vjp(lambda r: jna.qk_av.relative_position_bias(r, params), rpb)
     np.testing.assert_allclose(with_bias - qk(q, k), jnp.broadcast_to(bias, with_bias.shape),
                                atol=1e-4, rtol=0)
     (want,) = vjp_b(dlog.sum(0))

@@ -244,7 +244,7 @@ def test_fused_mosaic_lowers_for_gpu(variant):
     """The GPU kernels (forward, dQ, dK/dV) lower for CUDA with x64 on: a 2-D GQA problem with
     stride, dilation and a causal axis at its default config; the direct-layout persistent
     forward on a problem the tiles divide."""
-    from jna.backends import fused_mosaic
+    from jna.backends.mosaic import op as fused_mosaic
 
     if variant == "default-gqa":
         problem = _mosaic_problem((20, 24), (5, 7), (1, 3), (2, 1), (False, True), 4, 2, 64)
@@ -266,7 +266,7 @@ def _simulate() -> dict:
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     from jna.arguments import check_call
-    from jna.backends import fused_mosaic
+    from jna.backends.mosaic import op as fused_mosaic
 
     cfg = SIM_CFG
     inp = make_inputs(cfg, jnp.bfloat16, seed=14)

@@ -20,7 +20,7 @@ cp -r "$root/jna_tests" /tmp/jna_suite/
 cd /tmp/jna_suite
 python3 - <<'PY' 2>&1 | tee "$out/explain.log"
 import jax, jax.numpy as jnp, jna
-from jna import problem_sets
+from jna.tuning import problem_sets
 print(f"jax {jax.__version__}, jna from {jna.__file__}, device {jax.devices()[0].device_kind}")
 for p in problem_sets.load("public"):
     spec = jax.ShapeDtypeStruct((p.batch, *p.shape, p.heads, p.head_dim), jnp.bfloat16)

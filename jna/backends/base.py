@@ -74,7 +74,7 @@ class Backend(abc.ABC):
         return None
 
     def candidate_configs(self, problem: NAProblem, shapes_per_class: int = 2) -> list:
-        """``[(class_fields, config, tile_efficiency)]`` for the tuner (`jna.tune`)."""
+        """``[(class_fields, config, tile_efficiency)]`` for the tuner (`jna.tuning.tuner`)."""
         return []
 
     def config_for(self, problem: NAProblem):

@@ -59,7 +59,7 @@ def config_source(backend: str, params: semantics.NAParams, head_dim: int, dtype
     tuned on this device (where the backend uses them, ``tuned_speeds``) or the shipped
     calibration. ``head_dim`` and ``dtype`` are the backend's tuned-table key.
     """
-    from jna import tuned  # here, not at import: tuned reads the device
+    from jna.tuning import tables as tuned  # here, not at import: tuned reads the device
 
     if tuned.exact(backend, params, head_dim, dtype) is not None:
         return "tuned table: this exact problem on this device"

@@ -1,13 +1,13 @@
-"""Autotuner: measure a backend's tile configs on this GPU and store the best (`jna.tuned`).
+"""Autotuner: measure a backend's tile configs on this GPU and store the best (`jna.tuning.tables`).
 
-    python -m jna.tune --backend fused-mosaic --problems public --names 2d-flux,3d-hunyuan
-    python -m jna.tune --backend fused-triton --shape 128,128 --kernel-size 13 --heads 8 --head-dim 64
+    python -m jna.tuning --backend fused-mosaic --problems public --names 2d-flux,3d-hunyuan
+    python -m jna.tuning --backend fused-triton --shape 128,128 --kernel-size 13 --heads 8 --head-dim 64
         [--dtype bfloat16] [--objective fwd|fwd_bwd] [--shapes-per-class 2] [--max-candidates N]
         [--budget-s 1] [--table PATH] [--dry-run]
 
 Backends: fused-triton, fused-mosaic, unfused. For each problem, the candidates are every launch
 class of the backend (``configs/fused_*.json``; for fused-triton the classes of the problem's
-head-dim bucket; for unfused `jna.backends.unfused.TUNE_CLASSES`), each with its
+head-dim bucket; for unfused `jna.backends.triton.unfused.TUNE_CLASSES`), each with its
 ``--shapes-per-class`` most tile-efficient per-axis tile shapes (fused-mosaic: each also ``persistent``, and with
 ``direct_layout`` where the tiles divide the map). Each candidate's forward output is first compared with the default config's
 (rejected beyond ``MAX_REL_L2``); then it runs the backend's real call (token permutation
@@ -18,9 +18,9 @@ compile or run are reported and skipped. Progress goes to stderr.
 The best candidate, its time, the default (untuned) choice's time and every class's measured speed
 (TFLOP/s at full tile efficiency) are written to the user's table, ``<user cache>/tuned/<device>.json``
 (``$JNA_TUNED_DIR``, else ``$JNA_CACHE_DIR/tuned``, default ``~/.cache/jna/tuned``; ``--table``
-elsewhere, e.g. ``configs/tuned/<device>.json`` in a checkout to ship it), which `jna.tuned` reads
+elsewhere, e.g. ``configs/tuned/<device>.json`` in a checkout to ship it), which `jna.tuning.tables` reads
 over the shipped tables for ``backend="auto"`` and explicit backend calls alike. The table is keyed
-by (backend, rank, head dim, dtype): see `jna.tuned` for how calls use it.
+by (backend, rank, head dim, dtype): see `jna.tuning.tables` for how calls use it.
 
 Timings on an emulated device (Pallas interpret mode on a CPU) say nothing about a GPU: the tuner
 refuses to write them unless ``--allow-emulated`` (for tests).
@@ -38,9 +38,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jna import backends, problem_sets
-from jna import tuned as jna_tuned
-from jna.timing import budgeted_median_ms, fwd_bwd
+from jna import backends
+from jna.tuning import problem_sets
+from jna.tuning import tables as jna_tuned
+from jna.tuning.timing import budgeted_median_ms, fwd_bwd
 
 BACKENDS = ("fused-triton", "fused-mosaic", "unfused")
 
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes-per-class", type=int, default=2)
     parser.add_argument("--max-candidates", type=int, default=None)
     parser.add_argument("--budget-s", type=float, default=1.0, help="timing budget per candidate")
-    parser.add_argument("--table", default=None, help="tuned table to write (default: the user table, see jna.tuned)")
+    parser.add_argument("--table", default=None, help="tuned table to write (default: the user table, see jna.tuning.tables)")
     parser.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
     parser.add_argument("--allow-emulated", action="store_true",
                         help="write timings of an emulated device (interpret mode; for tests only)")

@@ -1,6 +1,6 @@
 """Wall-clock timing of jax functions: warm-up, synchronized batches, median.
 
-Shared by the benchmarks (`benchmarks/harness.py`) and the autotuner (`jna.tune`).
+Shared by the benchmarks (`benchmarks/harness.py`) and the autotuner (`jna.tuning.tuner`).
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """The `fused-mosaic` backend: fused NA with Pallas' Mosaic GPU backend (Hopper), forward and
 backward.
 
-Same data flow as `jna.backends.fused_triton` (docs/fused_triton.md), built for sm90:
+Same data flow as `jna.backends.triton.fused` (docs/fused_triton.md), built for sm90:
 
 1. `jna.plan.make_plan` tiles every axis; `jna.plan.permute` makes every Q/KV tile one
    contiguous run of ``[B * G, tiles * tile_tokens, H, D]``.
-2. Forward (`jna.backends.mosaic_forward`): one CTA per (Q tile, batch*group, head), warp
+2. Forward (`jna.backends.mosaic.forward`): one CTA per (Q tile, batch*group, head), warp
    specialized like FA3: consumer warpgroups own 64 query rows each, a producer warpgroup
    streams the visited K/V tiles with TMA into an SMEM ring; wgmma for ``Q K^T`` and ``P V``,
    online softmax in float32 registers, the elementwise mask only on partial tile pairs. The
    visit list is the product of the per-axis ranges read from the plan tables in GMEM.
-3. Backward (`jna.backends.mosaic_backward`): a dQ kernel over the same visit lists and a dK/dV
+3. Backward (`jna.backends.mosaic.backward`): a dQ kernel over the same visit lists and a dK/dV
    kernel over the transposed lists (GQA heads summed in the kernel), both deterministic.
 4. `jax.custom_vjp` around the kernels on permuted tensors (`_fused`); permutation and its
    inverse stay outside, differentiated by JAX.
@@ -50,11 +50,13 @@ from jax import lax
 from jna import plan as planning
 from jna import compat, resources
 from jna import semantics
-from jna import tuned as jna_tuned
+from jna.tuning import tables as jna_tuned
 from jna.arguments import NAProblem
-from jna.backends import device, mosaic_backward, mosaic_forward, tiling
+from jna.backends import device, tiling
+from jna.backends.mosaic import backward as mosaic_backward
+from jna.backends.mosaic import forward as mosaic_forward
 from jna.backends.base import Backend
-from jna.backends.mosaic_common import MosaicConfig, Static, direct_ok
+from jna.backends.mosaic.common import MosaicConfig, Static, direct_ok
 
 NAME = "fused-mosaic"
 
@@ -123,13 +125,13 @@ def auto_declines(problem: NAProblem) -> str | None:
 
 
 def class_fields(q_tokens: int, kv_tokens: int, num_stages: int) -> dict:
-    """A launch class without its speed: what the autotuner measures and `jna.tuned` keys on."""
+    """A launch class without its speed: what the autotuner measures and `jna.tuning.tables` keys on."""
     return {"q_tokens": q_tokens, "kv_tokens": kv_tokens, "num_stages": num_stages}
 
 
 @functools.lru_cache(maxsize=1024)
 def _choose(params: semantics.NAParams, tuned_speeds: tuple = ()) -> MosaicConfig:
-    """Best class and tiles by ``tile efficiency x speed``; ``tuned_speeds`` (from `jna.tuned`)
+    """Best class and tiles by ``tile efficiency x speed``; ``tuned_speeds`` (from `jna.tuning.tables`)
     replace the calibrated speeds and restrict the choice to the classes the tuner measured."""
     classes = {(q, kv, stages): speed for q, kv, stages, speed in launch_classes()}
     if tuned_speeds:
@@ -158,7 +160,7 @@ def config_source(problem: NAProblem) -> str:
 
 def default_config(problem: NAProblem) -> MosaicConfig:
     """The config for ``problem``: this device's tuned config for exactly this problem
-    (`jna.tuned`), else the class and tiles that maximize ``tile efficiency * speed`` (speeds
+    (`jna.tuning.tables`), else the class and tiles that maximize ``tile efficiency * speed`` (speeds
     tuned on this device for the problem's rank, head dim and dtype if the table has them, else
     `launch_classes`). An explicit config is given through `FusedMosaic(config)` instead."""
     dtype = jnp.dtype(problem.dtype).name
@@ -279,7 +281,7 @@ def attention(q, k, v, problem: NAProblem, config: MosaicConfig | None = None):
     fast = functools.partial(_run, problem=problem, config=config, simulator=simulator)
     if simulator is not None:
         return fast(q, k, v)
-    from jna.backends import fused_triton
+    from jna.backends.triton import fused as fused_triton
 
     contained = functools.partial(fused_triton.attention, problem=problem)
     return lax.cond(jnp.all(jnp.isfinite(v)), fast, contained, q, k, v)

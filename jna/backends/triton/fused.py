@@ -32,10 +32,19 @@ from jax.experimental.pallas import triton as pltriton
 from jna import plan as planning
 from jna import resources
 from jna import semantics
-from jna import tuned as jna_tuned
+from jna.tuning import tables as jna_tuned
 from jna.arguments import NAProblem
-from jna.backends import device, tiling
+from jna.backends import tiling
 from jna.backends.base import Backend
+from jna.backends.triton.common import (
+    F32_MAX as _F32_MAX,
+    ONE as _ONE,
+    ZERO as _ZERO,
+    interpret as _interpret,
+    is_available,
+    runs_natively,
+    unsupported_reason,
+)
 from jna.backends.tiling import (
     LN2 as _LN2,
     LOG2E as _LOG2E,
@@ -51,38 +60,6 @@ from jna.backends.tiling import (
 )
 
 NAME = "fused-triton"
-
-MAX_HEAD_DIM = 256
-_F32_MAX = float(np.finfo(np.float32).max)
-# float32 constants where both operands of an op are constants: Python floats would make
-# the result float64 under jax_enable_x64 (and the carries/cond branches mismatch).
-_ZERO, _ONE = np.float32(0), np.float32(1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Availability and configuration
-# ----------------------------------------------------------------------------------------------
-
-
-def _interpret() -> bool:
-    return device.emulated()
-
-
-def is_available() -> tuple[bool, str]:
-    return device.gpu_availability(8.0, float("inf"), "an NVIDIA GPU of compute capability >= 8.0",
-                                   "interpret mode on CPU")
-
-
-def runs_natively() -> bool:
-    """True on a GPU where the kernels compile (``auto`` only picks native backends)."""
-    return is_available()[0] and not _interpret()
-
-
-def unsupported_reason(problem: NAProblem) -> str | None:
-    for name, dim in (("head_dim", problem.head_dim), ("value_dim", problem.value_dim)):
-        if dim > MAX_HEAD_DIM:
-            return f"{name} {dim} > {MAX_HEAD_DIM}"
-    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +117,7 @@ def launch_classes() -> tuple[LaunchClass, ...]:
 
 
 def class_fields(c: LaunchClass) -> dict:
-    """A launch class without its speeds: what the autotuner measures and `jna.tuned` keys on."""
+    """A launch class without its speeds: what the autotuner measures and `jna.tuning.tables` keys on."""
     fields = dataclasses.asdict(c)
     del fields["speed"], fields["fwd_bwd_speed"]
     return fields
@@ -148,7 +125,7 @@ def class_fields(c: LaunchClass) -> dict:
 
 @functools.lru_cache(maxsize=1024)
 def _choose(params: semantics.NAParams, dim: int, tuned_speeds: tuple = ()) -> TritonConfig:
-    """Best class and tiles by ``tile efficiency x speed``; ``tuned_speeds`` (from `jna.tuned`)
+    """Best class and tiles by ``tile efficiency x speed``; ``tuned_speeds`` (from `jna.tuning.tables`)
     replace the calibrated speeds and restrict the choice to the classes the tuner measured."""
     classes = [c for c in launch_classes() if dim <= c.max_head_dim]
     bucket = min(c.max_head_dim for c in classes)
@@ -182,7 +159,7 @@ def config_source(problem: NAProblem) -> str:
 
 def default_config(problem: NAProblem) -> TritonConfig:
     """The tile config for ``problem``: this device's tuned config for exactly this problem
-    (`jna.tuned`); else the launch class and per-axis tile shapes that maximize ``tile efficiency
+    (`jna.tuning.tables`); else the launch class and per-axis tile shapes that maximize ``tile efficiency
     * speed`` (speeds tuned on this device when the tuned table has the problem's backend, rank,
     head dim and dtype; the shipped calibration otherwise). An explicit config is given through
     the backend instance instead (`FusedTriton(config)`).

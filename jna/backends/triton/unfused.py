@@ -47,44 +47,23 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jna import plan as planning
-from jna import tuned as jna_tuned
+from jna.tuning import tables as jna_tuned
 from jna.arguments import NAProblem
-from jna.backends import device, fused_triton, tiling
+from jna.backends import tiling
+from jna.backends.triton import fused as fused_triton
 from jna.backends.base import Backend
+from jna.backends.triton.common import (
+    F32_MAX as _F32_MAX,
+    ONE as _ONE,
+    ZERO as _ZERO,
+    interpret as _interpret,
+    is_available,
+    runs_natively,
+    unsupported_reason,
+)
 from jna.backends.tiling import Geometry, as_int32, ranked_tiles, ravel, unravel
 
 NAME = "unfused"
-
-MAX_HEAD_DIM = 256
-_F32_MAX = float(np.finfo(np.float32).max)
-# float32 constants where both operands of an op are constants: Python floats would make
-# the result float64 under jax_enable_x64 (and the carries/cond branches mismatch).
-_ZERO, _ONE = np.float32(0), np.float32(1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Availability
-# ----------------------------------------------------------------------------------------------
-
-
-def _interpret() -> bool:
-    return device.emulated()
-
-
-def is_available() -> tuple[bool, str]:
-    return device.gpu_availability(8.0, float("inf"), "an NVIDIA GPU of compute capability >= 8.0",
-                                   "interpret mode on CPU")
-
-
-def runs_natively() -> bool:
-    return is_available()[0] and not _interpret()
-
-
-def unsupported_reason(problem: NAProblem) -> str | None:
-    for name, dim in (("head_dim", problem.head_dim), ("value_dim", problem.value_dim)):
-        if dim > MAX_HEAD_DIM:
-            return f"{name} {dim} > {MAX_HEAD_DIM}"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,8 +444,8 @@ def config_source(problem: NAProblem) -> str:
 
 
 def default_config(problem: NAProblem) -> fused_triton.TritonConfig:
-    """Tiles and launch parameters: this device's tuned config for exactly this problem (`jna.tuned`, backend ``"unfused"``, written by
-    ``python -m jna.tune --backend unfused``); else fused-triton's chooser with its shipped
+    """Tiles and launch parameters: this device's tuned config for exactly this problem (`jna.tuning.tables`, backend ``"unfused"``, written by
+    ``python -m jna.tuning --backend unfused``); else fused-triton's chooser with its shipped
     calibration (tile efficiency x speed of the fused kernels: a proxy, these kernels were not
     calibrated as classes; fused-triton's own tuned entries are not used for them)."""
     dim = max(problem.head_dim, problem.value_dim)
@@ -477,7 +456,7 @@ def default_config(problem: NAProblem) -> fused_triton.TritonConfig:
 
 
 def tune_candidates(params, dim: int, shapes_per_class: int):
-    """What `jna.tune` measures for this backend: ``[(class_fields, config, efficiency)]``.
+    """What `jna.tuning.tuner` measures for this backend: ``[(class_fields, config, efficiency)]``.
 
     Tile classes of 16 to 128 tokens (smaller than fused-triton's: the GEMMs here do not carry an
     online softmax, and small windows waste most of a large tile), each with its

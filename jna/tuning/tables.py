@@ -1,4 +1,4 @@
-"""Tuned tile configs per device: ``configs/tuned/<device>.json``, written by ``python -m jna.tune``.
+"""Tuned tile configs per device: ``configs/tuned/<device>.json``, written by ``python -m jna.tuning``.
 
 The fused backends choose tiles by ``tile efficiency x speed`` over launch classes whose speeds
 were calibrated once (``configs/fused_*.json``). A tuned table measured on *this* device refines
@@ -14,7 +14,7 @@ An explicit config (a backend instance such as ``FusedTriton(config)``) still wi
 kind of ``jax.devices()[0]`` (``"NVIDIA H200"`` -> ``nvidia_h200.json``) in two places:
 
 - the tables shipped with jna (package data, `jna.resources`: ``configs/tuned/`` in the repository);
-- the user's tables, written by ``python -m jna.tune``: ``$JNA_TUNED_DIR`` if set, else
+- the user's tables, written by ``python -m jna.tuning``: ``$JNA_TUNED_DIR`` if set, else
   ``<user cache>/tuned/`` (`jna.resources.user_cache_dir`: ``$JNA_CACHE_DIR``, default
   ``~/.cache/jna``). They are read over the shipped ones: a user entry replaces a shipped entry
   of the same key and problem. A read-only site-packages never needs to be written.

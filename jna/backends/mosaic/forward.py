@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jna.backends import tiling
-from jna.backends.mosaic_common import (
+from jna.backends.mosaic.common import (
     ROWS, WGMMA, WGMMA_COL, WGMMA_ROW, Static, TileCursor, key_coords, kv_tile_visits,
     mask_logits, query_windows, rows_of, smem, sync, iota, tile_rows,
 )

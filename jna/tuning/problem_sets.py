@@ -1,7 +1,7 @@
 """Benchmark problem sets (``configs/problems/*.json``, shipped as package data): loading,
 inputs, FLOP counts.
 
-Shared by the benchmarks (`benchmarks/`) and the autotuner (`python -m jna.tune`). A set is named
+Shared by the benchmarks (`benchmarks/`) and the autotuner (`python -m jna.tuning`). A set is named
 by its file stem (``"public"``, ``"models"``, ``"paper_sweeps"``, ``"tiny"``: `set_names`) or
 given as the path of a JSON file of the same format.
 """

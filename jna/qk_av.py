@@ -4,7 +4,7 @@
 (slot ``j`` = the ``j``-th key of the window in row-major window order, as in NATTEN); softmax
 them (or apply any score function) and pass the weights to ``na*d_av``. Both are
 differentiable (q, k, rpb; attn, v) and run the GEMM-based Pallas kernels of
-`jna.backends.unfused` (interpret mode on a CPU-only machine).
+`jna.backends.triton.unfused` (interpret mode on a CPU-only machine).
 
     logits = jna.na2d_qk(q, k, kernel_size=7, rpb=rpb)      # [B, X, Y, H, 49] float32
     attn = jax.nn.softmax(logits, axis=-1)
