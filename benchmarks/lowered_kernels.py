@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import export
 
-from jna import compat
+from jna import backends, compat
 from jna.tuning import problem_sets
 from jna.tuning import tables as tuned
 from jna.backends.mosaic import op as fused_mosaic
@@ -99,11 +99,10 @@ def _tiles_of(device_kind: str):
 
 def lower_one(name: str, backend: str, dtype: str) -> dict:
     """One case's row: its config, kernel count and hash, or why it was skipped or failed."""
-    module = {"fused-mosaic": fused_mosaic, "fused-triton": fused_triton, "unfused": unfused}[backend]
     p = next(p for p in problem_sets.load("public") if p.name == name)
     problem = p.na_problem(jnp.dtype(dtype))
     row = dict(problem=name, backend=backend, dtype=dtype)
-    why = module.unsupported_reason(problem)
+    why = backends.get(backend).supports(problem)
     if why is not None:
         return dict(row, skipped=why)
     start = time.perf_counter()

@@ -188,14 +188,9 @@ class Reference(Backend):
 
     name: ClassVar[str] = NAME
 
-    def is_available(self) -> tuple[bool, str]:
-        return is_available()
-
-    def runs_natively(self) -> bool:
-        return runs_natively()
-
-    def supports(self, problem: NAProblem) -> str | None:
-        return unsupported_reason(problem)
+    is_available = staticmethod(is_available)
+    runs_natively = staticmethod(runs_natively)
+    supports = staticmethod(unsupported_reason)
 
     def attention(self, q, k, v, problem: NAProblem):
         return attention(q, k, v, problem)

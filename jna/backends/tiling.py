@@ -41,6 +41,20 @@ def fit_tile(tile: tuple[int, ...], params: semantics.NAParams, min_tokens: int 
     return tuple(fitted)
 
 
+def normalize_tiles(config) -> None:
+    """Validates a tile config's ``q_tile``/``kv_tile`` in its ``__post_init__`` (a frozen
+    dataclass): stores them as tuples of ints; every extent a power of two; equal ranks."""
+    owner = type(config).__name__
+    for name in ("q_tile", "kv_tile"):
+        tile = tuple(int(t) for t in getattr(config, name))
+        object.__setattr__(config, name, tile)
+        for t in tile:
+            if t < 1 or t & (t - 1):
+                raise ValueError(f"{owner}.{name} = {tile}: every extent must be a power of two")
+    if len(config.q_tile) != len(config.kv_tile):
+        raise ValueError(f"{owner}: q_tile {config.q_tile} and kv_tile {config.kv_tile} differ in rank")
+
+
 def fit_config(config, params: semantics.NAParams, min_tokens: int):
     """``config`` (any tile config with ``q_tile``/``kv_tile``) with its tiles fitted to
     ``params`` (`fit_tile`): how an explicit config serves calls of other sizes."""

@@ -51,16 +51,10 @@ class MosaicConfig:
     persistent: bool = False
 
     def __post_init__(self):
+        tiling.normalize_tiles(self)
         for name in ("q_tile", "kv_tile"):
-            tile = tuple(int(t) for t in getattr(self, name))
-            object.__setattr__(self, name, tile)
-            for t in tile:
-                if t < 1 or t & (t - 1):
-                    raise ValueError(f"MosaicConfig.{name} = {tile}: every extent must be a power of two")
-            if math.prod(tile) not in (64, 128):
-                raise ValueError(f"MosaicConfig.{name} = {tile}: must hold 64 or 128 tokens")
-        if len(self.q_tile) != len(self.kv_tile):
-            raise ValueError(f"MosaicConfig: q_tile {self.q_tile} and kv_tile {self.kv_tile} differ in rank")
+            if math.prod(getattr(self, name)) not in (64, 128):
+                raise ValueError(f"MosaicConfig.{name} = {getattr(self, name)}: must hold 64 or 128 tokens")
         if self.num_stages not in (2, 3, 4):
             raise ValueError(f"MosaicConfig.num_stages = {self.num_stages}: must be 2, 3 or 4")
 

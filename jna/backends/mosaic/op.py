@@ -326,23 +326,13 @@ class FusedMosaic(Backend):
     config_type: ClassVar[type] = MosaicConfig
     min_tile_tokens: ClassVar[int] = 64
 
-    def is_available(self) -> tuple[bool, str]:
-        return is_available()
-
-    def runs_natively(self) -> bool:
-        return runs_natively()
-
-    def supports(self, problem: NAProblem) -> str | None:
-        return unsupported_reason(problem)
-
-    def auto_declines(self, problem: NAProblem) -> str | None:
-        return auto_declines(problem)
-
-    def default_config(self, problem: NAProblem) -> MosaicConfig:
-        return default_config(problem)
-
-    def default_config_source(self, problem: NAProblem) -> str:
-        return config_source(problem)
+    # The module's functions, as the contract's methods (they take no instance state).
+    is_available = staticmethod(is_available)
+    runs_natively = staticmethod(runs_natively)
+    supports = staticmethod(unsupported_reason)
+    auto_declines = staticmethod(auto_declines)
+    default_config = staticmethod(default_config)
+    default_config_source = staticmethod(config_source)
 
     def candidate_configs(self, problem: NAProblem, shapes_per_class: int = 2) -> list:
         """Every launch class with its most tile-efficient shapes, each also ``persistent`` and,

@@ -3,10 +3,14 @@ they take, and the float32 constants their kernels use."""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import numpy as np
 
 from jna.arguments import NAProblem
 from jna.backends import device
+from jna.backends.base import Backend
 
 MAX_HEAD_DIM = 256
 F32_MAX = float(np.finfo(np.float32).max)
@@ -35,3 +39,19 @@ def unsupported_reason(problem: NAProblem) -> str | None:
         if dim > MAX_HEAD_DIM:
             return f"{name} {dim} > {MAX_HEAD_DIM}"
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonBackend(Backend):
+    """Where a Pallas Triton backend runs and what it takes (the rest is the subclass's)."""
+
+    min_tile_tokens: ClassVar[int] = 16  # Triton's dot needs 16 rows/columns
+
+    def is_available(self) -> tuple[bool, str]:
+        return is_available()
+
+    def runs_natively(self) -> bool:
+        return runs_natively()
+
+    def supports(self, problem: NAProblem) -> str | None:
+        return unsupported_reason(problem)

@@ -35,15 +35,12 @@ from jna import semantics
 from jna.tuning import tables as jna_tuned
 from jna.arguments import NAProblem
 from jna.backends import tiling
-from jna.backends.base import Backend
 from jna.backends.triton.common import (
+    TritonBackend,
     F32_MAX as _F32_MAX,
     ONE as _ONE,
     ZERO as _ZERO,
     interpret as _interpret,
-    is_available,
-    runs_natively,
-    unsupported_reason,
 )
 from jna.backends.tiling import (
     LN2 as _LN2,
@@ -81,14 +78,7 @@ class TritonConfig:
     direct_layout: bool = True
 
     def __post_init__(self):
-        for name in ("q_tile", "kv_tile"):
-            tile = tuple(int(t) for t in getattr(self, name))
-            object.__setattr__(self, name, tile)
-            for t in tile:
-                if t < 1 or t & (t - 1):
-                    raise ValueError(f"TritonConfig.{name} = {tile}: every extent must be a power of two")
-        if len(self.q_tile) != len(self.kv_tile):
-            raise ValueError(f"TritonConfig: q_tile {self.q_tile} and kv_tile {self.kv_tile} differ in rank")
+        tiling.normalize_tiles(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -681,7 +671,7 @@ def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None):
 
 
 @dataclasses.dataclass(frozen=True)
-class FusedTriton(Backend):
+class FusedTriton(TritonBackend):
     """fused-triton: flash-style fused NA in Pallas Triton (NVIDIA sm80+; interpret mode on CPU).
 
     ``FusedTriton()`` picks its config per call (`default_config`); ``FusedTriton(TritonConfig(...))``
@@ -692,22 +682,8 @@ class FusedTriton(Backend):
 
     name: ClassVar[str] = NAME
     config_type: ClassVar[type] = TritonConfig
-    min_tile_tokens: ClassVar[int] = 16  # Triton's dot needs 16 rows/columns
-
-    def is_available(self) -> tuple[bool, str]:
-        return is_available()
-
-    def runs_natively(self) -> bool:
-        return runs_natively()
-
-    def supports(self, problem: NAProblem) -> str | None:
-        return unsupported_reason(problem)
-
-    def default_config(self, problem: NAProblem) -> TritonConfig:
-        return default_config(problem)
-
-    def default_config_source(self, problem: NAProblem) -> str:
-        return config_source(problem)
+    default_config = staticmethod(default_config)
+    default_config_source = staticmethod(config_source)
 
     def candidate_configs(self, problem: NAProblem, shapes_per_class: int = 2) -> list:
         """Every launch class of the problem's head-dim bucket, each with its

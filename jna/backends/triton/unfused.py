@@ -51,15 +51,12 @@ from jna.tuning import tables as jna_tuned
 from jna.arguments import NAProblem
 from jna.backends import tiling
 from jna.backends.triton import fused as fused_triton
-from jna.backends.base import Backend
 from jna.backends.triton.common import (
+    TritonBackend,
     F32_MAX as _F32_MAX,
     ONE as _ONE,
     ZERO as _ZERO,
     interpret as _interpret,
-    is_available,
-    runs_natively,
-    unsupported_reason,
 )
 from jna.backends.tiling import Geometry, as_int32, ranked_tiles, ravel, unravel
 
@@ -557,7 +554,7 @@ def attention(q, k, v, problem: NAProblem, config: fused_triton.TritonConfig | N
 
 
 @dataclasses.dataclass(frozen=True)
-class Unfused(Backend):
+class Unfused(TritonBackend):
     """unfused: QK (+ bias) / float32 softmax / AV Pallas Triton kernels, attention weights
     exposed (`qk`, `av`: the public ``na*d_qk``/``na*d_av`` run these). Explicit only: not in
     ``auto``. ``Unfused(TritonConfig(...))`` runs that config's tiles and launch parameters."""
@@ -566,22 +563,8 @@ class Unfused(Backend):
 
     name: ClassVar[str] = NAME
     config_type: ClassVar[type] = fused_triton.TritonConfig
-    min_tile_tokens: ClassVar[int] = 16
-
-    def is_available(self) -> tuple[bool, str]:
-        return is_available()
-
-    def runs_natively(self) -> bool:
-        return runs_natively()
-
-    def supports(self, problem: NAProblem) -> str | None:
-        return unsupported_reason(problem)
-
-    def default_config(self, problem: NAProblem) -> fused_triton.TritonConfig:
-        return default_config(problem)
-
-    def default_config_source(self, problem: NAProblem) -> str:
-        return config_source(problem)
+    default_config = staticmethod(default_config)
+    default_config_source = staticmethod(config_source)
 
     def candidate_configs(self, problem: NAProblem, shapes_per_class: int = 2) -> list:
         return tune_candidates(problem.params, problem.head_dim, shapes_per_class)
