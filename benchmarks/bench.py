@@ -1,6 +1,6 @@
 """The jna benchmark CLI: problem sets x backends x modes x dtypes, against dense attention.
 
-    python benchmarks/bench.py [--problems public,paper_sweeps,models] [--names 2d-nat,...]
+    python -m benchmarks run [--problems public,paper_sweeps,models] [--names 2d-nat,...]
         [--backends auto,fused-triton] [--baseline auto|none] [--modes fwd,fwd_bwd]
         [--dtypes bfloat16] [--budget-s 2] [--out benchmarks/results/bench] [--plot]
 
@@ -30,13 +30,12 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from benchmarks import harness  # noqa: E402
-from benchmarks import problems as problem_sets  # noqa: E402
+from benchmarks import harness
+from benchmarks import problems as problem_sets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

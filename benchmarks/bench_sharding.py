@@ -1,6 +1,6 @@
 """Benchmark of sharded NA (`jna.sharding`): spatial halo exchange and batch parallel.
 
-    python benchmarks/bench_sharding.py --out DIR [--problems 3d-hunyuan,2d-flux] [--gpus 1,2,4]
+    python -m benchmarks sharding --out DIR [--problems 3d-hunyuan,2d-flux] [--gpus 1,2,4]
         [--backend auto] [--method auto] [--repeats 10] [--cpu-smoke]
 
 For each problem, forward and forward+backward (VJP of ``sum(out * dout)``) are timed
@@ -38,17 +38,16 @@ if "--cpu-smoke" in sys.argv:  # before jax starts: the device count is fixed at
                                " --xla_force_host_platform_device_count=8").strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
-import jna  # noqa: E402
-from benchmarks import problems as problem_sets  # noqa: E402
-from jna import sharding as js  # noqa: E402
-from jna.tuning.timing import median_ms  # noqa: E402
+import jna
+from benchmarks import problems as problem_sets
+from jna import sharding as js
+from jna.tuning.timing import median_ms
 
 RTOL = 1e-2
 SMOKE = {

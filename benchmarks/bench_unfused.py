@@ -1,6 +1,6 @@
 """Unfused (GEMM-based) NA against the naive baseline: issue 5's performance bar.
 
-    python benchmarks/bench_unfused.py [--out DIR] [--problems 1d-long,2d-nat] [--dtypes float32,bfloat16]
+    python -m benchmarks unfused [--out DIR] [--problems 1d-long,2d-nat] [--dtypes float32,bfloat16]
                                        [--mem-limit-gb 60] [--budget-s 10] [--tiny]
 
 For the rank-1 and rank-2 problems of the public problem set (`configs/problems/public.json`,
@@ -34,17 +34,16 @@ import sys
 import time
 import traceback
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-import jna  # noqa: E402
-from benchmarks import problems as problem_sets  # noqa: E402
-from jna.backends.triton import unfused as unfused  # noqa: E402
-from jna.backends.triton.fused import TritonConfig  # noqa: E402
-from jna.backends.tiling import axis_caps, tile_efficiency, tile_shapes  # noqa: E402
-from jna.tuning.timing import median_ms  # noqa: E402
+import jna
+from benchmarks import problems as problem_sets
+from jna.backends.triton import unfused as unfused
+from jna.backends.triton.fused import TritonConfig
+from jna.backends.tiling import axis_caps, tile_efficiency, tile_shapes
+from jna.tuning.timing import median_ms
 
 # (rank, dtype kind) -> minimum average speedup of unfused over reference (issue 5).
 BAR = {(1, "float32"): 9.95, (2, "float32"): 3.72, (1, "half"): 5.96, (2, "half"): 2.13}

@@ -1,6 +1,6 @@
 """Calibrates the launch classes of configs/fused_triton.json on the current GPU.
 
-    python benchmarks/calibrate_triton.py [--write configs/fused_triton.json] [--out DIR]
+    python -m benchmarks calibrate-triton [--write configs/fused_triton.json] [--out DIR]
 
 Each class is timed on a 1-D blocked problem (stride = kernel = 1024 tokens, so every tile size
 divides the windows and tile efficiency is 1.0) at head_dim = the class' max_head_dim, bf16.
@@ -16,14 +16,13 @@ import json
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-import jna  # noqa: E402
-from jna.backends.triton import fused as ft  # noqa: E402
-from jna.tuning.timing import median_ms  # noqa: E402
+import jna
+from jna.backends.triton import fused as ft
+from jna.tuning.timing import median_ms
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "fused_triton.json"
 

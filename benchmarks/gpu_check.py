@@ -1,6 +1,6 @@
 """GPU check in one call: the GPU test subset, a memory check, and the benchmark table.
 
-    python benchmarks/gpu_check.py --out $OUT [--skip-tests] [--problems 2d-nat,1d-long]
+    python -m benchmarks gpu-check --out $OUT [--skip-tests] [--problems 2d-nat,1d-long]
                                    [--backends fused-triton] [--budget-s 20]
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` (device, jax version, date, commit) to ``--out``
@@ -22,12 +22,11 @@ import sys
 import time
 import traceback
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
+import jax
 
-from benchmarks import harness  # noqa: E402
-from benchmarks import problems as problem_sets  # noqa: E402
+from benchmarks import harness
+from benchmarks import problems as problem_sets
 
 # Problems whose reference backend is timed too (the "naive" baseline; large ones take minutes).
 REFERENCE_PROBLEMS = ("2d-nat", "2d-dinat")

@@ -1,7 +1,7 @@
 """Lower every GPU kernel of jna for CUDA on this machine (no GPU needed) and fingerprint it.
 
-    python -m benchmarks.lowered_kernels --out lowered.json            # dump
-    python -m benchmarks.lowered_kernels --compare before.json after.json
+    python -m benchmarks lowered --out lowered.json            # dump
+    python -m benchmarks lowered --compare before.json after.json
 
 For each public problem (``configs/problems/public.json``) and each Pallas backend that supports
 it (fused-mosaic: bf16, head dim 64/128; fused-triton and unfused: bf16 and float32), the

@@ -1,6 +1,6 @@
 """Probe: do small float32 matmuls on this device agree with float64 numpy, per precision?
 
-    python -m benchmarks.matmul_precision_probe
+    python -m benchmarks matmul-probe
 
 Written for jax 0.12.0.1 on an H200, where `jna.merge_attentions` fed by float32 einsums with
 ``precision="highest"`` (the additional-keys path of `jna.neighborhood_attention`, and

@@ -1,6 +1,6 @@
 """fused-mosaic on an H100: correctness spot checks and the tile-class sweep (calibration).
 
-    python benchmarks/mosaic_bench.py [--skip-check] [--sweep] [--problems 1d-long,2d-flux]
+    python -m benchmarks calibrate-mosaic [--skip-check] [--sweep] [--problems 1d-long,2d-flux]
 
 1. Checks: a few shapes (1-D/2-D/3-D, stride, dilation, causal, GQA, one and two warpgroups,
    2 and 3 stages) against the reference backend: output, lse and the q/k/v gradients.
@@ -19,24 +19,23 @@ import functools
 import json
 import math
 import pathlib
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jna  # noqa: E402
-from jna import plan as planning  # noqa: E402
-from jna.arguments import check_call  # noqa: E402
-from jna.backends import device, tiling  # noqa: E402
+import jna
+from jna import plan as planning
+from jna import resources
+from jna.arguments import check_call
+from jna.backends import device, tiling
 from jna.backends.mosaic import op as fused_mosaic
 from jna.backends.mosaic import backward as mosaic_backward
 from jna.backends.mosaic import forward as mosaic_forward
-from jna.backends.mosaic.common import MosaicConfig  # noqa: E402
-from jna.tuning.timing import median_ms  # noqa: E402
+from jna.backends.mosaic.common import MosaicConfig
+from jna.tuning.timing import median_ms
 
 # (name, shape, kernel, stride, dilation, causal, heads, kv heads, head_dim, dtype, config or None)
 CHECKS = (
@@ -108,8 +107,8 @@ def check(batch: int = 2) -> bool:
 
 
 def public_problems(names=None) -> list[dict]:
-    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "problems" / "public.json"
-    problems = [p for p in json.loads(path.read_text())["problems"] if p["head_dim"] in (64, 128)]
+    problems = [p for p in resources.read_json("problems", "public.json")["problems"]
+                if p["head_dim"] in (64, 128)]
     return [p for p in problems if not names or p["name"] in names]
 
 

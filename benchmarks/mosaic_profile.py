@@ -1,6 +1,6 @@
 """Where fused-mosaic's time goes, per public problem (Hopper; timing only, not a correctness check).
 
-    python benchmarks/mosaic_profile.py [--problems 2d-flux,2d-flux-gna]
+    python -m benchmarks profile [--problems 2d-flux,2d-flux-gna]
 
 Columns (ms, median of synchronized batches, `jna.tuning.timing.budgeted_median_ms`): ``total`` the forward as users call it
 (`jna.neighborhood_attention`, backend fused-mosaic: isfinite check, permutations, kernel);
@@ -27,21 +27,19 @@ import json
 import math
 import os
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jna  # noqa: E402
-from benchmarks.mosaic_bench import _problem_of, _random, public_problems  # noqa: E402
-from jna import plan as planning  # noqa: E402
-from jna.backends.mosaic import op as fused_mosaic  # noqa: E402
+import jna
+from benchmarks.mosaic_bench import _problem_of, _random, public_problems
+from jna import plan as planning
+from jna.backends.mosaic import op as fused_mosaic
 from jna.backends.mosaic import backward as mosaic_backward
 from jna.backends.mosaic import forward as mosaic_forward
-from jna.tuning.timing import budgeted_median_ms  # noqa: E402
+from jna.tuning.timing import budgeted_median_ms
 
 
 def all_full(plan: planning.TilePlan) -> planning.TilePlan:

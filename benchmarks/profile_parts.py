@@ -1,6 +1,6 @@
 """Where the time of a fused-triton call goes: permutation, kernel, unpermutation; and configs.
 
-    python benchmarks/profile_parts.py --problems 2d-nat,2d-dinat [--configs "8x8/4x8/4/2,..."]
+    python -m benchmarks profile-triton --problems 2d-nat,2d-dinat [--configs "8x8/4x8/4/2,..."]
 
 Config strings: ``q_tile/kv_tile/num_warps/num_stages[/p]`` with tiles written like ``8x16``;
 a trailing ``/p`` forces the permuted layout.
@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import argparse
 import functools
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-import jna  # noqa: E402
-from benchmarks import problems as problem_sets  # noqa: E402
-from jna import plan as planning  # noqa: E402
-from jna.arguments import check_call  # noqa: E402
-from jna.backends.triton import fused as ft  # noqa: E402
-from jna.backends import tiling  # noqa: E402
-from jna.tuning.timing import median_ms  # noqa: E402
+import jna
+from benchmarks import problems as problem_sets
+from jna import plan as planning
+from jna.arguments import check_call
+from jna.backends.triton import fused as ft
+from jna.backends import tiling
+from jna.tuning.timing import median_ms
 
 
 def parts(problem, config=None):

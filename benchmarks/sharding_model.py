@@ -1,6 +1,6 @@
 """Scaling model of sharded NA on paper: halo bytes vs compute per shard, predicted efficiency.
 
-``python -m benchmarks.sharding_model [--markdown PATH]`` prints the tables of docs/sharding.md
+``python -m benchmarks sharding-model [--markdown PATH]`` prints the tables of docs/sharding.md
 for the public problems 1d-long, 2d-flux and 3d-hunyuan on 2/4/8 GPUs. Nothing runs on a device:
 
 * halo widths come from `jna.sharding.halo` (exact, from the window rules);

@@ -16,7 +16,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def _run(*args, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "benchmarks/bench.py", *args, "--out", str(tmp_path)],
+    return subprocess.run([sys.executable, "-m", "benchmarks", "run", *args, "--out", str(tmp_path)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 

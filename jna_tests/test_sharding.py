@@ -204,10 +204,10 @@ def test_exported():
 
 @pytest.mark.slow
 def test_bench_sharding_cpu_smoke(tmp_path):
-    """benchmarks/bench_sharding.py runs end to end on 8 virtual CPU devices (tiny shapes)."""
+    """`python -m benchmarks sharding` runs end to end on 8 virtual CPU devices (tiny shapes)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "benchmarks/bench_sharding.py", "--cpu-smoke", "--repeats", "1",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "sharding", "--cpu-smoke", "--repeats", "1",
                            "--out", str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -32,5 +32,5 @@ JNA_SMOKE_INSTALLED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -
   jna_tests/test_natten_weights.py jna_tests/test_modules.py 2>&1 | tee "$out/installed_tests.log" | tail -15
 cd "$root"
 if [ "${SKIP_GPU_CHECK:-0}" != 1 ]; then
-  PYTHONPATH="${JAX_SITE:-}" python3 benchmarks/gpu_check.py --out "$out" "$@" 2>&1 | tee "$out/gpu_check.log" | tail -40
+  PYTHONPATH="${JAX_SITE:-}" python3 -m benchmarks gpu-check --out "$out" "$@" 2>&1 | tee "$out/gpu_check.log" | tail -40
 fi

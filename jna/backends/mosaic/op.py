@@ -32,7 +32,7 @@ got (64, 64)": it looks A up as an SMEM allocation). FA3 uses both. Simulated
 fresh accumulator; on the GPU they accumulate in place from registers. Everything else (plan
 lookups, TMA rings and barriers, masks, softmax, epilogues) is the same code.
 
-``python benchmarks/mosaic_bench.py`` on an H100 checks a few shapes against the reference
+``python -m benchmarks calibrate-mosaic`` on an H100 checks a few shapes against the reference
 backend and times the public problems against cuDNN (``--sweep``: every tile class).
 """
 
