@@ -15,7 +15,8 @@
 The simulation runs in a subprocess with ``NPROC=8``: XLA's CPU client runs host callbacks on a
 pool of NPROC threads (default: the core count), the simulator blocks inside a callback while a
 warpgroup waits at a barrier, and three warpgroups (two consumers and the producer) deadlock a
-2-core machine's pool. A subprocess also keeps the simulator's global state out of this one.
+2-core machine's pool. A subprocess (one per case, so pytest-xdist spreads the cases over its
+workers) also keeps the simulator's global state, race reports included, out of this one.
 """
 
 from __future__ import annotations
@@ -133,54 +134,42 @@ def _visit_counts(problem, config):
     return zip(*[g.ravel() for g in grids])
 
 
-@pytest.fixture(scope="module")
-def simulated():
+def _simulate_in_subprocess(name: str) -> tuple[dict | None, str]:
+    """Runs one case in its own subprocess (see the module docstring); ``(result, stderr)``."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", NPROC=os.environ.get("JNA_SIM_NPROC", "8"))
     proc = subprocess.run(
-        [sys.executable, "-m", "jna_tests.test_fused_mosaic_sim", *SIM_CASES],
+        [sys.executable, "-m", "jna_tests.test_fused_mosaic_sim", name],
         env=env, capture_output=True, text=True, timeout=900,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            row = json.loads(line)
-            results[row["name"]] = row
-    if not results:
-        pytest.fail(f"simulation subprocess failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return results, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return (rows[-1] if rows else None), f"rc {proc.returncode}: {proc.stderr[-4000:]}"
 
 
-def test_simulated_kernel_matches_oracle(simulated):
-    """All simulated cases (one test: the subprocess runs once even under pytest-xdist)."""
-    results, stderr = simulated
-    failures = []
-    for name in SIM_CASES:
-        r = results.get(name)
-        if r is None:
-            failures.append(f"{name}: no result (crashed?)\n{stderr}")
-            continue
-        problems = []
-        if r["races"]:
-            problems.append("the simulator's race detector fired")
-        if not r["finite"]:
-            problems.append("non-finite output or lse")
-        if r["out_rel_l2"] > RTOL or r["ref_out_rel_l2"] > RTOL:
-            problems.append(f"out rel L2 {r['out_rel_l2']:.3g} (oracle), "
-                            f"{r['ref_out_rel_l2']:.3g} (reference)")
-        for g, err in zip(("dq", "dk", "dv"), r["grad_rel_l2"]):
-            if err > RTOL:
-                problems.append(f"{g} rel L2 {err:.3g} (oracle)")
-        if r["lse_abs"] > LSE_ATOL or r["ref_lse_abs"] > LSE_ATOL:
-            problems.append(f"lse abs err {r['lse_abs']:.3g} (oracle), {r['ref_lse_abs']:.3g} (reference)")
-        flags = SIM_CASES[name][5] if len(SIM_CASES[name]) > 5 else {}
-        if r["direct"] != flags.get("direct_layout", False):
-            problems.append(f"direct layout {'not ' if not r['direct'] else ''}taken")
-        if bool(r["ctas"]) != flags.get("persistent", False):
-            problems.append(f"persistent kernel {'not ' if not r['ctas'] else ''}taken")
-        if problems:
-            failures.append(f"{name}: " + "; ".join(problems))
-    assert not failures, "\n".join(failures)
+@pytest.mark.parametrize("name", list(SIM_CASES))
+def test_simulated_kernel_matches_oracle(name):
+    """One simulated case (a subprocess each, so pytest-xdist spreads them over its workers)."""
+    r, stderr = _simulate_in_subprocess(name)
+    assert r is not None, f"{name}: no result (crashed?)\n{stderr}"
+    problems = []
+    if r["races"]:
+        problems.append("the simulator's race detector fired")
+    if not r["finite"]:
+        problems.append("non-finite output or lse")
+    if r["out_rel_l2"] > RTOL or r["ref_out_rel_l2"] > RTOL:
+        problems.append(f"out rel L2 {r['out_rel_l2']:.3g} (oracle), "
+                        f"{r['ref_out_rel_l2']:.3g} (reference)")
+    for g, err in zip(("dq", "dk", "dv"), r["grad_rel_l2"]):
+        if err > RTOL:
+            problems.append(f"{g} rel L2 {err:.3g} (oracle)")
+    if r["lse_abs"] > LSE_ATOL or r["ref_lse_abs"] > LSE_ATOL:
+        problems.append(f"lse abs err {r['lse_abs']:.3g} (oracle), {r['ref_lse_abs']:.3g} (reference)")
+    flags = SIM_CASES[name][5] if len(SIM_CASES[name]) > 5 else {}
+    if r["direct"] != flags.get("direct_layout", False):
+        problems.append(f"direct layout {'not ' if not r['direct'] else ''}taken")
+    if bool(r["ctas"]) != flags.get("persistent", False):
+        problems.append(f"persistent kernel {'not ' if not r['ctas'] else ''}taken")
+    assert not problems, f"{name}: " + "; ".join(problems)
 
 
 def test_cases_cover_the_pipeline():
