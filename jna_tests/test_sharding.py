@@ -245,7 +245,8 @@ def test_spatial_routes_never_fall_back_silently(monkeypatch):
         js._spatial_route("reference", exact, h_exact, "fast")
 
     # What a GPU sees: fused-triton is available and `auto` resolves to it.
-    monkeypatch.setattr(fused_triton, "is_available", lambda: (True, ""))
+    from jna.backends.triton import common as triton_common
+    monkeypatch.setattr(triton_common, "is_available", lambda: (True, ""))
     real_resolve = backends.resolve
     monkeypatch.setattr(backends, "resolve", lambda name, problem: fused_triton.FusedTriton() if name in (
         "auto", "fused-triton") else real_resolve(name, problem))
