@@ -11,3 +11,11 @@ from jna_tests.backends import active_backends
 
 def pytest_report_header(config):
     return f"jax {jax.__version__} on {jax.default_backend()}; jna backends: {active_backends()}"
+
+
+def pytest_configure(config):
+    # Here rather than in pyproject.toml: the smoke tier runs a copy of this suite outside the
+    # checkout, where only this file configures pytest.
+    config.addinivalue_line("markers", "gpu: needs a GPU (large shapes, real kernel lowering); deselected on CPU")
+    config.addinivalue_line("markers", "slow: the rest of the exhaustive sweeps and backend-independent "
+                            "checks on every backend (make test-full)")
