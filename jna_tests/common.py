@@ -156,3 +156,12 @@ def assert_names(err: Exception, name: str, axis=None):
     assert re.search(rf"\b{re.escape(name)}\b", msg), f"{name!r} not named in: {msg!r}"
     if axis is not None:
         assert f"[{axis}]" in msg or f"axis {axis}" in msg, f"axis {axis} not named in: {msg!r}"
+
+
+def layer_classes(framework: str) -> dict:
+    """rank -> the ``NeighborhoodAttention{1,2,3}D`` class of ``"linen"`` or ``"nnx"``."""
+    import jna.nn
+    import jna.nnx
+
+    module = {"linen": jna.nn, "nnx": jna.nnx}[framework]
+    return {rank: getattr(module, f"NeighborhoodAttention{rank}D") for rank in (1, 2, 3)}

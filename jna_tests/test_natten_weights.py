@@ -17,16 +17,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import jna.nn
-import jna.nnx
 from jna.natten_weights import linen_params_from_natten, load_natten_into_nnx
 from jna_tests import oracle
-from jna_tests.common import assert_abs, assert_names
+from jna_tests.common import assert_abs, assert_names, layer_classes
 
-LINEN = {1: jna.nn.NeighborhoodAttention1D, 2: jna.nn.NeighborhoodAttention2D,
-         3: jna.nn.NeighborhoodAttention3D}
-NNX = {1: jna.nnx.NeighborhoodAttention1D, 2: jna.nnx.NeighborhoodAttention2D,
-       3: jna.nnx.NeighborhoodAttention3D}
+LINEN, NNX = layer_classes("linen"), layer_classes("nnx")
 C = 16
 
 # name -> (spatial shape, layer kwargs, key prefix): NAT (2-D, bias), DiNAT (1-D dilated, bias),

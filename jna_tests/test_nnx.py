@@ -15,12 +15,9 @@ from flax import nnx
 
 import jna.nn
 import jna.nnx
-from jna_tests.common import assert_abs, assert_names
+from jna_tests.common import assert_abs, assert_names, layer_classes
 
-LINEN = {1: jna.nn.NeighborhoodAttention1D, 2: jna.nn.NeighborhoodAttention2D,
-         3: jna.nn.NeighborhoodAttention3D}
-NNX = {1: jna.nnx.NeighborhoodAttention1D, 2: jna.nnx.NeighborhoodAttention2D,
-       3: jna.nnx.NeighborhoodAttention3D}
+LINEN, NNX = layer_classes("linen"), layer_classes("nnx")
 C = 16
 # (rank, rel_pos_bias) -> (input spatial shape, module kwargs); the bias needs non-causal stride 1.
 SETUPS = {
