@@ -346,3 +346,12 @@ def test_a_changed_config_retraces_under_jit():
     assert lowered[small] != lowered[large]
     with pytest.raises(ValueError, match="FusedTriton takes TritonConfig"):
         FusedTriton(object())
+
+
+def test_backends_get_names_a_backend():
+    from jna import backends
+
+    assert backends.get("fused-triton") == backends.FusedTriton()
+    for bad in ("auto", "nope", backends.FusedTriton()):
+        with pytest.raises(ValueError, match="backend"):
+            backends.get(bad)

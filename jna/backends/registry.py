@@ -39,7 +39,10 @@ def built_backends() -> tuple[str, ...]:
 
 def get(name: str) -> Backend:
     """The backend named ``name`` with its default config (``get("fused-triton")``)."""
-    module, cls = _CLASSES[check_backend(name)]
+    if check_backend(name) == "auto" or not isinstance(name, str):
+        raise ValueError(f"jna.backends.get takes a backend name ({', '.join(map(repr, _CLASSES))}), "
+                         f"got {name!r}; 'auto' depends on the call: use choose(backend, problem).")
+    module, cls = _CLASSES[name]
     return getattr(importlib.import_module(module), cls)()
 
 
