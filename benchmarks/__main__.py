@@ -20,8 +20,8 @@ COMMANDS = {
     "sharding-model": "sharding_model",  # scaling model of sharded NA on paper
     "profile": "mosaic_profile",        # where fused-mosaic's time goes
     "profile-triton": "profile_parts",  # where a fused-triton call's time goes
-    "calibrate-mosaic": "mosaic_bench",  # fused-mosaic spot checks and tile-class sweep
-    "calibrate-triton": "calibrate_triton",  # fused-triton launch-class calibration
+    "calibrate": "calibrate",           # launch-class speeds of a fused backend (configs/*.json)
+    "check-mosaic": "mosaic_check",     # fused-mosaic spot checks against the reference
     "lowered": "lowered_kernels",       # every kernel lowered for CUDA here, fingerprinted
     "matmul-probe": "matmul_precision_probe",  # small float32 matmuls vs float64, per precision
 }

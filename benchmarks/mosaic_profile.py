@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jna
-from benchmarks.mosaic_bench import _problem_of, _random, public_problems
+from benchmarks.mosaic_check import _problem_of, _random, public_problems
 from jna import plan as planning
 from jna.backends.mosaic import op as fused_mosaic
 from jna.backends.mosaic import backward as mosaic_backward

@@ -41,7 +41,7 @@ def _entry(problem, config: dict, class_speeds, dtype="float32", backend="fused-
 
 def _class(**kw):
     return next(c for c in fused_triton.launch_classes()
-                if all(getattr(c, k) == v for k, v in kw.items()))
+                if all(c.fields[k] == v for k, v in kw.items()))
 
 
 def test_without_a_table_the_shipped_calibration_decides(table_dir):
@@ -66,15 +66,15 @@ def test_tuned_class_speeds_steer_other_problems_of_the_key(table_dir):
     shipped = fused_triton._choose(OTHER.params, 16)
     slow = _class(max_head_dim=64, q_tokens=32, kv_tokens=32)  # the shipped choice never takes it
     assert math.prod(shipped.q_tile) != 32
-    fast_fields = fused_triton.class_fields(slow)
-    other_fields = fused_triton.class_fields(_class(max_head_dim=64, q_tokens=128, kv_tokens=128))
+    fast_fields = slow.fields
+    other_fields = _class(max_head_dim=64, q_tokens=128, kv_tokens=128).fields
     speeds = [{"class": fast_fields, "speed": 500.0}, {"class": other_fields, "speed": 5.0}]
     tuned.write_entry(_entry(PROBLEM, {"q_tile": [8, 16], "kv_tile": [8, 16]}, speeds), "cpu")
     assert dict(tuned.class_speeds("fused-triton", 2, 16, "float32")) == {
         tuned.class_key(fast_fields): 1.0, tuned.class_key(other_fields): 0.01}
     got = fused_triton.default_config(OTHER.na_problem(jnp.float32))
     assert math.prod(got.q_tile) == 32 and math.prod(got.kv_tile) == 32, got
-    assert (got.num_warps, got.num_stages) == (slow.num_warps, slow.num_stages)
+    assert (got.num_warps, got.num_stages) == (slow.param("num_warps"), slow.param("num_stages"))
     # another dtype: untouched
     assert fused_triton.default_config(OTHER.na_problem(jnp.bfloat16)) == shipped
 
@@ -200,3 +200,54 @@ def test_user_tables_go_to_the_user_cache_never_into_the_package(tmp_path, monke
     assert tuned.table_path("NVIDIA H200") == tmp_path / "home" / ".cache" / "jna" / "tuned" / "nvidia_h200.json"
     monkeypatch.setenv("JNA_TUNED_DIR", str(tmp_path / "mine"))
     assert tuned.table_path("cpu") == tmp_path / "mine" / "cpu.json"
+
+
+@pytest.mark.parametrize("name", ["fused-triton", "fused-mosaic"])
+def test_launch_classes_round_trip_their_config_file(name):
+    """One `LaunchClass` type for both fused backends: the shipped JSON reads and writes back
+    unchanged, and the tables' key is the sorted JSON of the class without its speeds."""
+    import json
+
+    from jna import backends, resources
+    from jna.backends import launch
+
+    backend = backends.get(name)
+    raw = resources.read_json(backend.launch_config_file)["classes"]
+    classes = backend.launch_classes()
+    assert [c.to_json() for c in classes] == [json.loads(json.dumps(e)) for e in raw]
+    for c, entry in zip(classes, raw):
+        fields = {k: v for k, v in entry.items() if k not in ("speed", "fwd_bwd_speed")}
+        assert c.fields == fields and c.key == tuned.class_key(fields)
+    assert launch.LaunchClass.from_json(classes[0].to_json()) == classes[0]
+
+
+def test_launch_classes_bucket_by_head_dim():
+    from jna.backends import launch
+
+    classes = fused_triton.launch_classes()
+    buckets = sorted({c.max_head_dim for c in classes})
+    for dim in (1, buckets[0], buckets[0] + 1, buckets[-1]):
+        got = launch.for_head_dim(classes, dim)
+        bucket = min(b for b in buckets if dim <= b)
+        assert got and all(c.max_head_dim == bucket for c in got)
+        assert len(got) == sum(c.max_head_dim == bucket for c in classes)
+    assert launch.for_head_dim(classes, buckets[-1] + 1) == []
+    mosaic = fused_mosaic.launch_classes()
+    assert launch.for_head_dim(mosaic, 4096) == list(mosaic)  # no bounds: every class
+
+
+@pytest.mark.parametrize("name", ["fused-triton", "fused-mosaic"])
+def test_calibration_finds_a_full_efficiency_config_per_class(name):
+    """`python -m benchmarks calibrate` times each class at its plain config on the blocked
+    problem, where every class tiles the windows exactly."""
+    from benchmarks import calibrate
+    from jna import backends
+
+    backend = backends.get(name)
+    classes = backend.launch_classes()
+    for c in classes:
+        (problem,) = calibrate.calibration_problems("blocked", c, classes)
+        config, eff = calibrate.class_config(backend, c, problem)
+        assert eff == 1.0 and math.prod(config.q_tile) == c.q_tokens, (c, config)
+        assert math.prod(config.kv_tile) == c.kv_tokens
+        assert not getattr(config, "persistent", False)

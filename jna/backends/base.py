@@ -37,6 +37,7 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     config_type: ClassVar[type | None] = None  # None: the backend has no tile config
+    launch_config_file: ClassVar[str | None] = None  # its launch classes, in configs/ (jna.configs)
     min_tile_tokens: ClassVar[int] = 1  # smallest Q/KV tile an explicit config is fitted down to
 
     def __post_init__(self):
@@ -73,8 +74,15 @@ class Backend(abc.ABC):
         """Where `default_config` takes its config from, in words."""
         return None
 
+    def launch_classes(self) -> tuple:
+        """The backend's launch classes (`jna.backends.launch.LaunchClass`: tile sizes, launch
+        parameters, calibrated speeds); () for a backend without tile classes."""
+        return ()
+
     def candidate_configs(self, problem: NAProblem, shapes_per_class: int = 2) -> list:
-        """``[(class_fields, config, tile_efficiency)]`` for the tuner (`jna.tuning.tuner`)."""
+        """``[(class_fields, config, tile_efficiency)]`` for the tuner (`jna.tuning.tuner`) and the
+        calibration (``python -m benchmarks calibrate``): ``class_fields`` is a launch class's
+        `LaunchClass.fields`, plus the variant's flags where a class has variants."""
         return []
 
     def config_for(self, problem: NAProblem):

@@ -4,12 +4,14 @@ Host side: the tile-shape search space (`axis_caps`, `tile_shapes`, `fit_tile`) 
 efficiency that scores it. In kernels: `Geometry`, the in-kernel view of a `jna.plan.TilePlan`
 (this program's dilation group and group lengths, the per-axis visit ranges and full flags read
 from the packed plan tables, and the edge masks built from the window functions of
-`jna.semantics`), plus `unravel`/`ravel` for tile and step indices.
+`jna.semantics`), `TileWalk` (the one walk over the tiles a tile visits, used by every fused
+kernel), plus `unravel`/`ravel` for tile and step indices.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax.numpy as jnp
@@ -208,3 +210,69 @@ class Geometry:
             ok = (start[:, None] <= ya[None, :]) & (ya[None, :] < stop[:, None]) & (ya[None, :] < self.lg[a])
             allowed = ok if allowed is None else allowed & ok
         return allowed
+
+
+class TileWalk:
+    """The tiles one tile visits: the product of the per-axis ranges ``[first, first + count)`` the
+    plan stores for it, in row-major order (last axis fastest). Every fused kernel walks its tile
+    pairs with this (a Q tile's KV tiles in the forward and dQ kernels, a KV tile's Q tiles in the
+    dK/dV kernels), so the visit order is defined once.
+
+    Two ways to walk it: `at` unravels a step index (divisions by run-time counts: fine where the
+    step is known ahead, e.g. a producer), the odometer `start`/`advance`/`tiles` carries per-axis
+    offsets through the loop instead (one add and compare-and-select per axis: the fused-mosaic
+    forward consumers, measured 6-12% faster on an H200 on the 2-D/3-D public problems; the same
+    in the backward consumers changed forward+backward by -2% to +6%, within noise, so they unravel).
+
+    Attributes:
+      firsts, counts: per-axis first tile id and number of tiles (traced int32 scalars).
+      radices: per-axis tile count of the visited kind (for flat tile ids).
+      total: the number of steps, ``prod(counts)`` (every Q tile visits at least one KV tile).
+    """
+
+    def __init__(self, ranges, radices):
+        self.firsts = [first for first, _ in ranges]
+        self.counts = [count for _, count in ranges]
+        self.radices = list(radices)
+        self.total = functools.reduce(lambda x, y: x * y, self.counts)
+
+    @classmethod
+    def kv_tiles(cls, geo: "Geometry", qt) -> "TileWalk":
+        """The KV tiles Q tile ``qt`` (per-axis ids) visits."""
+        plan = geo.plan
+        return cls([geo.kv_range(a, qt[a]) for a in range(plan.rank)],
+                   [a.num_kv_tiles for a in plan.axes])
+
+    @classmethod
+    def q_tiles(cls, geo: "Geometry", kt) -> "TileWalk":
+        """The Q tiles KV tile ``kt`` (per-axis ids) is visited by."""
+        plan = geo.plan
+        return cls([geo.q_range(a, kt[a]) for a in range(plan.rank)],
+                   [a.num_q_tiles for a in plan.axes])
+
+    def at(self, step):
+        """Per-axis tile ids and the flat tile id of step ``step``."""
+        offs = unravel(step, self.counts)
+        tiles = [first + o for first, o in zip(self.firsts, offs)]
+        return tiles, ravel(tiles, self.radices)
+
+    def start(self):
+        """Odometer offsets of step 0 (a tuple of int32 scalars, the loop carry)."""
+        return tuple(jnp.int32(0) for _ in self.counts)
+
+    def tiles(self, offs):
+        """Per-axis tile ids at odometer offsets ``offs``."""
+        return [first + o for first, o in zip(self.firsts, offs)]
+
+    def advance(self, offs):
+        """Odometer offsets of the next step."""
+        new, carry = list(offs), None
+        for a in reversed(range(len(offs))):
+            bumped = offs[a] + (1 if carry is None else carry.astype(jnp.int32))
+            if a == 0:  # the outermost axis never wraps within ``total`` steps
+                new[a] = bumped
+                break
+            wrap = bumped >= self.counts[a]
+            new[a] = jnp.where(wrap, 0, bumped)
+            carry = wrap
+        return tuple(new)

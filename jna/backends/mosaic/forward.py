@@ -24,7 +24,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jna.backends import tiling
 from jna.backends.mosaic.common import (
-    ROWS, WGMMA, WGMMA_COL, WGMMA_ROW, Static, TileCursor, key_coords, kv_tile_visits,
+    ROWS, WGMMA, WGMMA_COL, WGMMA_ROW, Static, key_coords, kv_tile_visits,
     mask_logits, query_windows, rows_of, smem, sync, iota, tile_rows,
 )
 
@@ -79,7 +79,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
             # column vectors they would pin tk/4 registers per axis for the whole loop.
             return mask_logits(s, windows, key_coords(kt, cfg.kv_tile, iota(tk, WGMMA_COL)), 0)
 
-        cursor = TileCursor.kv_tiles(geo, qt)
+        cursor = tiling.TileWalk.kv_tiles(geo, qt)  # the odometer walk (no divisions)
 
         def body(step, carry):
             acc, m, l, offs = carry

@@ -32,8 +32,8 @@ got (64, 64)": it looks A up as an SMEM allocation). FA3 uses both. Simulated
 fresh accumulator; on the GPU they accumulate in place from registers. Everything else (plan
 lookups, TMA rings and barriers, masks, softmax, epilogues) is the same code.
 
-``python -m benchmarks calibrate-mosaic`` on an H100 checks a few shapes against the reference
-backend and times the public problems against cuDNN (``--sweep``: every tile class).
+``python -m benchmarks check-mosaic`` on a Hopper GPU checks a few shapes against the reference
+backend; ``python -m benchmarks calibrate --backend fused-mosaic`` measures the launch classes.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ from jna import compat, resources
 from jna import semantics
 from jna.tuning import tables as jna_tuned
 from jna.arguments import NAProblem
-from jna.backends import device, tiling
+from jna.backends import device, launch, tiling
+from jna.backends.launch import LaunchClass
 from jna.backends.mosaic import backward as mosaic_backward
 from jna.backends.mosaic import forward as mosaic_forward
 from jna.backends.base import Backend
@@ -108,11 +109,10 @@ def _config_file() -> dict:
     return resources.read_json("fused_mosaic.json")
 
 
-def launch_classes() -> tuple[tuple[int, int, int, float], ...]:
-    """``(q_tokens, kv_tokens, num_stages, speed)`` per class of ``configs/fused_mosaic.json``
-    (speed: calibrated forward TFLOP/s at full tile efficiency)."""
-    return tuple((c["q_tokens"], c["kv_tokens"], c["num_stages"], c["speed"])
-                 for c in _config_file()["classes"])
+@functools.lru_cache(maxsize=1)
+def launch_classes() -> tuple[LaunchClass, ...]:
+    """The launch classes of ``configs/fused_mosaic.json`` (launch parameter: ``num_stages``)."""
+    return launch.load("fused_mosaic.json")
 
 
 def auto_declines(problem: NAProblem) -> str | None:
@@ -124,27 +124,21 @@ def auto_declines(problem: NAProblem) -> str | None:
     return None
 
 
-def class_fields(q_tokens: int, kv_tokens: int, num_stages: int) -> dict:
-    """A launch class without its speed: what the autotuner measures and `jna.tuning.tables` keys on."""
-    return {"q_tokens": q_tokens, "kv_tokens": kv_tokens, "num_stages": num_stages}
-
-
 @functools.lru_cache(maxsize=1024)
 def _choose(params: semantics.NAParams, tuned_speeds: tuple = ()) -> MosaicConfig:
     """Best class and tiles by ``tile efficiency x speed``; ``tuned_speeds`` (from `jna.tuning.tables`)
     replace the calibrated speeds and restrict the choice to the classes the tuner measured."""
-    classes = {(q, kv, stages): speed for q, kv, stages, speed in launch_classes()}
+    speeds = {c: c.speed for c in launch_classes()}
     if tuned_speeds:
         measured = dict(tuned_speeds)
-        tuned = {c: measured[key] for c in classes
-                 if (key := jna_tuned.class_key(class_fields(*c))) in measured}
-        classes = tuned or classes
-    best = tiling.choose_tiles(params, [(q, kv, speed, stages) for (q, kv, stages), speed in classes.items()])
+        tuned = {c: measured[c.key] for c in speeds if c.key in measured}
+        speeds = tuned or speeds
+    best = tiling.choose_tiles(params, [(c.q_tokens, c.kv_tokens, speed, c) for c, speed in speeds.items()])
     if best is None:  # the whole padded map holds fewer than 64 tokens: one 64-token tile
         tile = tiling.fit_tile(tuple(tiling.axis_caps(params)), params, min_tokens=64)
         return MosaicConfig(tile, tile, 2)
-    stages, q_tile, kv_tile = best
-    return MosaicConfig(q_tile, kv_tile, stages)
+    c, q_tile, kv_tile = best
+    return MosaicConfig(q_tile, kv_tile, c.param("num_stages"))
 
 
 def config_from_dict(fields: dict) -> MosaicConfig:
@@ -331,6 +325,8 @@ class FusedMosaic(Backend):
     runs_natively = staticmethod(runs_natively)
     supports = staticmethod(unsupported_reason)
     auto_declines = staticmethod(auto_declines)
+    launch_config_file: ClassVar[str] = "fused_mosaic.json"
+    launch_classes = staticmethod(launch_classes)
     default_config = staticmethod(default_config)
     default_config_source = staticmethod(config_source)
 
@@ -338,10 +334,11 @@ class FusedMosaic(Backend):
         """Every launch class with its most tile-efficient shapes, each also ``persistent`` and,
         where the tiles divide the map, in the direct (no permutation) layout."""
         out = []
-        for q_tokens, kv_tokens, stages, _ in launch_classes():
-            for eff, q_tile, kv_tile in tiling.ranked_tiles(problem.params, q_tokens, kv_tokens,
+        for c in launch_classes():
+            stages = c.param("num_stages")
+            for eff, q_tile, kv_tile in tiling.ranked_tiles(problem.params, c.q_tokens, c.kv_tokens,
                                                             shapes_per_class):
-                fields = class_fields(q_tokens, kv_tokens, stages)
+                fields = c.fields
                 plan = planning.make_plan(problem.params, q_tile, kv_tile)
                 for direct in ([False, True] if direct_ok(plan) else [False]):
                     for persistent in (False, True):

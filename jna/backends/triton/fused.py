@@ -30,11 +30,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jna import plan as planning
-from jna import resources
 from jna import semantics
 from jna.tuning import tables as jna_tuned
 from jna.arguments import NAProblem
-from jna.backends import tiling
+from jna.backends import launch, tiling
+from jna.backends.launch import LaunchClass
 from jna.backends.triton.common import (
     TritonBackend,
     F32_MAX as _F32_MAX,
@@ -47,12 +47,12 @@ from jna.backends.tiling import (
     LOG2E as _LOG2E,
     MASK_VALUE as _MASK_VALUE,
     Geometry,
+    TileWalk,
     as_int32,
     axis_caps,
     choose_tiles,
     fit_tile,
     ranked_tiles,
-    ravel,
     unravel,
 )
 
@@ -81,58 +81,36 @@ class TritonConfig:
         tiling.normalize_tiles(self)
 
 
-@dataclasses.dataclass(frozen=True)
-class LaunchClass:
-    """A tile size (tokens per Q and KV tile) with launch parameters and its measured speed.
-
-    ``speed`` is the forward TFLOP/s measured at full tile efficiency (calibrated on the GPU by
-    ``benchmarks/calibrate_triton.py``); the chooser multiplies it by a problem's tile efficiency.
-    """
-
-    max_head_dim: int
-    q_tokens: int
-    kv_tokens: int
-    num_warps: int
-    num_stages: int
-    bwd_num_warps: int
-    bwd_num_stages: int
-    speed: float
-    fwd_bwd_speed: float = 0.0  # forward+backward TFLOP/s at full efficiency (informational)
-
-
 @functools.lru_cache(maxsize=None)
 def launch_classes() -> tuple[LaunchClass, ...]:
-    """The launch classes of ``configs/fused_triton.json``."""
-    return tuple(LaunchClass(**c) for c in resources.read_json("fused_triton.json")["classes"])
+    """The launch classes of ``configs/fused_triton.json`` (launch parameters: ``num_warps``,
+    ``num_stages``, ``bwd_num_warps``, ``bwd_num_stages``; a ``max_head_dim`` bucket each)."""
+    return launch.load("fused_triton.json")
 
 
-def class_fields(c: LaunchClass) -> dict:
-    """A launch class without its speeds: what the autotuner measures and `jna.tuning.tables` keys on."""
-    fields = dataclasses.asdict(c)
-    del fields["speed"], fields["fwd_bwd_speed"]
-    return fields
+def _config(c: LaunchClass, q_tile, kv_tile) -> TritonConfig:
+    p = dict(c.launch)
+    return TritonConfig(q_tile, kv_tile, p["num_warps"], p["num_stages"], p["bwd_num_warps"],
+                        p["bwd_num_stages"])
 
 
 @functools.lru_cache(maxsize=1024)
 def _choose(params: semantics.NAParams, dim: int, tuned_speeds: tuple = ()) -> TritonConfig:
     """Best class and tiles by ``tile efficiency x speed``; ``tuned_speeds`` (from `jna.tuning.tables`)
     replace the calibrated speeds and restrict the choice to the classes the tuner measured."""
-    classes = [c for c in launch_classes() if dim <= c.max_head_dim]
-    bucket = min(c.max_head_dim for c in classes)
-    classes = [c for c in classes if c.max_head_dim == bucket]
+    classes = launch.for_head_dim(launch_classes(), dim)
     speeds = {c: c.speed for c in classes}
     if tuned_speeds:
         measured = dict(tuned_speeds)
-        tuned = {c: measured[tuned_key] for c in classes
-                 if (tuned_key := jna_tuned.class_key(class_fields(c))) in measured}
+        tuned = {c: measured[c.key] for c in classes if c.key in measured}
         speeds = tuned or speeds
     best = choose_tiles(params, [(c.q_tokens, c.kv_tokens, speed, c) for c, speed in speeds.items()])
     if best is None:  # the whole (padded) map is smaller than every tile class: one tile per group
         c = min(classes, key=lambda c: c.q_tokens)
         tile = fit_tile(tuple(axis_caps(params)), params)
-        return TritonConfig(tile, tile, c.num_warps, c.num_stages, c.bwd_num_warps, c.bwd_num_stages)
+        return _config(c, tile, tile)
     c, q_tile, kv_tile = best
-    return TritonConfig(q_tile, kv_tile, c.num_warps, c.num_stages, c.bwd_num_warps, c.bwd_num_stages)
+    return _config(c, q_tile, kv_tile)
 
 
 def config_from_dict(fields: dict) -> TritonConfig:
@@ -258,8 +236,7 @@ def _q_tile_program(st: _Static, tab_ref):
     """Per-program state of a kernel over one Q tile (grid: Q tile, batch*group, head).
 
     Returns the geometry, this program's per-axis Q tile ids, the tile-local key coordinates of
-    a KV tile, its queries' per-axis windows, the per-axis ``(first, count)`` KV tile ranges to
-    visit, and their product (the trip count).
+    a KV tile, its queries' per-axis windows, and the walk over the KV tiles to visit.
     """
     plan, cfg = st.plan, st.config
     geo = Geometry(st.plan, tab_ref, pl.program_id(1))
@@ -267,31 +244,28 @@ def _q_tile_program(st: _Static, tab_ref):
     q_local = geo.local_coords(cfg.q_tile)
     k_local = geo.local_coords(cfg.kv_tile)
     windows = [geo.window(a, qt[a] * cfg.q_tile[a] + q_local[a]) for a in range(plan.rank)]
-    ranges = [geo.kv_range(a, qt[a]) for a in range(plan.rank)]
-    total = functools.reduce(lambda x, y: x * y, [c for _, c in ranges])
-    return geo, qt, k_local, windows, ranges, total
+    walk = TileWalk.kv_tiles(geo, qt)
+    return geo, qt, k_local, windows, walk
 
 
-def _visit(st: _Static, ranges, i, kind: str):
-    """Step ``i`` of the product of per-axis tile ranges: per-axis tile ids and in-kernel slices."""
-    tiles = unravel(i, [c for _, c in ranges])
-    tiles = [first + t for (first, _), t in zip(ranges, tiles)]
-    counts = [a.num_kv_tiles if kind == "kv" else a.num_q_tiles for a in st.plan.axes]
-    return tiles, st.layout.slices(kind, tiles, ravel(tiles, counts))
+def _visit(st: _Static, walk: TileWalk, i, kind: str):
+    """Step ``i`` of ``walk``: per-axis tile ids and in-kernel slices."""
+    tiles, flat = walk.at(i)
+    return tiles, st.layout.slices(kind, tiles, flat)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static):
     cfg, plan = st.config, st.plan
     f32 = st.dtype == jnp.float32
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
-    geo, qt, k_local, windows, ranges, total = _q_tile_program(st, tab_ref)
+    geo, qt, k_local, windows, walk = _q_tile_program(st, tab_ref)
     qk_scale = st.scale * _LOG2E
 
     q = q_ref[...].reshape(tq, st.head_dim)
 
     def body(i, carry):
         acc, m, l, poisoned = carry
-        kt, tile = _visit(st, ranges, i, "kv")
+        kt, tile = _visit(st, walk, i, "kv")
         k = k_ref[(*tile, slice(None))].reshape(tk, st.head_dim)
         load_v = lambda: v_ref[(*tile, slice(None))].reshape(tk, st.value_dim)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
@@ -338,7 +312,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static
         jnp.zeros((tq,), jnp.float32),
         jnp.zeros((tq,), jnp.float32),
     )
-    acc, m, l, poisoned = jax.lax.fori_loop(0, total, body, init)
+    acc, m, l, poisoned = jax.lax.fori_loop(0, walk.total, body, init)
     out = acc / l[:, None]
     if st.contain_nonfinite:
         out = jnp.where(poisoned[:, None] > 0, jnp.nan, out)
@@ -361,7 +335,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
     cfg, plan = st.config, st.plan
     f32 = st.dtype == jnp.float32
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
-    geo, qt, k_local, windows, ranges, total = _q_tile_program(st, tab_ref)
+    geo, qt, k_local, windows, walk = _q_tile_program(st, tab_ref)
     qk_scale = st.scale * _LOG2E
 
     q = q_ref[...].reshape(tq, st.head_dim)
@@ -370,7 +344,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
     delta = delta_ref[...].reshape(tq)
 
     def body(i, dq):
-        kt, tile = _visit(st, ranges, i, "kv")
+        kt, tile = _visit(st, walk, i, "kv")
         k = k_ref[(*tile, slice(None))].reshape(tk, st.head_dim)
         v = v_ref[(*tile, slice(None))].reshape(tk, st.value_dim)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
@@ -380,7 +354,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, f32=f32)
 
-    dq = jax.lax.fori_loop(0, total, body, jnp.zeros((tq, st.head_dim), jnp.float32))
+    dq = jax.lax.fori_loop(0, walk.total, body, jnp.zeros((tq, st.head_dim), jnp.float32))
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype).reshape(dq_ref.shape)
 
 
@@ -393,9 +367,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
     q_local = geo.local_coords(cfg.q_tile)
     k_local = geo.local_coords(cfg.kv_tile)
     y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
-    ranges = [geo.q_range(a, kt[a]) for a in range(plan.rank)]
-    counts = [c for _, c in ranges]
-    total = functools.reduce(lambda x, y: x * y, counts)
+    walk = TileWalk.q_tiles(geo, kt)
     qk_scale = st.scale * _LOG2E
 
     k = k_ref[...].reshape(tk, st.head_dim)
@@ -403,7 +375,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
 
     def q_tile_body(i, carry, head):
         dk, dv = carry
-        qt, tile = _visit(st, ranges, i, "q")
+        qt, tile = _visit(st, walk, i, "q")
         q = q_ref[(*tile, head, slice(None))].reshape(tq, st.head_dim)
         do = do_ref[(*tile, head, slice(None))].reshape(tq, st.value_dim)
         lse2 = lse_ref[(*tile, head)].reshape(tq) * _LOG2E
@@ -419,7 +391,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
 
     def head_body(head, carry):
         head = as_int32(head)  # static bounds: an int64 counter under jax_enable_x64
-        return jax.lax.fori_loop(0, total, functools.partial(q_tile_body, head=head), carry)
+        return jax.lax.fori_loop(0, walk.total, functools.partial(q_tile_body, head=head), carry)
 
     init = (
         jnp.zeros((tk, st.head_dim), jnp.float32),
@@ -682,21 +654,19 @@ class FusedTriton(TritonBackend):
 
     name: ClassVar[str] = NAME
     config_type: ClassVar[type] = TritonConfig
+    launch_config_file: ClassVar[str] = "fused_triton.json"
+    launch_classes = staticmethod(launch_classes)
     default_config = staticmethod(default_config)
     default_config_source = staticmethod(config_source)
 
     def candidate_configs(self, problem: NAProblem, shapes_per_class: int = 2) -> list:
         """Every launch class of the problem's head-dim bucket, each with its
         ``shapes_per_class`` most tile-efficient per-axis shapes."""
-        classes = [c for c in launch_classes() if problem.head_dim <= c.max_head_dim]
-        bucket = min(c.max_head_dim for c in classes)
         out = []
-        for c in (c for c in classes if c.max_head_dim == bucket):
+        for c in launch.for_head_dim(launch_classes(), problem.head_dim):
             for eff, q_tile, kv_tile in ranked_tiles(problem.params, c.q_tokens, c.kv_tokens,
                                                      shapes_per_class):
-                cfg = TritonConfig(q_tile, kv_tile, c.num_warps, c.num_stages, c.bwd_num_warps,
-                                   c.bwd_num_stages)
-                out.append((class_fields(c), cfg, eff))
+                out.append((c.fields, _config(c, q_tile, kv_tile), eff))
         return out
 
     def attention(self, q, k, v, problem: NAProblem):
