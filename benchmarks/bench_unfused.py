@@ -136,7 +136,7 @@ def bench_problem(p: problem_sets.Problem, dtype, budget_s: float, mem_limit: fl
     del outputs
     if row.get("unfused_ms") and row.get("reference_ms"):
         row["speedup"] = round(row["reference_ms"] / row["unfused_ms"], 2)
-    problem = jna.arguments.check_call(q, k, v, *p.na_kwargs.values(), None, None, None, None)
+    problem = jna._src.arguments.check_call(q, k, v, *p.na_kwargs.values(), None, None, None, None)
     row["tiles"] = _describe(p, unfused.default_config(problem))
     if jna.tuning.tables.exact(unfused.NAME, problem.params, max(problem.head_dim, problem.value_dim), name):
         row["tiles"] += " (tuned)"

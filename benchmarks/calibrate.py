@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import harness
-from jna import backends, resources
+from jna import backends
+from jna._src import resources
 from jna.backends import launch
 from jna.tuning import problem_sets
 

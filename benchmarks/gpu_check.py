@@ -43,7 +43,10 @@ def run_tests(out: pathlib.Path, backends: str, timeout_s: int = 330, workers: i
     and compile-bound); each worker then allocates GPU memory on demand instead of taking 75%.
     """
     env = dict(os.environ, JNA_TEST_BACKENDS=backends)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "jna_tests/test_sweep.py",
+    # The backends' own tests (`jna_tests/backend_test_base.py`, one test_backend_<name>.py each;
+    # JNA_TEST_BACKENDS narrows them) and the large-shape checks.
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           *sorted(str(p) for p in pathlib.Path("jna_tests").glob("test_backend_*.py")),
            "jna_tests/test_gpu.py"]
     if workers > 1:
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
@@ -122,7 +125,7 @@ def _markdown(meta: dict, rows: list[dict], memory: list[dict], tests: dict | No
         "- dtype: bfloat16; effective TFLOP/s: fwd = 4*B*H*N*prod(K)*D, fwd+bwd = 3.5x",
     ]
     if tests:
-        lines.append(f"- GPU tests ({tests.get('backends', '')}: test_sweep.py + test_gpu.py): "
+        lines.append(f"- GPU tests ({tests.get('backends', '')}: test_backend_*.py + test_gpu.py): "
                      f"{tests['summary']} (exit {tests['returncode']}, {tests['seconds']} s)")
     lines += [
         "",

@@ -7,7 +7,7 @@ For each public problem (``configs/problems/public.json``) and each Pallas backe
 it (fused-mosaic: bf16, head dim 64/128; fused-triton and unfused: bf16 and float32), the
 forward and backward kernels (a VJP of out and lse) are lowered for CUDA at the tiles the backend
 would choose on an H200 (the shipped tuned table, `jna.tuning.tables`), and the StableHLO module is
-hashed with its source locations stripped (`jna.compat.lowering_without_source_locations`):
+hashed with its source locations stripped (`jna._src.compat.lowering_without_source_locations`):
 Mosaic GPU checks layouts, wgmma shapes, TMA boxes and the SMEM budget while lowering, and the
 Triton lowering checks Triton's shape rules. Two dumps with equal hashes mean the kernels that
 would run on the GPU are the same bytes; a commit that only moves code keeps every hash.
@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax import export
 
-from jna import backends, compat
+from jna import backends
+from jna._src import compat
 from jna.tuning import problem_sets
 from jna.tuning import tables as tuned
 from jna.backends.mosaic import op as fused_mosaic

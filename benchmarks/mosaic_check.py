@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jna
-from jna import resources
-from jna.arguments import check_call
+from jna._src import resources
+from jna._src.arguments import check_call
 from jna.backends import device
 from jna.backends.mosaic import op as fused_mosaic
 from jna.backends.mosaic.common import MosaicConfig

@@ -35,7 +35,7 @@ import numpy as np
 
 import jna
 from benchmarks.mosaic_check import _problem_of, _random, public_problems
-from jna import plan as planning
+from jna._src import plan as planning
 from jna.backends.mosaic import op as fused_mosaic
 from jna.backends.mosaic import backward as mosaic_backward
 from jna.backends.mosaic import forward as mosaic_forward

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 
 import jna
 from benchmarks import problems as problem_sets
-from jna import plan as planning
-from jna.arguments import check_call
+from jna._src import plan as planning
+from jna._src.arguments import check_call
 from jna.backends.triton import fused as ft
 from jna.backends import tiling
 from jna.tuning.timing import median_ms

@@ -27,7 +27,7 @@ import argparse
 import math
 
 from benchmarks.problems import load
-from jna import plan as planning
+from jna._src import plan as planning
 from jna import semantics
 from jna import sharding as js
 

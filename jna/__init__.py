@@ -12,7 +12,7 @@ Public API:
   sharding: the same ops over a device mesh (batch/head parallel, spatial halo exchange).
 """
 
-from jna import compat  # noqa: F401  (first: warns when jax is outside the supported range)
+from jna._src import compat  # noqa: F401  (first: warns when jax is outside the supported range)
 from jna import natten_weights, nnx, semantics, sharding
 from jna.backends import KNOWN_BACKENDS, built_backends
 from jna.explain import explain

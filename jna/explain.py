@@ -16,7 +16,7 @@ import dataclasses
 from typing import Any
 
 from jna import backends
-from jna.arguments import NAProblem, check_call
+from jna._src.arguments import NAProblem, check_call
 from jna.backends import device
 
 __all__ = ["Explanation", "explain"]
@@ -34,7 +34,7 @@ class Explanation:
         device's tuned table, or the calibrated launch classes).
       passed_over: ``(backend, reason)`` for each faster backend ``auto`` did not take.
       device: the device kind the choice was made for.
-      problem: the validated call (`jna.arguments.NAProblem`).
+      problem: the validated call (`jna._src.arguments.NAProblem`).
     """
 
     backend: str

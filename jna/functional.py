@@ -1,6 +1,6 @@
 """The functional API: `na1d`, `na2d`, `na3d` and `neighborhood_attention`.
 
-Every call goes the same way: validate once (`jna.arguments.check_call`), pick the backend
+Every call goes the same way: validate once (`jna._src.arguments.check_call`), pick the backend
 (`jna.backends.resolve`), run it, and merge in the additional keys/values through the
 logsumexp when there are any.
 """
@@ -13,8 +13,8 @@ import jax
 
 from jna import backends
 from jna.backends.base import Backend
-from jna.arguments import check_call
-from jna.dense import dense_attention
+from jna._src.arguments import check_call
+from jna._src.dense import dense_attention
 from jna.merge import merge_attentions
 
 __all__ = ["na1d", "na2d", "na3d", "neighborhood_attention"]

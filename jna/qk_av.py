@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jna import backends, semantics
-from jna.arguments import check_av_call, check_qk_call, check_rpb
+from jna._src.arguments import check_av_call, check_qk_call, check_rpb
 from jna.functional import BoolOrTuple, IntOrTuple
 
 __all__ = [

@@ -50,9 +50,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jna import backends, semantics
-from jna.arguments import check_call
+from jna._src.arguments import check_call
 from jna.backends import reference
-from jna.dense import dense_attention
+from jna._src.dense import dense_attention
 from jna.merge import merge_attentions
 
 __all__ = [

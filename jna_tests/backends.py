@@ -1,9 +1,13 @@
 """The backends under test and what each supports; the one place to add a backend.
 
-Every test that runs attention is parametrized over `active_backends()`. To put a new backend
-through the whole suite, add one `Capabilities` entry to `BACKENDS` (and drop its name from
-`NOT_YET_BUILT`). Interpret-mode Pallas backends are slow on CPU: give them smaller
-`cases` counts and `max_tokens`.
+A backend's own tests (the oracle sweep, NaN isolation, memory) are `BackendTestBase`
+(`jna_tests/backend_test_base.py`), subclassed once per backend in
+``jna_tests/test_backend_<name>.py``; the backend-independent tests (jit/vmap/grad, modules,
+window semantics) take the backends as params (`tiered`: the reference in ``make test``, the
+others in ``make test-full``). To put a new backend through the whole suite, add one
+`Capabilities` entry to `BACKENDS` and its ``test_backend_<name>.py`` subclass (and drop its name
+from `NOT_YET_BUILT`; `test_api.test_every_built_backend_is_under_test` checks both).
+Interpret-mode Pallas backends are slow on CPU: give them smaller `cases` counts and `max_tokens`.
 
 `JNA_TEST_BACKENDS=name1,name2` restricts the run to some backends (e.g. on the GPU machine).
 """

@@ -19,3 +19,10 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a GPU (large shapes, real kernel lowering); deselected on CPU")
     config.addinivalue_line("markers", "slow: the rest of the exhaustive sweeps and backend-independent "
                             "checks on every backend (make test-full)")
+
+
+def pytest_generate_tests(metafunc):
+    # Per-backend parametrization of `BackendTestBase` subclasses (their sweep cases).
+    generate = getattr(metafunc.cls, "generate", None)
+    if generate is not None:
+        generate(metafunc)

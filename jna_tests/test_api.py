@@ -7,12 +7,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import jna
 from jna_tests import oracle
-from jna_tests.backends import NOT_YET_BUILT, float32_backends, native_backends, tiered
+from jna_tests.backends import NOT_YET_BUILT, float32_backends, tiered
 from jna_tests.common import (Config, assert_abs, assert_names, f64, make_inputs,
                               oracle_bwd, oracle_fwd)
 
@@ -113,13 +112,21 @@ def test_scalar_arguments_apply_to_every_axis(backend):
 
 
 def test_every_built_backend_is_under_test():
-    """Each backend jna has built is listed in jna_tests/backends.py (so it gets the sweep),
-    and none of NOT_YET_BUILT is built."""
+    """Each backend jna has built is listed in jna_tests/backends.py and has its
+    `BackendTestBase` subclass (so it gets the sweep), and none of NOT_YET_BUILT is built."""
+    import importlib
+
+    from jna_tests.backend_test_base import BackendTestBase
     from jna_tests.backends import BACKENDS as LISTED
 
     built = set(jna.built_backends())
     assert built <= set(LISTED), f"add {built - set(LISTED)} to jna_tests/backends.py"
     assert not built & set(NOT_YET_BUILT), f"{built & set(NOT_YET_BUILT)} is built now"
+    for name in LISTED:
+        module = importlib.import_module(f"jna_tests.test_backend_{name.replace('-', '_')}")
+        subclasses = [c for c in vars(module).values()
+                      if isinstance(c, type) and issubclass(c, BackendTestBase) and c is not BackendTestBase]
+        assert [c.backend for c in subclasses] == [name], (name, subclasses)
 
 
 def test_auto_backend_matches_oracle(inp2):
@@ -215,81 +222,13 @@ def test_traced_kernel_size_says_make_it_static():
     assert "static" in str(e.value)
 
 
-# ---- NaN isolation -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("where", ["k", "v"])
-def test_nan_stays_inside_the_windows_that_contain_it(backend, where):
-    """A NaN key/value at one position poisons exactly the queries whose window holds it;
-    every other output (and lse) is finite and equals the oracle."""
-    cfg = Config((9, 10), (3, 4), (1, 2), (2, 1), (False, True), batch=2, heads=2, heads_kv=1)
-    inp = make_inputs(cfg, seed=50)
-    pos = (0, 4, 5)  # batch 0, spatial (4, 5)
-    bad = getattr(inp, where).at[pos].set(jnp.nan)
-    args = dict(q=inp.q, k=inp.k, v=inp.v)
-    args[where] = bad
-    out, lse = jna.na2d(**args, **cfg.na_kwargs(), return_lse=True, backend=backend)
-    want_out, want_lse = oracle_fwd(cfg, inp)  # clean inputs: same result off the NaN windows
-    mask = oracle.na_mask(cfg.shape, **cfg.na_kwargs())
-    sees = mask[:, 4 * 10 + 5].reshape(cfg.shape)  # queries whose window contains (4, 5)
-    assert 0 < sees.sum() < sees.size
-    out, lse = np.asarray(out), np.asarray(lse)
-    assert np.isnan(out[0][sees]).all(), "queries seeing the NaN must be NaN"
-    if where == "k":
-        assert np.isnan(lse[0][sees]).all()
-    else:
-        assert_abs(lse[0][sees], want_lse[0][sees], 1e-4, "lse of queries seeing a NaN value")
-    assert_abs(out[0][~sees], want_out[0][~sees], 1e-4, "out off the NaN windows")
-    assert_abs(lse[0][~sees], want_lse[0][~sees], 1e-4, "lse off the NaN windows")
-    assert_abs(out[1], want_out[1], 1e-4, "out of the other batch element")
-
-
-# ---- memory ------------------------------------------------------------------------------------
-
-N_TOKENS = 256 * 256
-DENSE_BYTES = N_TOKENS * N_TOKENS * 4  # one float32 [N, N] matrix: 17 GB
-# Measured on CPU with the reference backend (jax 0.11.2): ~326 MiB forward, ~535 MiB fwd+bwd.
-MAX_TEMP_BYTES = 2 * 2**30
-
-
-@pytest.mark.parametrize("backend", [b for b in native_backends() if b in float32_backends()])
-def test_large_map_never_materializes_n_by_n(backend):
-    """na2d on [1, 256, 256, 4, 32] with K = 13 compiles with temp memory far below N*N*4 bytes
-    (forward and backward) and the forward runs, finite, on a spot-checked query."""
-    shape = (1, 256, 256, 4, 32)
-    spec = jax.ShapeDtypeStruct(shape, jnp.float32)
-    f = jax.jit(functools.partial(jna.na2d, kernel_size=13, backend=backend))
-    fwd = f.lower(spec, spec, spec).compile()
-    temp = fwd.memory_analysis().temp_size_in_bytes
-    assert MAX_TEMP_BYTES <= DENSE_BYTES / 8
-    assert temp < MAX_TEMP_BYTES, f"forward temp {temp / 2**20:.0f} MiB"
-    loss = lambda q, k, v: f(q, k, v).sum()
-    bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile()
-    temp = bwd.memory_analysis().temp_size_in_bytes
-    assert temp < MAX_TEMP_BYTES, f"backward temp {temp / 2**20:.0f} MiB"
-
-    keys = jax.random.split(jax.random.key(0), 3)
-    q, k, v = (jax.random.normal(key, shape, jnp.float32) for key in keys)
-    out = fwd(q, k, v)
-    assert out.shape == shape
-    # Oracle on the 13x13 window of query (100, 250) (non-causal, s = d = 1: start clamps).
-    x, y = 100, 250
-    x0, y0 = x - 6, 256 - 13
-    kw = np.asarray(k[0, x0:x0 + 13, y0:y0 + 13], np.float64).reshape(169, 4, 32)
-    vw = np.asarray(v[0, x0:x0 + 13, y0:y0 + 13], np.float64).reshape(169, 4, 32)
-    qx = np.asarray(q[0, x, y], np.float64)
-    want, _ = oracle.attention(qx[None, None], kw[None], vw[None], np.ones((1, 169), bool))
-    assert_abs(out[0, x, y], want[0, 0], 1e-4, "out[0, 100, 250]")
-
-
 def test_auto_on_a_gpu_without_pallas_support_warns_and_runs_reference(monkeypatch):
     """docs/backends.md ("No silent fallback"): on e.g. a T4 (sm75) neither Pallas backend runs; ``auto`` takes the
     reference backend and says why in a warning (once per reason), an explicit one raises."""
     import types
 
     from jna import backends
-    from jna.arguments import NAProblem
+    from jna._src.arguments import NAProblem
     from jna.backends import device
 
     t4 = types.SimpleNamespace(platform="gpu", device_kind="Tesla T4", compute_capability="7.5")

@@ -84,8 +84,8 @@ def _simulate(name: str) -> dict:
     import jax
 
     import jna
-    from jna import compat
-    from jna.arguments import check_call
+    from jna._src import compat
+    from jna._src.arguments import check_call
     from jna.backends.mosaic import op as fused_mosaic
     from jna_tests import oracle
     from jna_tests.common import make_inputs, oracle_bwd, oracle_fwd
@@ -127,7 +127,7 @@ def _simulate(name: str) -> dict:
 
 
 def _visit_counts(problem, config):
-    from jna import plan as planning
+    from jna._src import plan as planning
 
     plan = planning.make_plan(problem.params, config.q_tile, config.kv_tile)
     grids = np.meshgrid(*[a.kv_count.max(axis=0) for a in plan.axes], indexing="ij")
@@ -175,8 +175,8 @@ def test_simulated_kernel_matches_oracle(name):
 def test_cases_cover_the_pipeline():
     """The cases wrap the K/V ring (more steps than stages) with one and two consumer
     warpgroups, and visit tile pairs that skip the mask in 1-D and in 2-D."""
-    from jna import plan as planning
-    from jna.arguments import check_call
+    from jna._src import plan as planning
+    from jna._src.arguments import check_call
     from jna.backends.mosaic import op as fused_mosaic
     from jna_tests.common import make_inputs
 
@@ -203,7 +203,7 @@ def test_cases_cover_the_pipeline():
 def _problem(shape, kernel_size, stride=1, dilation=1, is_causal=False, heads=4, kv_heads=2,
              dim=128, batch=1, dtype=jnp.bfloat16):
     from jna import semantics
-    from jna.arguments import NAProblem
+    from jna._src.arguments import NAProblem
 
     params = semantics.normalize_params(shape, kernel_size, stride, dilation, is_causal)
     return NAProblem(params, batch, heads, kv_heads, dim, dim, jnp.dtype(dtype), dim ** -0.5, 0)

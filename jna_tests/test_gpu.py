@@ -47,7 +47,7 @@ XLA_BETWEEN_KERNELS = ("unfused",)
 
 def _problem(case, dtype, batch=2):
     from jna import semantics
-    from jna.arguments import NAProblem
+    from jna._src.arguments import NAProblem
 
     shape, ks, st, dl, ca, heads, kv_heads, dim, vdim = CASES[case]
     params = semantics.normalize_params(shape, ks, st, dl, ca)
@@ -170,7 +170,7 @@ def test_mosaic_layout_variants_match_reference(case, flags):
     """fused-mosaic with ``direct_layout`` (tiles read/written in place, several TMA copies per
     tile and barrier) and/or ``persistent`` (one CTA per SM looping over Q tiles) against the
     reference backend: forward, lse and gradients."""
-    from jna.arguments import check_call
+    from jna._src.arguments import check_call
     from jna.backends.mosaic import op as fused_mosaic
 
     shape, ks, st, ca, q_tile, kv_tile = case

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import jna
-from jna import plan as planning
+from jna._src import plan as planning
 from jna import semantics
 from jna.backends.triton import fused as ft
 from jna.backends import tiling

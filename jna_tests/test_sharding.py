@@ -221,7 +221,7 @@ def test_bench_sharding_cpu_smoke(tmp_path):
 def _route_problem(length, kernel_size, stride):
     import jax.numpy as jnp
 
-    from jna.arguments import check_call
+    from jna._src.arguments import check_call
 
     x = jnp.zeros((1, length, 2, 8))
     return check_call(x, x, x, kernel_size, stride, 1, False, None, None, None, None)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import jna
-from jna import resources
+from jna._src import resources
 from jna.tuning import problem_sets
 from jna.tuning import tables as tuned
 from jna_tests.common import (Config, assert_abs, make_inputs, oracle_bwd,

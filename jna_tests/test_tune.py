@@ -187,7 +187,7 @@ def test_mosaic_candidates_add_persistent_and_direct_layout_variants():
 def test_user_tables_go_to_the_user_cache_never_into_the_package(tmp_path, monkeypatch):
     """The tuner's default table is under ``$JNA_CACHE_DIR/tuned`` (else ``~/.cache/jna``), so a
     read-only site-packages does not stop tuning; ``JNA_TUNED_DIR`` overrides the folder."""
-    from jna import resources
+    from jna._src import resources
 
     monkeypatch.delenv("JNA_TUNED_DIR", raising=False)
     monkeypatch.setenv("JNA_CACHE_DIR", str(tmp_path / "cache"))
@@ -208,7 +208,8 @@ def test_launch_classes_round_trip_their_config_file(name):
     unchanged, and the tables' key is the sorted JSON of the class without its speeds."""
     import json
 
-    from jna import backends, resources
+    from jna import backends
+    from jna._src import resources
     from jna.backends import launch
 
     backend = backends.get(name)

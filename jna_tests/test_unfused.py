@@ -206,7 +206,7 @@ def test_window_wider_than_head_dims():
 
 def test_explicit_config_changes_tiles_not_results():
     """``Unfused(config)`` sets the tiles (fitted to the problem); results stay exact."""
-    from jna.arguments import check_qk_call
+    from jna._src.arguments import check_qk_call
     from jna.backends.triton import unfused as unfused
     from jna.backends.triton.fused import TritonConfig
 
@@ -456,11 +456,11 @@ def test_kernels_lower_to_triton_for_cuda(dtype, monkeypatch):
     """Every unfused kernel (forward and backward, QK with rpb, AV) lowers to Triton IR for an
     sm90 GPU, cross-lowered from this machine with `jax.export` (Triton rejects what interpret
     mode accepts, e.g. non-power-of-two tensor shapes). Compiling the IR to PTX still needs the
-    GPU. Uses two private hooks: the GPU-info query (`jna.compat.triton_lowering_for_cuda`) and
+    GPU. Uses two private hooks: the GPU-info query (`jna._src.compat.triton_lowering_for_cuda`) and
     the backend's interpret switch."""
     from jax import export
 
-    from jna import compat
+    from jna._src import compat
     from jna.backends.triton import unfused as unfused
 
     monkeypatch.setattr(unfused, "_interpret", lambda: False)

@@ -233,7 +233,7 @@ def test_sharding_one_device():
 def _mosaic_problem(shape, kernel_size, stride, dilation, is_causal, heads, kv_heads, dim,
                     dtype=jnp.bfloat16):
     from jna import semantics
-    from jna.arguments import NAProblem
+    from jna._src.arguments import NAProblem
 
     params = semantics.normalize_params(shape, kernel_size, stride, dilation, is_causal)
     return NAProblem(params, 1, heads, kv_heads, dim, dim, jnp.dtype(dtype), dim ** -0.5, 0)
@@ -265,7 +265,7 @@ def _simulate() -> dict:
     """The tiny simulated case (in the subprocess): errors vs the oracle and the reference."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    from jna.arguments import check_call
+    from jna._src.arguments import check_call
     from jna.backends.mosaic import op as fused_mosaic
 
     cfg = SIM_CFG

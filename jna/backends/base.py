@@ -20,7 +20,7 @@ import abc
 import dataclasses
 from typing import Any, ClassVar
 
-from jna.arguments import NAProblem
+from jna._src.arguments import NAProblem
 
 __all__ = ["Backend"]
 

@@ -17,7 +17,7 @@ import dataclasses
 import json
 from typing import Any
 
-from jna import resources
+from jna._src import resources
 
 _SPEEDS = ("speed", "fwd_bwd_speed")
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jna import semantics
-from jna.arguments import NAProblem
+from jna._src.arguments import NAProblem
 from jna.backends.base import Backend
 
 NAME = "reference"
@@ -107,7 +107,7 @@ def attention(q, k, v, problem: NAProblem):
 
     Args:
       q: ``[B, *X, H, D]``; k: ``[B, *X, H_kv, D]``; v: ``[B, *X, H_kv, D_v]``.
-      problem: the validated call (`jna.arguments.check_call`).
+      problem: the validated call (`jna._src.arguments.check_call`).
 
     Returns:
       ``(out, lse)``: ``[B, *X, H, D_v]`` in q's dtype and ``[B, *X, H]`` float32.

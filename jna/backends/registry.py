@@ -9,7 +9,7 @@ import functools
 import importlib
 import warnings
 
-from jna.arguments import NAProblem
+from jna._src.arguments import NAProblem
 from jna.backends import device
 from jna.backends.base import Backend
 

@@ -1,7 +1,7 @@
 """Backend-neutral pieces shared by the fused kernels (Triton and Mosaic GPU).
 
 Host side: the tile-shape search space (`axis_caps`, `tile_shapes`, `fit_tile`) and the tile
-efficiency that scores it. In kernels: `Geometry`, the in-kernel view of a `jna.plan.TilePlan`
+efficiency that scores it. In kernels: `Geometry`, the in-kernel view of a `jna._src.plan.TilePlan`
 (this program's dilation group and group lengths, the per-axis visit ranges and full flags read
 from the packed plan tables, and the edge masks built from the window functions of
 `jna.semantics`), `TileWalk` (the one walk over the tiles a tile visits, used by every fused
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from jna import plan as planning
+from jna._src import plan as planning
 from jna import semantics
 
 LOG2E = math.log2(math.e)
@@ -124,7 +124,7 @@ def ranked_tiles(params: semantics.NAParams, q_tokens: int, kv_tokens: int, top:
 
 
 def tile_efficiency(params: semantics.NAParams, q_tile, kv_tile) -> float:
-    """Useful over computed (query, key) pairs of a tiling (see `jna.plan.axis_pair_counts`)."""
+    """Useful over computed (query, key) pairs of a tiling (see `jna._src.plan.axis_pair_counts`)."""
     eff = 1.0
     for a in range(params.rank):
         useful, computed = planning.axis_pair_counts(*params.axis(a), q_tile[a], kv_tile[a])

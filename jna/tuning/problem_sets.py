@@ -17,7 +17,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from jna import resources
+from jna._src import resources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +59,8 @@ class Problem:
                                           self.is_causal)
 
     def na_problem(self, dtype=jnp.bfloat16):
-        """The `jna.arguments.NAProblem` of a call on `inputs` (what backends choose configs for)."""
-        from jna.arguments import NAProblem
+        """The `jna._src.arguments.NAProblem` of a call on `inputs` (what backends choose configs for)."""
+        from jna._src.arguments import NAProblem
         return NAProblem(self.params, self.batch, self.heads, self.heads, self.head_dim, self.head_dim,
                          jnp.dtype(dtype), self.head_dim ** -0.5, 0)
 

@@ -13,9 +13,9 @@ that choice, per (backend, rank, head dim, dtype):
 An explicit config (a backend instance such as ``FusedTriton(config)``) still wins over both. The table is looked up by the device
 kind of ``jax.devices()[0]`` (``"NVIDIA H200"`` -> ``nvidia_h200.json``) in two places:
 
-- the tables shipped with jna (package data, `jna.resources`: ``configs/tuned/`` in the repository);
+- the tables shipped with jna (package data, `jna._src.resources`: ``configs/tuned/`` in the repository);
 - the user's tables, written by ``python -m jna.tuning``: ``$JNA_TUNED_DIR`` if set, else
-  ``<user cache>/tuned/`` (`jna.resources.user_cache_dir`: ``$JNA_CACHE_DIR``, default
+  ``<user cache>/tuned/`` (`jna._src.resources.user_cache_dir`: ``$JNA_CACHE_DIR``, default
   ``~/.cache/jna``). They are read over the shipped ones: a user entry replaces a shipped entry
   of the same key and problem. A read-only site-packages never needs to be written.
 
@@ -42,7 +42,8 @@ import statistics
 
 import jax
 
-from jna import resources, semantics
+from jna import semantics
+from jna._src import resources
 
 def device_slug(device_kind: str | None = None) -> str:
     """File stem of a device kind: lower case, runs of other characters as ``_``."""

@@ -18,7 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jna import plan as planning
+from jna._src import plan as planning
 from jna.backends import tiling
 
 ROWS = 64  # rows per consumer warpgroup (the M of one wgmma)

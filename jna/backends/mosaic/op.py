@@ -3,7 +3,7 @@ backward.
 
 Same data flow as `jna.backends.triton.fused` (docs/fused_triton.md), built for sm90:
 
-1. `jna.plan.make_plan` tiles every axis; `jna.plan.permute` makes every Q/KV tile one
+1. `jna._src.plan.make_plan` tiles every axis; `jna._src.plan.permute` makes every Q/KV tile one
    contiguous run of ``[B * G, tiles * tile_tokens, H, D]``.
 2. Forward (`jna.backends.mosaic.forward`): one CTA per (Q tile, batch*group, head), warp
    specialized like FA3: consumer warpgroups own 64 query rows each, a producer warpgroup
@@ -47,11 +47,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jna import plan as planning
-from jna import compat, resources
+from jna._src import plan as planning
+from jna._src import compat, resources
 from jna import semantics
 from jna.tuning import tables as jna_tuned
-from jna.arguments import NAProblem
+from jna._src.arguments import NAProblem
 from jna.backends import device, launch, tiling
 from jna.backends.launch import LaunchClass
 from jna.backends.mosaic import backward as mosaic_backward
@@ -259,7 +259,7 @@ def attention(q, k, v, problem: NAProblem, config: MosaicConfig | None = None):
 
     Args:
       q: ``[B, *X, H, D]``; k, v: ``[B, *X, H_kv, D]`` (bfloat16/float16, D in {32, 64, 128}).
-      problem: the validated call (`jna.arguments.check_call`).
+      problem: the validated call (`jna._src.arguments.check_call`).
       config: tile config; default `default_config(problem)`.
 
     Returns:

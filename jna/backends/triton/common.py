@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from jna.arguments import NAProblem
+from jna._src.arguments import NAProblem
 from jna.backends import device
 from jna.backends.base import Backend
 

@@ -2,9 +2,9 @@
 
 Data flow (docs/fused_triton.md):
 
-1. `jna.plan.make_plan` tiles every axis (dilation groups folded into the batch) and lists, per
+1. `jna._src.plan.make_plan` tiles every axis (dilation groups folded into the batch) and lists, per
    axis, the KV tiles each Q tile visits, which pairs are *full*, and the transpose.
-2. q/k/v are permuted so that every tile is contiguous (`jna.plan.permute`); head dims are
+2. q/k/v are permuted so that every tile is contiguous (`jna._src.plan.permute`); head dims are
    padded to a power of two there (Triton needs power-of-two block shapes).
 3. Forward kernel, one program per (Q tile, batch*group, head): an online softmax over the
    product of the per-axis KV tile ranges. Only pairs that are not full evaluate the
@@ -29,10 +29,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jna import plan as planning
+from jna._src import plan as planning
 from jna import semantics
 from jna.tuning import tables as jna_tuned
-from jna.arguments import NAProblem
+from jna._src.arguments import NAProblem
 from jna.backends import launch, tiling
 from jna.backends.launch import LaunchClass
 from jna.backends.triton.common import (
@@ -181,7 +181,7 @@ def _dot(a, b, trans_a=False, trans_b=False, f32=False):
 class _Layout:
     """Token addressing of the kernel operands.
 
-    *Permuted* (the general case): q/k/v were reordered by `jna.plan.permute` into
+    *Permuted* (the general case): q/k/v were reordered by `jna._src.plan.permute` into
     ``[B * G, tiles * tile_tokens, H, D]``; a tile is one contiguous run of the single token
     axis. *Direct* (no dilation, every axis a multiple of both tile extents, head dims already
     powers of two): the kernels read tiles straight out of ``[B, *X, H, D]`` as
@@ -602,7 +602,7 @@ def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None):
 
     Args:
       q: ``[B, *X, H, D]``; k: ``[B, *X, H_kv, D]``; v: ``[B, *X, H_kv, D_v]``.
-      problem: the validated call (`jna.arguments.check_call`).
+      problem: the validated call (`jna._src.arguments.check_call`).
       config: tile config; default `default_config(problem)`.
 
     Returns:

@@ -6,9 +6,9 @@ inspected, biased (relative positional bias) or replaced by a custom score funct
 
 Data flow:
 
-1. `jna.plan.make_plan` tiles every axis (tile shapes from `fused_triton.default_config`) and
+1. `jna._src.plan.make_plan` tiles every axis (tile shapes from `fused_triton.default_config`) and
    lists, per Q tile, the KV tiles its windows touch, and the transpose; q/k/v are permuted so
-   every tile is contiguous (`jna.plan.permute`), head dims padded to powers of two.
+   every tile is contiguous (`jna._src.plan.permute`), head dims padded to powers of two.
 2. Three kernels, each a GEMM over the planned tile pairs, with the slot of key ``y`` for query
    ``x`` computed in-kernel from the shared window functions (`jna.semantics.window_start`):
    slot ``= ravel_a(y'_a - start_a(x'_a))`` over the window shape, valid iff ``y`` is in the
@@ -46,9 +46,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jna import plan as planning
+from jna._src import plan as planning
 from jna.tuning import tables as jna_tuned
-from jna.arguments import NAProblem
+from jna._src.arguments import NAProblem
 from jna.backends import tiling
 from jna.backends.triton import fused as fused_triton
 from jna.backends.triton.common import (
@@ -490,7 +490,7 @@ def qk(q, k, problem: NAProblem, config: fused_triton.TritonConfig | None = None
 
     Args:
       q: ``[B, *X, H, D]``; k: ``[B, *X, H_kv, D]``.
-      problem: the validated call (`jna.arguments.check_qk_call`).
+      problem: the validated call (`jna._src.arguments.check_qk_call`).
 
     Returns:
       ``[B, *X, H, prod(K)]`` float32, slots in row-major window order; masked (causal) slots
@@ -509,7 +509,7 @@ def av(attn, v, problem: NAProblem, config: fused_triton.TritonConfig | None = N
     Args:
       attn: ``[B, *X, H, prod(K)]`` (float32 or v's dtype); masked slots are ignored.
       v: ``[B, *X, H_kv, D_v]``.
-      problem: the validated call (`jna.arguments.check_av_call`).
+      problem: the validated call (`jna._src.arguments.check_av_call`).
 
     Returns:
       ``[B, *X, H, D_v]`` in v's dtype. Differentiable in attn and v.
@@ -526,7 +526,7 @@ def attention(q, k, v, problem: NAProblem, config: fused_triton.TritonConfig | N
 
     Args:
       q: ``[B, *X, H, D]``; k: ``[B, *X, H_kv, D]``; v: ``[B, *X, H_kv, D_v]``.
-      problem: the validated call (`jna.arguments.check_call`).
+      problem: the validated call (`jna._src.arguments.check_call`).
       config: tiles and launch parameters; default `default_config(problem)`.
 
     Returns:

@@ -1,14 +1,10 @@
-"""Seeded random sweep of NA problems against the float64 oracle, for every backend.
+"""The oracle sweep's problems, per backend: random problems and fixed edge cases.
 
 Like NATTEN's own tests: ranks 1/2/3, extents 4..48 on 1-D (smaller per axis for 2-D/3-D so
 N stays under the backend's ``max_tokens``), K in [2, L] (even and odd alternate), s in [1, K],
 d in [1, L // K], random per-axis causal, GQA, D_v != D, sometimes additional keys/values and
 an explicit scale; plus fixed edge cases (K = L, s = K, K = 2, maximal dilation, all causal).
-
-float32: out and lse within 1e-4 abs, gradients of q/k/v (and additional k/v) for random
-cotangents of both out and lse within 1e-3 abs. bf16/fp16: relative L2 within the backend's
-``lowp_rtol`` (1e-2) for out, lse and gradients, against the oracle on the same rounded inputs.
-Case counts per backend come from `jna_tests.backends`; every failure prints the config.
+Case counts per backend come from `jna_tests.backends`.
 """
 
 import dataclasses
@@ -17,9 +13,8 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from jna_tests.backends import BACKENDS, active_backends
-from jna_tests.common import (Config, assert_abs, assert_rel_l2, make_inputs, oracle_bwd,
-                              oracle_fwd, run_na)
+from jna_tests.backends import BACKENDS
+from jna_tests.common import Config
 
 MAX_EXTENT = {1: 48, 2: 24, 3: 10}
 FAST_CASES = 2  # float32 random cases per rank and backend in the fast tier
@@ -76,15 +71,16 @@ def _edge_case_dtype_and_config(caps, cfg):
     return dtype, cfg
 
 
-def _cases():
-    for backend in active_backends():
-        caps = BACKENDS[backend]
+def sweep_cases(backend: str):
+    """``pytest.param(dtype, cfg, seed)`` of one backend's sweep (ids name dtype, rank, case)."""
+    caps = BACKENDS[backend]
+    if True:
         for rank in (1, 2, 3):
             for i in range(caps.cases[rank - 1] if jnp.float32 in caps.dtypes else 0):
                 # The first FAST_CASES per rank run in `make test` (with the edge cases they cover
                 # every feature axis); the rest of the sweep in `make test-full`.
-                yield pytest.param(backend, jnp.float32, random_config(rank, i, caps), i,
-                                   id=f"{backend}-f32-{rank}d-{i}",
+                yield pytest.param(jnp.float32, random_config(rank, i, caps), i,
+                                   id=f"f32-{rank}d-{i}",
                                    marks=() if i < FAST_CASES else pytest.mark.slow)
             for dtype in caps.dtypes:
                 if dtype == jnp.float32:
@@ -92,42 +88,9 @@ def _cases():
                 name = jnp.dtype(dtype).name
                 for i in range(caps.lowp_cases[rank - 1]):
                     j = 100 + i  # different problems from the float32 ones
-                    yield pytest.param(backend, dtype, random_config(rank, j, caps), j,
-                                       id=f"{backend}-{name}-{rank}d-{j}")
+                    yield pytest.param(dtype, random_config(rank, j, caps), j,
+                                       id=f"{name}-{rank}d-{j}")
         for i, cfg in enumerate(edge_configs(caps)):
             dtype, cfg = _edge_case_dtype_and_config(caps, cfg)
             name = "f32" if dtype == jnp.float32 else jnp.dtype(dtype).name
-            yield pytest.param(backend, dtype, cfg, 500 + i, id=f"{backend}-{name}-edge-{i}")
-
-
-GRAD_NAMES = ("dq", "dk", "dv", "d_additional_keys", "d_additional_values")
-
-
-@pytest.mark.parametrize("backend,dtype,cfg,seed", list(_cases()))
-def test_sweep_against_oracle(backend, dtype, cfg, seed):
-    """Out, lse and all gradients of one random problem vs the float64 oracle."""
-    caps = BACKENDS[backend]
-    inp = make_inputs(cfg, dtype, seed=seed)
-    out, lse, grads = run_na(cfg, inp, backend, grads=caps.grads)
-    want_out, want_lse = oracle_fwd(cfg, inp)
-    info = f"{cfg.short()} dtype={jnp.dtype(dtype).name} backend={backend} {cfg}"
-    assert out.dtype == dtype and lse.dtype == jnp.float32, (out.dtype, lse.dtype, info)
-    if dtype == jnp.float32:
-        assert_abs(out, want_out, 1e-4, "out", info)
-        assert_abs(lse, want_lse, 1e-4, "lse", info)
-    else:
-        assert_rel_l2(out, want_out, caps.lowp_rtol, "out", info)
-        assert_rel_l2(lse, want_lse, caps.lowp_rtol, "lse", info)
-    if not caps.grads:
-        return
-    want_grads = oracle_bwd(cfg, inp)
-    for name, g, w, x in zip(GRAD_NAMES, grads, want_grads,
-                             (inp.q, inp.k, inp.v, inp.extra_k, inp.extra_v)):
-        assert (g is None) == (w is None), (name, info)
-        if w is None:
-            continue
-        assert g.dtype == x.dtype, (name, g.dtype, x.dtype, info)
-        if dtype == jnp.float32:
-            assert_abs(g, w, 1e-3, name, info)
-        else:
-            assert_rel_l2(g, w, caps.lowp_rtol, name, info)
+            yield pytest.param(dtype, cfg, 500 + i, id=f"{name}-edge-{i}")

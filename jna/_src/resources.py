@@ -35,7 +35,7 @@ def data_root() -> Traversable:
     try:
         return importlib.resources.files("jna.configs")
     except ModuleNotFoundError:  # a source checkout on sys.path, not installed
-        checkout = pathlib.Path(__file__).resolve().parents[1] / "configs"
+        checkout = pathlib.Path(__file__).resolve().parents[2] / "configs"  # jna/_src/ -> the checkout
         if (checkout / "fused_triton.json").is_file():
             return checkout
         raise FileNotFoundError(

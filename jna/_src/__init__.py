@@ -1,0 +1,12 @@
+"""jna's internal modules: not public API (names and signatures may change between releases).
+
+  arguments: validation of a call into an `NAProblem` (shapes, dtypes, per-axis parameters).
+  plan: the tile plan the fused kernels read (per-axis visit ranges, full flags, permutations).
+  compat: the one module that looks at jax's version (private hooks across the supported range).
+  resources: the package data (``jna.configs``) and the user's cache directory.
+  dense: dense attention, the reference's building block and the benchmarks' baseline.
+
+The public API is what ``jna``, ``jna.backends``, ``jna.nn``, ``jna.nnx``, ``jna.semantics``,
+``jna.sharding``, ``jna.qk_av``, ``jna.merge``, ``jna.natten_weights``, ``jna.explain`` and
+``jna.tuning`` export.
+"""
