@@ -310,10 +310,13 @@ if __name__ == "__main__":  # the simulation subprocess: one JSON line per case
         print(json.dumps(_simulate(case)), flush=True)
 
 
-def test_tile_cursor_walks_the_visit_list_in_order():
-    """The forward consumers' division-free cursor visits the same KV tiles, in the same order,
-    as the unravelled step index the producer uses."""
-    from jna.backends.mosaic import common as mosaic_common
+def test_tile_walk_odometer_and_unravel_agree():
+    """`tiling.TileWalk`: the forward consumers' division-free odometer visits the same tiles, in
+    the same order, as the unravelled step index the producers use, in row-major order over the
+    per-axis ranges (the order every kernel, and the fused backward's dQ add order, relies on)."""
+    import itertools
+
+    from jna.backends import tiling
 
     class _Axis:
         def __init__(self, n):
@@ -330,10 +333,14 @@ def test_tile_cursor_walks_the_visit_list_in_order():
 
     for ranges in ([(3, 5)], [(1, 3), (2, 4)], [(0, 2), (5, 1), (1, 3)], [(2, 1), (0, 1), (4, 6)]):
         geo = _Geo(ranges)
-        total, visit = mosaic_common.kv_tile_visits(geo, [0] * len(ranges))
-        cursor = mosaic_common.TileCursor.kv_tiles(geo, [0] * len(ranges))
-        assert int(cursor.total) == int(total) == int(np.prod([c for _, c in ranges]))
-        offs = cursor.start()
-        for step in range(int(total)):
-            assert [int(x) for x in cursor.tiles(offs)] == [int(x) for x in visit(jnp.int32(step))[0]], (ranges, step)
-            offs = cursor.advance(offs)
+        walk = tiling.TileWalk.kv_tiles(geo, [0] * len(ranges))
+        want = list(itertools.product(*[range(f, f + c) for f, c in ranges]))
+        assert int(walk.total) == len(want)
+        radices = [a.num_kv_tiles for a in geo.plan.axes]
+        offs = walk.start()
+        for step, tiles in enumerate(want):
+            at, flat = walk.at(jnp.int32(step))
+            assert tuple(int(x) for x in at) == tiles, (ranges, step)
+            assert int(flat) == int(np.ravel_multi_index(tiles, radices)), (ranges, step)
+            assert tuple(int(x) for x in walk.tiles(offs)) == tiles, (ranges, step)
+            offs = walk.advance(offs)
