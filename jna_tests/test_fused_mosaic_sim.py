@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -73,6 +74,25 @@ SIM_CASES = {
     "2d-persistent-direct-causal": (
         Config((16, 48), (7, 9), (1, 2), (1, 1), (True, False), heads=2, heads_kv=2, dim=64,
                dim_v=64), (4, 16), (4, 16), 2, "bfloat16", {"persistent": True, "direct_layout": True}),
+    # The cases above run the default two-kernel backward (MosaicConfig.backward="split"); these
+    # the one-kernel one ("fused": dQ added by the KV-tile-major kernel in visit order,
+    # read-modify-write in the simulator).
+    "1d-fused-bwd-causal-strided-dilated-gqa-padded": (
+        Config((200,), (40,), (3,), (2,), (True,), heads=2, heads_kv=1, dim=64, dim_v=64),
+        (64,), (64,), 2, "bfloat16", {"backward": "fused"}),
+    "1d-fused-bwd-2wg-q128-d128-fp16": (
+        Config((320,), (150,), (1,), (1,), (False,), heads=1, heads_kv=1, dim=128, dim_v=128),
+        (128,), (128,), 2, "float16", {"backward": "fused"}),
+    "1d-fused-bwd-d32-causal": (
+        Config((200,), (40,), (3,), (2,), (True,), heads=2, heads_kv=1, dim=32, dim_v=32),
+        (64,), (128,), 2, "bfloat16", {"backward": "fused"}),
+    "2d-fused-bwd-2wg-strided-dilated-causal-gqa": (
+        Config((20, 24), (5, 7), (1, 3), (2, 1), (False, True), heads=4, heads_kv=2, dim=64,
+               dim_v=64), (8, 16), (8, 16), 2, "bfloat16", {"backward": "fused"}),
+    "3d-fused-bwd-direct": (
+        Config((4, 8, 16), (3, 5, 7), (1, 1, 2), (1, 1, 1), (True, False, False), heads=1,
+               heads_kv=1, dim=64, dim_v=64), (2, 4, 8), (1, 8, 16), 2, "float16",
+        {"direct_layout": True, "backward": "fused"}),
 }
 
 RTOL = 1e-2  # bf16/fp16 relative L2 (the suite's half-type tolerance, jna_tests/backends.py)
@@ -143,7 +163,37 @@ def _simulate_in_subprocess(name: str) -> tuple[dict | None, str]:
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if rows:
+        rows[-1]["unexplained_races"] = _unexplained_races(proc.stdout, SIM_CASES[name])
     return (rows[-1] if rows else None), f"rc {proc.returncode}: {proc.stderr[-4000:]}"
+
+
+_ACCESS = re.compile(r"(read|write) of HostAllocationKey\(memory_space_id=(\d+)[^\n]*? from "
+                     r"Warpgroup\([^)]*warpgroup_id=(\d+)\)")
+
+
+def _unexplained_races(stdout: str, case) -> list[str]:
+    """The simulator's race reports, less those the GPU kernel orders by other means.
+
+    The one-kernel backward (``backward="fused"``) adds each Q tile's dQ blocks into a GMEM
+    accumulator from several CTAs; on the GPU a GMEM semaphore per Q tile orders them, which the
+    simulator (no semaphores; the grid runs sequentially there) cannot see, so it reports the
+    writer warpgroups' GMEM accesses of different CTAs as racing. Exactly those are explained:
+    both accesses in GMEM (memory space 0) by the writer (warpgroup ``kv_tokens / 64 + 1``).
+    Every other report is returned.
+    """
+    from jna.backends.mosaic.common import MosaicConfig
+
+    cfg, q_tile, kv_tile, stages, dtype, *flags = case
+    fused = MosaicConfig(q_tile, kv_tile, stages, **(flags[0] if flags else {})).backward == "fused"
+    writer = str(math.prod(kv_tile) // 64 + 1)
+    unexplained = []
+    for report in stdout.split("RACE DETECTED")[1:]:
+        accesses = _ACCESS.findall(report)[:2]
+        if fused and len(accesses) == 2 and all(m == "0" and w == writer for _, m, w in accesses):
+            continue
+        unexplained.append(report.strip()[:600])
+    return unexplained
 
 
 @pytest.mark.parametrize("name", list(SIM_CASES))
@@ -152,8 +202,9 @@ def test_simulated_kernel_matches_oracle(name):
     r, stderr = _simulate_in_subprocess(name)
     assert r is not None, f"{name}: no result (crashed?)\n{stderr}"
     problems = []
-    if r["races"]:
-        problems.append("the simulator's race detector fired")
+    if r["races"] and r["unexplained_races"]:
+        problems.append(f"the simulator's race detector fired ({len(r['unexplained_races'])} "
+                        f"reports, first: {r['unexplained_races'][0]})")
     if not r["finite"]:
         problems.append("non-finite output or lse")
     if r["out_rel_l2"] > RTOL or r["ref_out_rel_l2"] > RTOL:
@@ -216,6 +267,13 @@ def _public_problems():
         return [p for p in json.load(f)["problems"] if p["head_dim"] in (64, 128)]
 
 
+def _kernels(lowered, config) -> bool:
+    """Whether a lowered forward+backward holds the Mosaic GPU kernels of ``config``: the forward
+    and the one-kernel backward ("fused"), or the forward, dQ and dK/dV kernels ("split")."""
+    found = len(re.findall(r"custom_call @mosaic_gpu", lowered.as_text()))
+    return found == (2 if config.backward == "fused" else 3)
+
+
 @pytest.mark.parametrize("name", [p["name"] for p in _public_problems()])
 def test_public_problem_lowers_for_gpu(name):
     from jna.backends.mosaic import op as fused_mosaic
@@ -223,8 +281,8 @@ def test_public_problem_lowers_for_gpu(name):
     p = next(p for p in _public_problems() if p["name"] == name)
     problem = _problem(p["shape"], p["kernel_size"], p["stride"], p["dilation"], p["is_causal"],
                        heads=p["heads"], kv_heads=p["heads"], dim=p["head_dim"], batch=p["batch"])
-    text = fused_mosaic.lower_for_gpu(problem, backward=True).as_text()
-    assert text.count("mosaic_gpu") >= 3  # forward, dQ, dK/dV
+    config = fused_mosaic.default_config(problem)
+    assert _kernels(fused_mosaic.lower_for_gpu(problem, config, backward=True), config)
 
 
 @pytest.mark.parametrize("dim", [64, 128])
@@ -235,8 +293,10 @@ def test_tile_classes_lower_for_gpu(tokens, dim):
     q_tokens, kv_tokens, stages = tokens
     problem = _problem((48, 40), (13, 9), (1, 3), (1, 2), (True, False), dim=dim,
                        dtype=jnp.float16)
-    config = fused_mosaic.MosaicConfig((8, q_tokens // 8), (8, kv_tokens // 8), stages)
-    assert fused_mosaic.lower_for_gpu(problem, config, backward=True).as_text().count("mosaic_gpu") >= 3
+    for backward in ("fused", "split"):
+        config = fused_mosaic.MosaicConfig((8, q_tokens // 8), (8, kv_tokens // 8), stages,
+                                           backward=backward)
+        assert _kernels(fused_mosaic.lower_for_gpu(problem, config, backward=True), config)
 
 
 @pytest.mark.parametrize("name,q_tile,kv_tile", [
@@ -252,7 +312,7 @@ def test_direct_layout_lowers_for_gpu_on_public_problems(name, q_tile, kv_tile):
                        heads=p["heads"], kv_heads=p["heads"], dim=p["head_dim"], batch=p["batch"])
     config = fused_mosaic.MosaicConfig(q_tile, kv_tile, 2, direct_layout=True)
     assert fused_mosaic._static(problem, config, None).direct
-    assert fused_mosaic.lower_for_gpu(problem, config, backward=True).as_text().count("mosaic_gpu") >= 3
+    assert _kernels(fused_mosaic.lower_for_gpu(problem, config, backward=True), config)
 
 
 @pytest.mark.parametrize("name,q_tile,kv_tile,direct", [
@@ -268,7 +328,7 @@ def test_persistent_forward_lowers_for_gpu_on_public_problems(name, q_tile, kv_t
                                        direct_layout=direct, persistent=True)
     st = fused_mosaic._static(problem, config, None)
     assert st.ctas > 0 and st.direct == direct
-    assert fused_mosaic.lower_for_gpu(problem, config, backward=True).as_text().count("mosaic_gpu") >= 3
+    assert _kernels(fused_mosaic.lower_for_gpu(problem, config, backward=True), config)
 
 
 def test_direct_layout_only_where_tiles_divide_the_map():

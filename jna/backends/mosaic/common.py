@@ -21,6 +21,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jna._src import plan as planning
 from jna.backends import tiling
 
+BACKWARDS = ("fused", "split")  # `MosaicConfig.backward`
 ROWS = 64  # rows per consumer warpgroup (the M of one wgmma)
 WGMMA = plgpu.Layout.WGMMA
 WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)  # a [64] vector along the rows of a WGMMA array
@@ -42,6 +43,12 @@ class MosaicConfig:
     looping over Q tiles, its producer loading the next tile's K/V while the consumers finish the
     current one (the per-CTA fixed cost is 12% of the 1-D public problems' kernel). Both off by
     default: checked in the simulator and lowered, not yet measured on a GPU.
+    ``backward``: ``"split"`` (the default), a dQ kernel and a dK/dV kernel (7 matmuls per tile
+    pair: `jna.backends.mosaic.backward`), or ``"fused"``, one kernel per KV tile computing dK,
+    dV and dQ (5 matmuls, dQ added in a fixed order: `jna.backends.mosaic.backward_fused`). Both
+    are deterministic. Measured on an H200 (bf16, `python -m benchmarks backward`), "fused" takes
+    1.3-1.45x the forward+backward time of "split" on the large public problems and 0.90-0.96x
+    on 2d-nat/2d-dinat: docs/performance.md says where its time goes.
     """
 
     q_tile: tuple[int, ...]
@@ -49,9 +56,12 @@ class MosaicConfig:
     num_stages: int = 2
     direct_layout: bool = False
     persistent: bool = False
+    backward: str = "split"
 
     def __post_init__(self):
         tiling.normalize_tiles(self)
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"MosaicConfig.backward = {self.backward!r}: must be one of {BACKWARDS}")
         for name in ("q_tile", "kv_tile"):
             if math.prod(getattr(self, name)) not in (64, 128):
                 raise ValueError(f"MosaicConfig.{name} = {getattr(self, name)}: must hold 64 or 128 tokens")

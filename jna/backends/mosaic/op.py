@@ -55,6 +55,7 @@ from jna._src.arguments import NAProblem
 from jna.backends import device, launch, tiling
 from jna.backends.launch import LaunchClass
 from jna.backends.mosaic import backward as mosaic_backward
+from jna.backends.mosaic import backward_fused as mosaic_backward_fused
 from jna.backends.mosaic import forward as mosaic_forward
 from jna.backends.base import Backend
 from jna.backends.mosaic.common import MosaicConfig, Static, direct_ok
@@ -203,6 +204,8 @@ def _fused_bwd(st, residuals, cotangents):
     # d lse_i / d s_ij = P_ij, so an lse cotangent enters as a shift of delta.
     delta = jnp.einsum("bnhd,bnhd->bhn", out.astype(jnp.float32), dout.astype(jnp.float32)) - dlse
     dout = dout.astype(qp.dtype)
+    if st.config.backward == "fused":
+        return mosaic_backward_fused.dqkv_call(qp, kp, vp, dout, lse, delta, st)
     dq = mosaic_backward.dq_call(qp, kp, vp, dout, lse, delta, st)
     dk, dv = mosaic_backward.dkv_call(qp, kp, vp, dout, lse, delta, st)
     return dq, dk, dv
