@@ -196,7 +196,13 @@ def _unexplained_races(stdout: str, case) -> list[str]:
     return unexplained
 
 
-@pytest.mark.parametrize("name", list(SIM_CASES))
+# Simulated in `make test-full` only (each case is ~10-20 s of CPU): the rest of the one-kernel
+# backward's cases; `make test` keeps its 1-D one-warpgroup GQA and 2-D two-warpgroup cases.
+SLOW_SIM_CASES = ("1d-fused-bwd-2wg-q128-d128-fp16", "1d-fused-bwd-d32-causal", "3d-fused-bwd-direct")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_SIM_CASES else n
+                                  for n in SIM_CASES])
 def test_simulated_kernel_matches_oracle(name):
     """One simulated case (a subprocess each, so pytest-xdist spreads them over its workers)."""
     r, stderr = _simulate_in_subprocess(name)
