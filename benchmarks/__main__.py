@@ -22,7 +22,7 @@ COMMANDS = {
     "profile-triton": "profile_parts",  # where a fused-triton call's time goes
     "calibrate": "calibrate",           # launch-class speeds of a fused backend (configs/*.json)
     "check-mosaic": "mosaic_check",     # fused-mosaic spot checks against the reference
-    "backward": "backward",             # fused-mosaic's backward variants: time, agreement, determinism
+    "variants": "variants",             # fused-mosaic config variants: time, agreement, determinism
     "lowered": "lowered_kernels",       # every kernel lowered for CUDA here, fingerprinted
     "matmul-probe": "matmul_precision_probe",  # small float32 matmuls vs float64, per precision
 }

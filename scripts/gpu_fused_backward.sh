@@ -2,7 +2,7 @@
 # fused-mosaic's one-kernel backward on a Hopper GPU, from the checkout (no install):
 # a smoke run (one problem, bounded in time: a kernel that waited forever would show here),
 # the GPU test subset for fused-mosaic (oracle sweep, large shapes, determinism, > 2^31
-# elements), and the backward variants side by side (python -m benchmarks backward).
+# elements), and the backward variants side by side (python -m benchmarks variants).
 #   scripts/gpu_fused_backward.sh OUT_DIR [pytest workers]
 set -uo pipefail
 out=${1:?OUT_DIR}; workers=${2:-8}
@@ -11,7 +11,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
 python -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$out/device.txt"
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" | tee -a "$out/device.txt"
-if ! timeout 180 python -m benchmarks backward --problems 2d-flux-gna --budget-s 1 > "$out/smoke.log" 2>&1; then
+if ! timeout 180 python -m benchmarks variants --problems 2d-flux-gna --budget-s 1 > "$out/smoke.log" 2>&1; then
   echo "smoke run failed or timed out"; tail -40 "$out/smoke.log"; exit 1
 fi
 tail -4 "$out/smoke.log"
@@ -19,5 +19,5 @@ JNA_TEST_BACKENDS=fused-mosaic timeout 300 python -m pytest -q -p no:cacheprovid
   jna_tests/test_backend_fused_mosaic.py jna_tests/test_gpu.py > "$out/gpu_tests.log" 2>&1
 echo "gpu tests rc $?: $(tail -1 "$out/gpu_tests.log")"
 grep -E "^(FAILED|ERROR)" "$out/gpu_tests.log" | head -20
-timeout 240 python -m benchmarks backward --out "$out" > "$out/backward.log" 2>&1
+timeout 240 python -m benchmarks variants --out "$out" > "$out/backward.log" 2>&1
 echo "backward rc $?"; tail -12 "$out/backward.log"

@@ -78,6 +78,63 @@ def _producer(total, issue_step, free):
 
 
 # ----------------------------------------------------------------------------------------------
+# Pieces of a KV-tile-major kernel (the dK/dV kernel here and the one-kernel backward,
+# `jna.backends.mosaic.backward_fused`)
+# ----------------------------------------------------------------------------------------------
+
+
+def load_kv_rows(k_ref, v_ref, k_slot, v_slot, row_bars, bg, rows, kv_head, wg, kt, st: Static):
+    """Copies a consumer's 64 K and V rows into SMEM; returns the rows' per-axis key coordinates
+    (along the rows of the transposed scores) once both copies have landed."""
+    for src, dst, bar in zip((k_ref, v_ref), (k_slot, v_slot), row_bars):
+        plgpu.copy_gmem_to_smem(src.at[bg, rows, kv_head], dst, bar.at[wg])
+    keys = key_coords(kt, st.config.kv_tile, iota(ROWS, WGMMA_ROW, wg * ROWS))
+    for bar in row_bars:
+        plgpu.barrier_wait(bar.at[wg])
+    return keys
+
+
+def transposed_probs(st: Static, geo, qt, keys, full, k_slot, v_slot, q_sub, do_sub, lse_sub,
+                     delta_sub, sub_index):
+    """``(P^T, dS^T)``, ``[64 keys, 64 queries]`` float32, of a consumer's keys and the 64 queries
+    of sub-tile ``sub_index`` (static or traced) of Q tile ``qt`` (``lse_sub``/``delta_sub``:
+    their SMEM rows). The edge mask is applied unless the tile pair is ``full``."""
+    lse2 = plgpu.load(lse_sub, layout=WGMMA_COL) * _LOG2E
+    delta = plgpu.load(delta_sub, layout=WGMMA_COL)
+    # Transposed scores: keys along the rows, queries along the columns.
+    s_t, dp_t = _two_products(k_slot, q_sub.T, v_slot, do_sub.T, _SUB)
+
+    def mask(s):
+        windows = query_windows(geo, qt, st.config.q_tile, iota(_SUB, WGMMA_COL, sub_index * _SUB))
+        return mask_logits(s, windows, keys, 1)
+
+    s_t = lax.cond(full, lambda s: s, mask, s_t)
+    p_t = jnp.exp2(s_t * (st.scale * _LOG2E) - lax.broadcast_in_dim(lse2, s_t.shape, [1]))
+    ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, s_t.shape, [1]))
+    return p_t, ds_t
+
+
+def store_dkv(st: Static, dk, dv, k_slot, v_slot, dk_ref, dv_ref, bg, rows, kv_head):
+    """Writes a consumer's dK (scaled) and dV rows through its K/V SMEM slots."""
+    k_slot[...] = (dk * st.scale).astype(st.dtype)
+    v_slot[...] = dv.astype(st.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_slot, dk_ref.at[bg, rows, kv_head])
+    plgpu.copy_smem_to_gmem(v_slot, dv_ref.at[bg, rows, kv_head])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def issue_query_side(refs, rings, ring_bars, slot, bg, head, tokens):
+    """TMA copies of q, dO (``[tokens, D]``), lse and delta (``[tokens]``) of one query head
+    into ring slot ``slot``. ``refs``/``rings``: the four GMEM operands and their rings."""
+    q_ref, do_ref, lse_ref, delta_ref = refs
+    sources = (q_ref.at[bg, tokens, head], do_ref.at[bg, tokens, head],
+               lse_ref.at[bg, head, tokens], delta_ref.at[bg, head, tokens])
+    for src, ring, ready in zip(sources, rings, ring_bars):
+        plgpu.copy_gmem_to_smem(src, ring.at[slot], ready.at[slot])
+
+
+# ----------------------------------------------------------------------------------------------
 # dQ
 # ----------------------------------------------------------------------------------------------
 
@@ -216,13 +273,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
             plgpu.set_max_registers(232, action="increase")
         rows = pl.ds(kt_flat * tk + wg * ROWS, ROWS)
         k_slot, v_slot = k_smem.at[wg], v_smem.at[wg]
-        for src, dst, bar in zip((k_ref, v_ref), (k_slot, v_slot), row_bars):
-            plgpu.copy_gmem_to_smem(src.at[bg, rows, kv_head], dst, bar.at[wg])
-        keys = key_coords(kt, cfg.kv_tile, iota(ROWS, WGMMA_ROW, wg * ROWS))  # along the rows
-        for bar in row_bars:
-            plgpu.barrier_wait(bar.at[wg])
-        qk_scale = st.scale * _LOG2E
-        q_ready, do_ready, lse_ready, delta_ready = ring_bars
+        keys = load_kv_rows(k_ref, v_ref, k_slot, v_slot, row_bars, bg, rows, kv_head, wg, kt, st)
 
         def body(step, carry):
             dk, dv = carry
@@ -234,18 +285,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
             for j in range(tq // _SUB):
                 cols = pl.ds(j * _SUB, _SUB)
                 q_sub, do_sub = q_ring.at[slot, cols], do_ring.at[slot, cols]
-                lse2 = plgpu.load(lse_ring.at[slot, cols], layout=WGMMA_COL) * _LOG2E
-                delta = plgpu.load(delta_ring.at[slot, cols], layout=WGMMA_COL)
-                # Transposed scores: keys along the rows, queries along the columns.
-                st_, dpt = _two_products(k_slot, q_sub.T, v_slot, do_sub.T, _SUB)
-
-                def mask(s, j=j, qt=qt):
-                    windows = query_windows(geo, qt, cfg.q_tile, iota(_SUB, WGMMA_COL, j * _SUB))
-                    return mask_logits(s, windows, keys, 1)
-
-                st_ = lax.cond(full, lambda s: s, mask, st_)
-                pt = jnp.exp2(st_ * qk_scale - lax.broadcast_in_dim(lse2, st_.shape, [1]))
-                dst = pt * (dpt - lax.broadcast_in_dim(delta, st_.shape, [1]))
+                pt, dst = transposed_probs(st, geo, qt, keys, full, k_slot, v_slot, q_sub, do_sub,
+                                           lse_ring.at[slot, cols], delta_ring.at[slot, cols], j)
                 dv = _accumulate(st, dv, pt.astype(st.dtype), do_sub,
                                  staging.at[wg, 0] if st.simulated else None)
                 dk = _accumulate(st, dk, dst.astype(st.dtype), q_sub,
@@ -255,12 +296,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
 
         zeros = plgpu.layout_cast(jnp.zeros((ROWS, dim), jnp.float32), WGMMA)
         dk, dv = lax.fori_loop(0, total, body, (zeros, zeros))
-        k_slot[...] = (dk * st.scale).astype(st.dtype)
-        v_slot[...] = dv.astype(st.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_slot, dk_ref.at[bg, rows, kv_head])
-        plgpu.copy_smem_to_gmem(v_slot, dv_ref.at[bg, rows, kv_head])
-        plgpu.wait_smem_to_gmem(0)
+        store_dkv(st, dk, dv, k_slot, v_slot, dk_ref, dv_ref, bg, rows, kv_head)
 
     @pl.when(wg == nwg)
     def _():
@@ -269,12 +305,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
 
         def issue(step, slot):
             j, _, qt_flat = q_tile(step)
-            head = kv_head * st.group + j
-            tokens = pl.ds(qt_flat * tq, tq)
-            sources = (q_ref.at[bg, tokens, head], do_ref.at[bg, tokens, head],
-                       lse_ref.at[bg, head, tokens], delta_ref.at[bg, head, tokens])
-            for src, ring, ready in zip(sources, (q_ring, do_ring, lse_ring, delta_ring), ring_bars):
-                plgpu.copy_gmem_to_smem(src, ring.at[slot], ready.at[slot])
+            issue_query_side((q_ref, do_ref, lse_ref, delta_ref), (q_ring, do_ring, lse_ring, delta_ring),
+                             ring_bars, slot, bg, kv_head * st.group + j, pl.ds(qt_flat * tq, tq))
 
         _producer(total, issue, free)
 

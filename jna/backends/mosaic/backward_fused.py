@@ -42,11 +42,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jna.backends import tiling
-from jna.backends.mosaic.backward import _accumulate, _producer, _two_products
-from jna.backends.mosaic.common import (
-    ROWS, WGMMA_COL, WGMMA_ROW, Static, iota, key_coords, mask_logits, q_tile_visits,
-    query_windows, smem, sync,
+from jna.backends.mosaic.backward import (
+    _accumulate, _producer, issue_query_side, load_kv_rows, store_dkv, transposed_probs,
 )
+from jna.backends.mosaic.common import ROWS, Static, q_tile_visits, smem, sync
 
 _LOG2E = tiling.LOG2E
 _STAGES = 2  # depth of the Q/dO/lse/delta ring (64-query sub-tiles)
@@ -122,9 +121,10 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref, dv
         walked backwards (the Q tiles in descending order), so this KV tile's rank among each Q
         tile's visitors rises from the first visit on: the visitor before it (KV tile ``kt - 1``
         in 1-D) added to that Q tile one visit earlier in its own loop, and CTAs running side by
-        side do not wait for each other. Walked forwards, the first visit would have the highest
-        rank and wait for the whole loop of a CTA up to the window's width before it (measured on
-        an H200: the backward took 1.7x the two-kernel one)."""
+        side need not wait for each other. Walked forwards, a CTA's first visit would have the
+        highest rank and wait for CTAs up to the window's width before it to reach their last
+        visit. (On an H200 both orders measured the same within noise, other costs dominating:
+        benchmarks/results/h200_fused_backward_2026-12-01.md.)"""
         if subs == 1:
             visit, sub = n, 0
         else:
@@ -137,12 +137,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref, dv
         plgpu.set_max_registers(_consumer_registers(nwg), action="increase")
         rows = pl.ds(kt_flat * tk + wg * ROWS, ROWS)
         k_slot, v_slot = k_smem.at[wg], v_smem.at[wg]
-        for src, dst, bar in zip((k_ref, v_ref), (k_slot, v_slot), row_bars):
-            plgpu.copy_gmem_to_smem(src.at[bg, rows, kv_head], dst, bar.at[wg])
-        keys = key_coords(kt, cfg.kv_tile, iota(ROWS, WGMMA_ROW, wg * ROWS))  # along the rows
-        for bar in row_bars:
-            plgpu.barrier_wait(bar.at[wg])
-        qk_scale = st.scale * _LOG2E
+        keys = load_kv_rows(k_ref, v_ref, k_slot, v_slot, row_bars, bg, rows, kv_head, wg, kt, st)
 
         def body(n, carry):
             dk, dv = carry
@@ -153,18 +148,8 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref, dv
             for bar in ring_bars:
                 plgpu.barrier_wait(bar.at[slot])
             q_sub, do_sub = q_ring.at[slot], do_ring.at[slot]
-            lse2 = plgpu.load(lse_ring.at[slot], layout=WGMMA_COL) * _LOG2E
-            delta = plgpu.load(delta_ring.at[slot], layout=WGMMA_COL)
-            # Transposed scores: keys along the rows, queries along the columns.
-            s_t, dp_t = _two_products(k_slot, q_sub.T, v_slot, do_sub.T, _SUB)
-
-            def mask(s):
-                windows = query_windows(geo, qt, cfg.q_tile, iota(_SUB, WGMMA_COL, sub * _SUB))
-                return mask_logits(s, windows, keys, 1)
-
-            s_t = lax.cond(full, lambda s: s, mask, s_t)
-            p_t = jnp.exp2(s_t * qk_scale - lax.broadcast_in_dim(lse2, s_t.shape, [1]))
-            ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, s_t.shape, [1]))
+            p_t, ds_t = transposed_probs(st, geo, qt, keys, full, k_slot, v_slot, q_sub, do_sub,
+                                         lse_ring.at[slot], delta_ring.at[slot], sub)
             dv = _accumulate(st, dv, p_t.astype(st.dtype), do_sub,
                              staging.at[wg] if st.simulated else None)
             buf = lax.rem(n, np.int32(2))  # double-buffered: see the dQ step below
@@ -204,12 +189,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref, dv
         zeros = plgpu.layout_cast(jnp.zeros((ROWS, dim), jnp.float32), plgpu.Layout.WGMMA)
         dk, dv = lax.fori_loop(0, steps, body, (zeros, zeros))
         plgpu.barrier_wait(dq_empty)  # the writer has taken the last dQ block
-        k_slot[...] = (dk * st.scale).astype(st.dtype)
-        v_slot[...] = dv.astype(st.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_slot, dk_ref.at[bg, rows, kv_head])
-        plgpu.copy_smem_to_gmem(v_slot, dv_ref.at[bg, rows, kv_head])
-        plgpu.wait_smem_to_gmem(0)
+        store_dkv(st, dk, dv, k_slot, v_slot, dk_ref, dv_ref, bg, rows, kv_head)
 
     @pl.when(wg == nwg)
     def _producer_thread():
@@ -218,12 +198,9 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref, dv
         def issue(n, slot):
             visit, sub = split(n)
             j, _, qt_flat = q_tile(visit)
-            head = kv_head * st.group + j
-            tokens = pl.ds(qt_flat * tq + sub * _SUB, _SUB)
-            sources = (q_ref.at[bg, tokens, head], do_ref.at[bg, tokens, head],
-                       lse_ref.at[bg, head, tokens], delta_ref.at[bg, head, tokens])
-            for src, ring, ready in zip(sources, (q_ring, do_ring, lse_ring, delta_ring), ring_bars):
-                plgpu.copy_gmem_to_smem(src, ring.at[slot], ready.at[slot])
+            issue_query_side((q_ref, do_ref, lse_ref, delta_ref), (q_ring, do_ring, lse_ring, delta_ring),
+                             ring_bars, slot, bg, kv_head * st.group + j,
+                             pl.ds(qt_flat * tq + sub * _SUB, _SUB))
 
         _producer(steps, issue, free)
 

@@ -42,11 +42,13 @@ class MosaicConfig:
     the problem allows it (`direct_ok`). ``persistent``: the forward runs one CTA per SM, each
     looping over Q tiles, its producer loading the next tile's K/V while the consumers finish the
     current one (the per-CTA fixed cost is 12% of the 1-D public problems' kernel). Both off by
-    default: checked in the simulator and lowered, not yet measured on a GPU.
+    default. Measured on an H200 (docs/performance.md): ``persistent`` is 1-10% faster on the
+    six large public problems (bitwise-equal outputs), so their tuned entries turn it on;
+    ``direct_layout`` measured 0-7% slower.
     ``backward``: ``"split"`` (the default), a dQ kernel and a dK/dV kernel (7 matmuls per tile
     pair: `jna.backends.mosaic.backward`), or ``"fused"``, one kernel per KV tile computing dK,
     dV and dQ (5 matmuls, dQ added in a fixed order: `jna.backends.mosaic.backward_fused`). Both
-    are deterministic. Measured on an H200 (bf16, `python -m benchmarks backward`), "fused" takes
+    are deterministic. Measured on an H200 (bf16, `python -m benchmarks variants`), "fused" takes
     1.3-1.45x the forward+backward time of "split" on the large public problems and 0.90-0.96x
     on 2d-nat/2d-dinat: docs/performance.md says where its time goes.
     """
