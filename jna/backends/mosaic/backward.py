@@ -27,7 +27,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jna.backends import tiling
 from jna.backends.mosaic.common import (
     ROWS, WGMMA, WGMMA_COL, WGMMA_ROW, Static, iota, key_coords, kv_tile_visits, mask_logits,
-    q_tile_visits, query_windows, smem,
+    launch, q_tile_visits, query_windows, smem,
 )
 
 _LOG2E = tiling.LOG2E
@@ -236,16 +236,9 @@ def dq_call(qp, kp, vp, dop, lse, delta, st: Static):
         pl.run_scoped(lambda *scoped: _dq_kernel(*refs, scoped, st=st),
                       scratch, row_bars, ring_bars, free, collective_axes="wg")
 
-    return plgpu.kernel(
-        entry,
-        out_type=jax.ShapeDtypeStruct(qp.shape, st.dtype),
-        grid=(plan.num_q_tiles, qp.shape[0], st.heads),
-        grid_names=("q", "bg", "h"),
-        num_threads=nwg + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
-        interpret=st.simulator,
-    )(qp, kp, vp, dop, lse, delta, jnp.asarray(plan.tables))
+    grid = dict(grid=(plan.num_q_tiles, qp.shape[0], st.heads), grid_names=("q", "bg", "h"))
+    return launch(entry, st, jax.ShapeDtypeStruct(qp.shape, st.dtype), grid, nwg + 1)(
+        qp, kp, vp, dop, lse, delta, jnp.asarray(plan.tables))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,13 +326,6 @@ def dkv_call(qp, kp, vp, dop, lse, delta, st: Static):
                       scratch, row_bars, ring_bars, free, collective_axes="wg")
 
     shape = jax.ShapeDtypeStruct(kp.shape, st.dtype)
-    return plgpu.kernel(
-        entry,
-        out_type=[shape, shape],
-        grid=(plan.num_kv_tiles, kp.shape[0], st.kv_heads),
-        grid_names=("kv", "bg", "h"),
-        num_threads=nwg + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
-        interpret=st.simulator,
-    )(qp, kp, vp, dop, lse, delta, jnp.asarray(plan.tables))
+    grid = dict(grid=(plan.num_kv_tiles, kp.shape[0], st.kv_heads), grid_names=("kv", "bg", "h"))
+    return launch(entry, st, [shape, shape], grid, nwg + 1)(
+        qp, kp, vp, dop, lse, delta, jnp.asarray(plan.tables))

@@ -45,7 +45,7 @@ from jna.backends import tiling
 from jna.backends.mosaic.backward import (
     _accumulate, _producer, issue_query_side, load_kv_rows, store_dkv, transposed_probs,
 )
-from jna.backends.mosaic.common import ROWS, Static, q_tile_visits, smem, sync
+from jna.backends.mosaic.common import ROWS, Static, launch, q_tile_visits, smem, sync
 
 _LOG2E = tiling.LOG2E
 _STAGES = 2  # depth of the Q/dO/lse/delta ring (64-query sub-tiles)
@@ -287,14 +287,7 @@ def dqkv_call(qp, kp, vp, dop, lse, delta, st: Static):
                       scratch, *bars, collective_axes="wg")
 
     shape = jax.ShapeDtypeStruct(kp.shape, st.dtype)
-    dk, dv, dq = plgpu.kernel(
-        entry,
-        out_type=[shape, shape, jax.ShapeDtypeStruct(qp.shape, jnp.float32)],
-        grid=(plan.num_kv_tiles, kp.shape[0], st.kv_heads),
-        grid_names=("kv", "bg", "h"),
-        num_threads=nwg + 2,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
-        interpret=st.simulator,
-    )(qp, kp, vp, dop, lse, delta, jnp.asarray(plan.tables))
+    grid = dict(grid=(plan.num_kv_tiles, kp.shape[0], st.kv_heads), grid_names=("kv", "bg", "h"))
+    dk, dv, dq = launch(entry, st, [shape, shape, jax.ShapeDtypeStruct(qp.shape, jnp.float32)],
+                        grid, nwg + 2)(qp, kp, vp, dop, lse, delta, jnp.asarray(plan.tables))
     return (dq * st.scale).astype(st.dtype), dk, dv

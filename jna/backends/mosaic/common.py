@@ -257,3 +257,19 @@ def mask_logits(s, windows, keys, query_axis: int):
 
 def iota(n: int, layout, offset=0):
     return plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=layout) + offset
+
+
+def launch(entry, st: Static, out_type, grid: dict, warpgroups: int):
+    """``plgpu.kernel`` as every fused-mosaic kernel launches: ``warpgroups`` threads named
+    ``"wg"``, fast approximate math, and no cross-warp reduction scratch (row max/sum in the
+    wgmma layout reduce within warps, which leaves room for a third 128x128 K/V stage at D=128);
+    in the simulator when ``st.simulator`` is set. ``grid``: ``grid=`` and ``grid_names=``."""
+    return plgpu.kernel(
+        entry,
+        out_type=out_type,
+        **grid,
+        num_threads=warpgroups,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
+        interpret=st.simulator,
+    )

@@ -25,7 +25,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jna.backends import tiling
 from jna.backends.mosaic.common import (
     ROWS, WGMMA, WGMMA_COL, WGMMA_ROW, Static, key_coords, kv_tile_visits,
-    mask_logits, query_windows, rows_of, smem, sync, iota, tile_rows,
+    launch, mask_logits, query_windows, rows_of, smem, sync, iota, tile_rows,
 )
 
 _LOG2E = tiling.LOG2E
@@ -288,17 +288,5 @@ def forward_call(qp, kp, vp, st: Static):
             collective_axes="wg",
         )
 
-    return plgpu.kernel(
-        entry,
-        out_type=[
-            jax.ShapeDtypeStruct(qp.shape, qp.dtype),
-            jax.ShapeDtypeStruct((bg, st.heads, nq), jnp.float32),
-        ],
-        **grid,
-        num_threads=nwg + 1,
-        thread_name="wg",
-        # Row max/sum in the wgmma layout reduce within warps: no cross-warp scratch needed,
-        # which leaves room for a third 128x128 K/V stage at D=128.
-        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
-        interpret=st.simulator,
-    )(qp, kp, vp, jnp.asarray(plan.tables))
+    out_type = [jax.ShapeDtypeStruct(qp.shape, qp.dtype), jax.ShapeDtypeStruct((bg, st.heads, nq), jnp.float32)]
+    return launch(entry, st, out_type, grid, nwg + 1)(qp, kp, vp, jnp.asarray(plan.tables))
