@@ -83,6 +83,21 @@ def _producer(total, issue_step, free):
 # ----------------------------------------------------------------------------------------------
 
 
+def kv_program(st: Static, tab_ref):
+    """This program's place in a KV-tile-major grid ``("kv", "bg", "h")`` with warpgroups ``"wg"``:
+    ``(kt_flat, bg, kv_head, wg, geo, kt, total, q_tile)`` with ``kt`` the per-axis KV tile ids
+    and ``(total, q_tile)`` its (query head, Q tile) visits (`q_tile_visits`)."""
+    plan = st.plan
+    kt_flat = lax.axis_index("kv")
+    bg = lax.axis_index("bg")
+    kv_head = lax.axis_index("h")
+    wg = lax.axis_index("wg")
+    geo = tiling.Geometry(plan, tab_ref, bg)
+    kt = tiling.unravel(kt_flat, [a.num_kv_tiles for a in plan.axes])
+    total, q_tile = q_tile_visits(geo, kt, st.group)
+    return kt_flat, bg, kv_head, wg, geo, kt, total, q_tile
+
+
 def load_kv_rows(k_ref, v_ref, k_slot, v_slot, row_bars, bg, rows, kv_head, wg, kt, st: Static):
     """Copies a consumer's 64 K and V rows into SMEM; returns the rows' per-axis key coordinates
     (along the rows of the transposed scores) once both copies have landed."""
@@ -249,16 +264,10 @@ def dq_call(qp, kp, vp, dop, lse, delta, st: Static):
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref, dv_ref, scoped, *,
                 st: Static):
     (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, staging), row_bars, ring_bars, free = scoped
-    plan, cfg = st.plan, st.config
+    cfg = st.config
     nwg, tq, tk, dim = st.kv_warpgroups, cfg.q_tokens, cfg.kv_tokens, st.head_dim
 
-    kt_flat = lax.axis_index("kv")
-    bg = lax.axis_index("bg")
-    kv_head = lax.axis_index("h")
-    wg = lax.axis_index("wg")
-    geo = tiling.Geometry(plan, tab_ref, bg)
-    kt = tiling.unravel(kt_flat, [a.num_kv_tiles for a in plan.axes])
-    total, q_tile = q_tile_visits(geo, kt, st.group)
+    kt_flat, bg, kv_head, wg, geo, kt, total, q_tile = kv_program(st, tab_ref)
 
     @pl.when(wg < nwg)
     def _consumer():

@@ -43,9 +43,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jna.backends import tiling
 from jna.backends.mosaic.backward import (
-    _accumulate, _producer, issue_query_side, load_kv_rows, store_dkv, transposed_probs,
+    _accumulate, _producer, issue_query_side, kv_program, load_kv_rows, store_dkv, transposed_probs,
 )
-from jna.backends.mosaic.common import ROWS, Static, launch, q_tile_visits, smem, sync
+from jna.backends.mosaic.common import ROWS, Static, launch, smem, sync
 
 _LOG2E = tiling.LOG2E
 _STAGES = 2  # depth of the Q/dO/lse/delta ring (64-query sub-tiles)
@@ -107,13 +107,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref, dv
     subs = tq // _SUB
     chunk = _chunk(dim)
 
-    kt_flat = lax.axis_index("kv")
-    bg = lax.axis_index("bg")
-    kv_head = lax.axis_index("h")
-    wg = lax.axis_index("wg")
-    geo = tiling.Geometry(plan, tab_ref, bg)
-    kt = tiling.unravel(kt_flat, [a.num_kv_tiles for a in plan.axes])
-    total, q_tile = q_tile_visits(geo, kt, st.group)
+    kt_flat, bg, kv_head, wg, geo, kt, total, q_tile = kv_program(st, tab_ref)
     steps = total * subs  # ring steps: one sub-tile each
 
     def split(n):
