@@ -206,8 +206,6 @@ def test_user_tables_go_to_the_user_cache_never_into_the_package(tmp_path, monke
 def test_launch_classes_round_trip_their_config_file(name):
     """One `LaunchClass` type for both fused backends: the shipped JSON reads and writes back
     unchanged, and the tables' key is the sorted JSON of the class without its speeds."""
-    import json
-
     from jna import backends
     from jna._src import resources
     from jna.backends import launch

@@ -67,16 +67,6 @@ def _consumer_registers(nwg: int) -> int:
     return min(240, free // (128 * nwg) // 8 * 8)
 
 
-def _ds_smem(shape, dtype, dim: int):
-    """SMEM for dS^T sub-tiles ``[64 keys, 64 queries]``. The dK wgmma reads it as its A operand
-    beside B = Q ``[64, D]`` and the dQ wgmma (transposed) beside B = K ``[64, chunk]``, so its
-    swizzle is that of a ``min(D, 64)``-column row (wgmma wants equal swizzles)."""
-    itemsize = jnp.dtype(dtype).itemsize
-    row_bytes = min(128, _chunk(dim) * itemsize)
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, row_bytes // itemsize)),
-                                                plgpu.SwizzleTransform(row_bytes)))
-
-
 def _accumulate_smem(st: Static, acc, a_ref, b_ref):
     """``acc + a_ref @ b_ref`` with both operands in SMEM (in place on the GPU)."""
     if not st.simulated:
@@ -251,6 +241,7 @@ def dqkv_call(qp, kp, vp, dop, lse, delta, st: Static):
     ``[BG, H, Nq]``: dq ``[BG, Nq, H, D]`` in q's dtype, dk/dv ``[BG, Nk, H_kv, D]`` in k's."""
     plan, cfg = st.plan, st.config
     nwg, dim = st.kv_warpgroups, st.head_dim
+    chunk = _chunk(dim)
     if cfg.q_tokens % _SUB:
         raise ValueError(f"{cfg}: the fused backward needs Q tiles of a multiple of {_SUB} tokens")
 
@@ -262,7 +253,9 @@ def dqkv_call(qp, kp, vp, dop, lse, delta, st: Static):
             smem((_STAGES, _SUB, dim), st.dtype),  # dO sub-tiles
             plgpu.SMEM((_STAGES, _SUB), jnp.float32),  # lse
             plgpu.SMEM((_STAGES, _SUB), jnp.float32),  # delta
-            _ds_smem((2, nwg, ROWS, _SUB), st.dtype, dim),  # dS^T, double-buffered
+            # dS^T, double-buffered. The dK wgmma reads it beside B = Q [64, D], the dQ wgmma
+            # (transposed) beside B = K [64, chunk]: its swizzle is that of a chunk-wide row.
+            smem((2, nwg, ROWS, _SUB), st.dtype, row_elems=chunk),
             plgpu.SMEM((_SUB, dim), jnp.float32),  # the sub-tile's dQ block
             smem((nwg, ROWS, _SUB), st.dtype) if st.simulated else None,  # P^T (simulator)
             plgpu.SMEM((_SUB, dim), jnp.float32) if st.simulated else None,  # dQ so far (simulator)

@@ -163,11 +163,12 @@ def rows_of(buf, row: int, n: int, count: int):
     return buf if n == count else buf.at[pl.ds(row, n)]
 
 
-def smem(shape, dtype):
+def smem(shape, dtype, row_elems: int | None = None):
     """SMEM tile in the wgmma operand layout: rows of at most 128 bytes swizzled as a whole
     ((8, 64) tiles with a 128-byte swizzle for 16-bit rows of >= 64 elements; (8, 32) with a
-    64-byte swizzle for head dim 32)."""
-    row_bytes = min(128, shape[-1] * jnp.dtype(dtype).itemsize)
+    64-byte swizzle for head dim 32). ``row_elems``: swizzle as for rows of that many elements
+    instead of ``shape[-1]`` (to match the swizzle of the other wgmma operand)."""
+    row_bytes = min(128, (row_elems or shape[-1]) * jnp.dtype(dtype).itemsize)
     columns = row_bytes // jnp.dtype(dtype).itemsize
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, columns)),
                                                 plgpu.SwizzleTransform(row_bytes)))
