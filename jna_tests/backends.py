@@ -63,7 +63,7 @@ BACKENDS: dict[str, Capabilities] = {
                             interpreted_on_cpu=True),
     # Hopper only (the CPU suite runs its kernels in the Mosaic GPU simulator instead:
     # jna_tests/test_fused_mosaic_sim.py).
-    "fused-mosaic": Capabilities(dtypes=(jnp.bfloat16, jnp.float16), head_dims=(32, 64, 128),
+    "fused-mosaic": Capabilities(dtypes=(jnp.bfloat16, jnp.float16), head_dims=(32, 64, 128, 256),
                                  same_value_dim=True, lowp_cases=(3, 3, 2), platforms=("gpu",)),
 }
 

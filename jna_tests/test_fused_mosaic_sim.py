@@ -46,6 +46,10 @@ SIM_CASES = {
     "1d-d32-causal": (
         Config((200,), (40,), (3,), (2,), (True,), heads=2, heads_kv=1, dim=32, dim_v=32),
         (64,), (128,), 2, "bfloat16"),
+    # Head dim 256: 64-token tiles, the dK/dV kernel in two column halves (one CTA each).
+    "1d-d256-causal-strided-gqa-padded": (
+        Config((200,), (40,), (3,), (2,), (True,), heads=2, heads_kv=1, dim=256, dim_v=256),
+        (64,), (64,), 2, "bfloat16"),
     "1d-2wg-ring-wrap-3stages": (
         Config((320,), (150,), (1,), (1,), (False,), heads=1, heads_kv=1, dim=64, dim_v=64),
         (128,), (64,), 3, "bfloat16"),
@@ -412,3 +416,28 @@ def test_tile_walk_odometer_and_unravel_agree():
             assert int(flat) == int(np.ravel_multi_index(tiles, radices)), (ranges, step)
             assert tuple(int(x) for x in walk.tiles(offs)) == tiles, (ranges, step)
             offs = walk.advance(offs)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_head_dim_256_lowers_for_gpu(persistent):
+    """Head dim 256 (64-token tiles, 2 stages; the dK/dV kernel in two column halves) passes
+    Mosaic GPU's lowering checks, SMEM budget included, with GQA and both forward schedules."""
+    from jna.backends.mosaic import op as fused_mosaic
+
+    problem = _problem((64, 64), (17, 17), heads=4, kv_heads=2, dim=256)
+    config = fused_mosaic.default_config(problem)
+    assert (config.q_tokens, config.kv_tokens, config.num_stages) == (64, 64, 2)
+    config = fused_mosaic.MosaicConfig(config.q_tile, config.kv_tile, 2, persistent=persistent)
+    assert _kernels(fused_mosaic.lower_for_gpu(problem, config, backward=True), config)
+
+
+def test_head_dim_256_rejects_configs_that_do_not_fit():
+    from jna.backends.mosaic import op as fused_mosaic
+
+    problem = _problem((64, 64), (17, 17), dim=256)
+    with pytest.raises(ValueError, match="q_tile tokens = 128 at head_dim 256"):
+        fused_mosaic._static(problem, fused_mosaic.MosaicConfig((8, 16), (8, 8), 2), None)
+    with pytest.raises(ValueError, match="num_stages = 3 at head_dim 256"):
+        fused_mosaic._static(problem, fused_mosaic.MosaicConfig((8, 8), (8, 8), 3), None)
+    with pytest.raises(NotImplementedError, match="backward='fused' at head_dim 256"):
+        fused_mosaic._static(problem, fused_mosaic.MosaicConfig((8, 8), (8, 8), 2, backward="fused"), None)

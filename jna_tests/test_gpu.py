@@ -38,6 +38,8 @@ CASES = {
     "3d": ((12, 16, 20), (5, 7, 6), (2, 1, 3), (1, 2, 1), (True, False, False), 4, 2, 32, 32),
     "2d-d64": ((64, 64), (13, 9), (1, 3), (1, 2), (False, False), 4, 2, 64, 64),
     "3d-d128": ((12, 16, 20), (5, 7, 6), (2, 1, 3), (1, 2, 1), (True, False, False), 4, 2, 128, 128),
+    "2d-d256": ((64, 64), 17, 1, 1, False, 4, 2, 256, 256),
+    "1d-d256-causal-dilated": ((1500,), 100, 7, 3, True, 4, 1, 256, 256),
 }
 
 
@@ -55,7 +57,7 @@ def _problem(case, dtype, batch=2):
 
 
 def _supported(backend, case, dtype) -> bool:
-    """Whether ``backend`` takes the case (fused-mosaic: bf16/fp16 and D = D_v in {32, 64, 128})."""
+    """Whether ``backend`` takes the case (fused-mosaic: bf16/fp16 and D = D_v in {32, 64, 128, 256})."""
     from jna import backends
 
     return backends.get(backend).supports(_problem(case, dtype)) is None
@@ -108,10 +110,11 @@ def test_large_against_reference(case, dtype, backend):
             assert _rel_l2(up(g), r) <= 1e-2, f"d{name}: {_rel_l2(up(g), r)}"
 
 
+@pytest.mark.parametrize("case", ["2d-d64", "2d-d256"])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_deterministic(backend):
+def test_deterministic(backend, case):
     """Same inputs, bitwise-identical outputs and gradients across runs (no atomics)."""
-    shape, ks, st, dl, ca, heads, kv_heads, dim, vdim = CASES["2d-d64"]
+    shape, ks, st, dl, ca, heads, kv_heads, dim, vdim = CASES[case]
     keys = jax.random.split(jax.random.key(1), 3)
     q = jax.random.normal(keys[0], (1, *shape, heads, dim), jnp.bfloat16)
     k = jax.random.normal(keys[1], (1, *shape, kv_heads, dim), jnp.bfloat16)

@@ -4,6 +4,7 @@ numbers, so it needs ``--allow-emulated``): these tests check the mechanics, not
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -174,7 +175,9 @@ def test_a_candidate_computing_something_else_is_rejected_not_timed(table_dir, m
 def test_mosaic_candidates_add_persistent_and_direct_layout_variants():
     divisible = problem_sets.Problem("d", 1, 2, 64, (64, 64), (13, 13), (1, 1), (1, 1), (False, False))
     cands = tune.candidates("fused-mosaic", divisible, 1)
-    classes = len(fused_mosaic.launch_classes())
+    from jna.backends import launch
+
+    classes = len(launch.for_head_dim(fused_mosaic.launch_classes(), 64))
     variants = {(c.config.direct_layout, c.config.persistent) for c in cands}
     assert variants == {(False, False), (False, True), (True, False), (True, True)}
     assert len(cands) == 4 * classes
@@ -232,7 +235,11 @@ def test_launch_classes_bucket_by_head_dim():
         assert len(got) == sum(c.max_head_dim == bucket for c in classes)
     assert launch.for_head_dim(classes, buckets[-1] + 1) == []
     mosaic = fused_mosaic.launch_classes()
-    assert launch.for_head_dim(mosaic, 4096) == list(mosaic)  # no bounds: every class
+    assert [c.q_tokens for c in launch.for_head_dim(mosaic, 256)] == [64]  # 64-token tiles only
+    assert len(launch.for_head_dim(mosaic, 128)) == len(mosaic) - 1
+    assert launch.for_head_dim(mosaic, 512) == []
+    no_bounds = [dataclasses.replace(c, max_head_dim=None) for c in classes]
+    assert launch.for_head_dim(no_bounds, 4096) == no_bounds  # no bounds: every class
 
 
 @pytest.mark.parametrize("name", ["fused-triton", "fused-mosaic"])

@@ -53,10 +53,12 @@ def _accumulate(st: Static, acc, a, b_ref, staging):
 
 
 def _two_products(a1, b1, a2, b2, n: int):
-    """``(a1 @ b1, a2 @ b2)``, ``[64, n]`` float32 each, both wgmmas in flight before one wait."""
+    """``(a1 @ b1, a2 @ b2)``, ``[64, n]`` float32 each, both wgmmas in flight before one wait.
+    An operand may be a list of column blocks (`Static.column_parts`): ``sum_c a[c] @ b[c]``."""
     def mma(r1, r2):
-        plgpu.wgmma(r1, a1, b1)
-        plgpu.wgmma(r2, a2, b2)
+        for acc, a, b in ((r1, a1, b1), (r2, a2, b2)):
+            for ac, bc in (zip(a, b) if isinstance(a, list) else [(a, b)]):
+                plgpu.wgmma(acc, ac, bc)
         return r1[...], r2[...]
 
     return pl.run_scoped(mma, plgpu.ACC((ROWS, n), jnp.float32), plgpu.ACC((ROWS, n), jnp.float32))
@@ -83,14 +85,15 @@ def _producer(total, issue_step, free):
 # ----------------------------------------------------------------------------------------------
 
 
-def kv_program(st: Static, tab_ref):
+def kv_program(st: Static, tab_ref, parts: int = 1):
     """This program's place in a KV-tile-major grid ``("kv", "bg", "h")`` with warpgroups ``"wg"``:
     ``(kt_flat, bg, kv_head, wg, geo, kt, total, q_tile)`` with ``kt`` the per-axis KV tile ids
-    and ``(total, q_tile)`` its (query head, Q tile) visits (`q_tile_visits`)."""
+    and ``(total, q_tile)`` its (query head, Q tile) visits (`q_tile_visits`). ``parts`` > 1:
+    the ``"h"`` axis runs ``kv_heads * parts`` programs (the column block is ``h % parts``)."""
     plan = st.plan
     kt_flat = lax.axis_index("kv")
     bg = lax.axis_index("bg")
-    kv_head = lax.axis_index("h")
+    kv_head = lax.axis_index("h") if parts == 1 else lax.div(lax.axis_index("h"), np.int32(parts))
     wg = lax.axis_index("wg")
     geo = tiling.Geometry(plan, tab_ref, bg)
     kt = tiling.unravel(kt_flat, [a.num_kv_tiles for a in plan.axes])
@@ -98,11 +101,24 @@ def kv_program(st: Static, tab_ref):
     return kt_flat, bg, kv_head, wg, geo, kt, total, q_tile
 
 
-def load_kv_rows(k_ref, v_ref, k_slot, v_slot, row_bars, bg, rows, kv_head, wg, kt, st: Static):
-    """Copies a consumer's 64 K and V rows into SMEM; returns the rows' per-axis key coordinates
-    (along the rows of the transposed scores) once both copies have landed."""
+def copy_columns(src, dst, barrier, parts: int):
+    """TMA of ``src`` (GMEM ``[n, D]``) into ``dst``: ``[n, D]``, or ``[parts, n, D / parts]``
+    column blocks (one copy each: ``barrier`` counts ``parts`` arrivals)."""
+    if parts == 1:
+        plgpu.copy_gmem_to_smem(src, dst, barrier)
+        return
+    width = src.shape[-1] // parts
+    for c in range(parts):
+        plgpu.copy_gmem_to_smem(src.at[:, pl.ds(c * width, width)], dst.at[c], barrier)
+
+
+def load_kv_rows(k_ref, v_ref, k_slot, v_slot, row_bars, bg, rows, kv_head, wg, kt, st: Static,
+                 parts: int = 1):
+    """Copies a consumer's 64 K and V rows into SMEM (``parts``: `copy_columns`); returns the
+    rows' per-axis key coordinates (along the rows of the transposed scores) once both copies
+    have landed."""
     for src, dst, bar in zip((k_ref, v_ref), (k_slot, v_slot), row_bars):
-        plgpu.copy_gmem_to_smem(src.at[bg, rows, kv_head], dst, bar.at[wg])
+        copy_columns(src.at[bg, rows, kv_head], dst, bar.at[wg], parts)
     keys = key_coords(kt, st.config.kv_tile, iota(ROWS, WGMMA_ROW, wg * ROWS))
     for bar in row_bars:
         plgpu.barrier_wait(bar.at[wg])
@@ -117,7 +133,12 @@ def transposed_probs(st: Static, geo, qt, keys, full, k_slot, v_slot, q_sub, do_
     lse2 = plgpu.load(lse_sub, layout=WGMMA_COL) * _LOG2E
     delta = plgpu.load(delta_sub, layout=WGMMA_COL)
     # Transposed scores: keys along the rows, queries along the columns.
-    s_t, dp_t = _two_products(k_slot, q_sub.T, v_slot, do_sub.T, _SUB)
+    if st.column_parts == 1:
+        s_t, dp_t = _two_products(k_slot, q_sub.T, v_slot, do_sub.T, _SUB)
+    else:  # column blocks: S^T = sum_c K_c Q_c^T
+        blocks = range(st.column_parts)
+        s_t, dp_t = _two_products([k_slot.at[c] for c in blocks], [q_sub.at[c].T for c in blocks],
+                                  [v_slot.at[c] for c in blocks], [do_sub.at[c].T for c in blocks], _SUB)
 
     def mask(s):
         windows = query_windows(geo, qt, st.config.q_tile, iota(_SUB, WGMMA_COL, sub_index * _SUB))
@@ -139,14 +160,15 @@ def store_dkv(st: Static, dk, dv, k_slot, v_slot, dk_ref, dv_ref, bg, rows, kv_h
     plgpu.wait_smem_to_gmem(0)
 
 
-def issue_query_side(refs, rings, ring_bars, slot, bg, head, tokens):
-    """TMA copies of q, dO (``[tokens, D]``), lse and delta (``[tokens]``) of one query head
-    into ring slot ``slot``. ``refs``/``rings``: the four GMEM operands and their rings."""
+def issue_query_side(refs, rings, ring_bars, slot, bg, head, tokens, parts: int = 1):
+    """TMA copies of q, dO (``[tokens, D]``; ``parts``: `copy_columns`), lse and delta
+    (``[tokens]``) of one query head into ring slot ``slot``. ``refs``/``rings``: the four GMEM
+    operands and their rings."""
     q_ref, do_ref, lse_ref, delta_ref = refs
     sources = (q_ref.at[bg, tokens, head], do_ref.at[bg, tokens, head],
                lse_ref.at[bg, head, tokens], delta_ref.at[bg, head, tokens])
-    for src, ring, ready in zip(sources, rings, ring_bars):
-        plgpu.copy_gmem_to_smem(src, ring.at[slot], ready.at[slot])
+    for i, (src, ring, ready) in enumerate(zip(sources, rings, ring_bars)):
+        copy_columns(src, ring.at[slot], ready.at[slot], parts if i < 2 else 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,9 +287,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
                 st: Static):
     (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, staging), row_bars, ring_bars, free = scoped
     cfg = st.config
-    nwg, tq, tk, dim = st.kv_warpgroups, cfg.q_tokens, cfg.kv_tokens, st.head_dim
+    nwg, tq, tk, parts = st.kv_warpgroups, cfg.q_tokens, cfg.kv_tokens, st.column_parts
+    width = st.head_dim // parts  # the columns of dK/dV this CTA computes
 
-    kt_flat, bg, kv_head, wg, geo, kt, total, q_tile = kv_program(st, tab_ref)
+    kt_flat, bg, kv_head, wg, geo, kt, total, q_tile = kv_program(st, tab_ref, parts)
+    part = lax.rem(lax.axis_index("h"), np.int32(parts)) if parts > 1 else None
 
     @pl.when(wg < nwg)
     def _consumer():
@@ -275,7 +299,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
             plgpu.set_max_registers(232, action="increase")
         rows = pl.ds(kt_flat * tk + wg * ROWS, ROWS)
         k_slot, v_slot = k_smem.at[wg], v_smem.at[wg]
-        keys = load_kv_rows(k_ref, v_ref, k_slot, v_slot, row_bars, bg, rows, kv_head, wg, kt, st)
+        keys = load_kv_rows(k_ref, v_ref, k_slot, v_slot, row_bars, bg, rows, kv_head, wg, kt, st, parts)
 
         def body(step, carry):
             dk, dv = carry
@@ -286,19 +310,26 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
                 plgpu.barrier_wait(bar.at[slot])
             for j in range(tq // _SUB):
                 cols = pl.ds(j * _SUB, _SUB)
-                q_sub, do_sub = q_ring.at[slot, cols], do_ring.at[slot, cols]
+                rows_j = (slot, cols) if parts == 1 else (slot, slice(None), cols)
+                q_sub, do_sub = q_ring.at[rows_j], do_ring.at[rows_j]
                 pt, dst = transposed_probs(st, geo, qt, keys, full, k_slot, v_slot, q_sub, do_sub,
                                            lse_ring.at[slot, cols], delta_ring.at[slot, cols], j)
-                dv = _accumulate(st, dv, pt.astype(st.dtype), do_sub,
+                # With column blocks this CTA's block of dO and Q (a dynamic leading index).
+                do_mine, q_mine = (do_sub, q_sub) if parts == 1 else (do_sub.at[part], q_sub.at[part])
+                dv = _accumulate(st, dv, pt.astype(st.dtype), do_mine,
                                  staging.at[wg, 0] if st.simulated else None)
-                dk = _accumulate(st, dk, dst.astype(st.dtype), q_sub,
+                dk = _accumulate(st, dk, dst.astype(st.dtype), q_mine,
                                  staging.at[wg, 1] if st.simulated else None)
             plgpu.barrier_arrive(free.at[slot])
             return dk, dv
 
-        zeros = plgpu.layout_cast(jnp.zeros((ROWS, dim), jnp.float32), WGMMA)
+        zeros = plgpu.layout_cast(jnp.zeros((ROWS, width), jnp.float32), WGMMA)
         dk, dv = lax.fori_loop(0, total, body, (zeros, zeros))
-        store_dkv(st, dk, dv, k_slot, v_slot, dk_ref, dv_ref, bg, rows, kv_head)
+        if parts == 1:
+            store_dkv(st, dk, dv, k_slot, v_slot, dk_ref, dv_ref, bg, rows, kv_head)
+        else:  # this CTA's columns, staged in the first column block of its K/V rows
+            store_dkv(st, dk, dv, k_slot.at[0], v_slot.at[0], dk_ref.at[:, :, :, pl.ds(part * width, width)],
+                      dv_ref.at[:, :, :, pl.ds(part * width, width)], bg, rows, kv_head)
 
     @pl.when(wg == nwg)
     def _():
@@ -308,7 +339,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
         def issue(step, slot):
             j, _, qt_flat = q_tile(step)
             issue_query_side((q_ref, do_ref, lse_ref, delta_ref), (q_ring, do_ring, lse_ring, delta_ring),
-                             ring_bars, slot, bg, kv_head * st.group + j, pl.ds(qt_flat * tq, tq))
+                             ring_bars, slot, bg, kv_head * st.group + j, pl.ds(qt_flat * tq, tq), parts)
 
         _producer(total, issue, free)
 
@@ -316,25 +347,30 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
 def dkv_call(qp, kp, vp, dop, lse, delta, st: Static):
     """dK, dV ``[BG, Nk, H_kv, D]`` (in k's dtype) from the same operands as `dq_call`."""
     plan, cfg = st.plan, st.config
-    nwg, dim = st.kv_warpgroups, st.head_dim
+    nwg, parts = st.kv_warpgroups, st.column_parts
+    # [rows, D], or [parts, rows, D / parts] column blocks (`Static.column_parts`).
+    rows_of_dim = (lambda *lead: (*lead, st.head_dim)) if parts == 1 else (
+        lambda *lead: (*lead[:-1], parts, lead[-1], st.head_dim // parts))
 
     def entry(*refs):
         scratch = (
-            smem((nwg, ROWS, dim), st.dtype),
-            smem((nwg, ROWS, dim), st.dtype),
-            smem((_STAGES, cfg.q_tokens, dim), st.dtype),
-            smem((_STAGES, cfg.q_tokens, dim), st.dtype),
+            smem(rows_of_dim(nwg, ROWS), st.dtype),
+            smem(rows_of_dim(nwg, ROWS), st.dtype),
+            smem(rows_of_dim(_STAGES, cfg.q_tokens), st.dtype),
+            smem(rows_of_dim(_STAGES, cfg.q_tokens), st.dtype),
             plgpu.SMEM((_STAGES, cfg.q_tokens), jnp.float32),
             plgpu.SMEM((_STAGES, cfg.q_tokens), jnp.float32),
             smem((nwg, 2, ROWS, _SUB), st.dtype) if st.simulated else None,
         )
-        row_bars = (plgpu.Barrier(num_barriers=nwg),) * 2
-        ring_bars = (plgpu.Barrier(num_barriers=_STAGES),) * 4
+        # One arrival per TMA copy: q/dO and the K/V rows take one copy per column block.
+        row_bars = (plgpu.Barrier(num_arrivals=parts, num_barriers=nwg),) * 2
+        ring_bars = ((plgpu.Barrier(num_arrivals=parts, num_barriers=_STAGES),) * 2
+                     + (plgpu.Barrier(num_barriers=_STAGES),) * 2)
         free = plgpu.Barrier(num_arrivals=nwg, num_barriers=_STAGES)
         pl.run_scoped(lambda *scoped: _dkv_kernel(*refs, scoped, st=st),
                       scratch, row_bars, ring_bars, free, collective_axes="wg")
 
     shape = jax.ShapeDtypeStruct(kp.shape, st.dtype)
-    grid = dict(grid=(plan.num_kv_tiles, kp.shape[0], st.kv_heads), grid_names=("kv", "bg", "h"))
+    grid = dict(grid=(plan.num_kv_tiles, kp.shape[0], st.kv_heads * parts), grid_names=("kv", "bg", "h"))
     return launch(entry, st, [shape, shape], grid, nwg + 1)(
         qp, kp, vp, dop, lse, delta, jnp.asarray(plan.tables))

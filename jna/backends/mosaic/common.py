@@ -118,6 +118,14 @@ class Static:
         return self.config.kv_tokens // ROWS
 
     @property
+    def column_parts(self) -> int:
+        """Column blocks of the dK/dV kernel: 2 at head dim 256 (each CTA computes one half of dK
+        and dV, since both ``[64, 256]`` float32 accumulators would need 256 registers per
+        thread; S and dP are recomputed per half), else 1. With 2, the kernel's K/V rows and
+        Q/dO ring hold ``[2, n, D / 2]`` column blocks (contiguous SMEM for TMA and wgmma)."""
+        return 2 if self.head_dim > 128 else 1
+
+    @property
     def q_runs(self) -> int:
         """TMA copies per warpgroup's 64 query rows (1 unless `direct`)."""
         return ROWS // min(self.config.q_tile[-1], ROWS) if self.direct else 1

@@ -62,7 +62,9 @@ from jna.backends.mosaic.common import MosaicConfig, Static, direct_ok
 
 NAME = "fused-mosaic"
 
-_HEAD_DIMS = (32, 64, 128)
+_HEAD_DIMS = (32, 64, 128, 256)
+# Above this head dim only 64-token tiles fit (SMEM and registers): `_check_config`.
+_WIDE_HEAD_DIM = 128
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -126,10 +128,11 @@ def auto_declines(problem: NAProblem) -> str | None:
 
 
 @functools.lru_cache(maxsize=1024)
-def _choose(params: semantics.NAParams, tuned_speeds: tuple = ()) -> MosaicConfig:
-    """Best class and tiles by ``tile efficiency x speed``; ``tuned_speeds`` (from `jna.tuning.tables`)
-    replace the calibrated speeds and restrict the choice to the classes the tuner measured."""
-    speeds = {c: c.speed for c in launch_classes()}
+def _choose(params: semantics.NAParams, dim: int, tuned_speeds: tuple = ()) -> MosaicConfig:
+    """Best class of head dim ``dim``'s bucket and tiles by ``tile efficiency x speed``;
+    ``tuned_speeds`` (from `jna.tuning.tables`) replace the calibrated speeds and restrict the
+    choice to the classes the tuner measured."""
+    speeds = {c: c.speed for c in launch.for_head_dim(launch_classes(), dim)}
     if tuned_speeds:
         measured = dict(tuned_speeds)
         tuned = {c: measured[c.key] for c in speeds if c.key in measured}
@@ -162,7 +165,8 @@ def default_config(problem: NAProblem) -> MosaicConfig:
     found = jna_tuned.exact(NAME, problem.params, problem.head_dim, dtype)
     if found is not None:
         return config_from_dict(found)
-    return _choose(problem.params, jna_tuned.class_speeds(NAME, problem.rank, problem.head_dim, dtype))
+    return _choose(problem.params, problem.head_dim,
+                   jna_tuned.class_speeds(NAME, problem.rank, problem.head_dim, dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,12 +218,33 @@ def _fused_bwd(st, residuals, cotangents):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
+def _check_config(problem: NAProblem, config: MosaicConfig):
+    """Rejects a config this problem cannot run with (`ValueError`, naming the field).
+
+    Head dim 256: one 64-row Q tile, K/V ring and the O accumulator (128 float32 registers per
+    thread) leave room for 64-token tiles and 2 stages only (192 KiB of SMEM); the dK/dV kernel
+    splits the head dim in two halves (one CTA each) and the one-kernel backward is not built.
+    """
+    if len(config.q_tile) != problem.rank:
+        raise ValueError(f"tile config {config} does not have {problem.rank} axes")
+    if problem.head_dim > _WIDE_HEAD_DIM:
+        for name, value, needed in (("q_tile tokens", config.q_tokens, 64),
+                                    ("kv_tile tokens", config.kv_tokens, 64),
+                                    ("num_stages", config.num_stages, 2)):
+            if value != needed:
+                raise ValueError(f"MosaicConfig {name} = {value} at head_dim {problem.head_dim}: "
+                                 f"fused-mosaic needs {needed} there (shared memory, registers)")
+        if config.backward == "fused":
+            raise NotImplementedError(
+                f"MosaicConfig.backward='fused' at head_dim {problem.head_dim}: the one-kernel "
+                f"backward takes head dims up to {_WIDE_HEAD_DIM}; use backward='split'")
+
+
 def _static(problem: NAProblem, config: MosaicConfig, simulator) -> Static:
     reason = unsupported_reason(problem)
     if reason is not None:
         raise NotImplementedError(f"backend='{NAME}' does not support this call: {reason}")
-    if len(config.q_tile) != problem.rank:
-        raise ValueError(f"tile config {config} does not have {problem.rank} axes")
+    _check_config(problem, config)
     plan = planning.make_plan(problem.params, config.q_tile, config.kv_tile)
     return Static(
         plan=plan,
@@ -261,7 +286,8 @@ def attention(q, k, v, problem: NAProblem, config: MosaicConfig | None = None):
     """Fused neighborhood attention (differentiable in q, k, v and through both outputs).
 
     Args:
-      q: ``[B, *X, H, D]``; k, v: ``[B, *X, H_kv, D]`` (bfloat16/float16, D in {32, 64, 128}).
+      q: ``[B, *X, H, D]``; k, v: ``[B, *X, H_kv, D]`` (bfloat16/float16, D in {32, 64, 128,
+        256}; at 256 only 64-token tiles: `_check_config`).
       problem: the validated call (`jna._src.arguments.check_call`).
       config: tile config; default `default_config(problem)`.
 
@@ -337,7 +363,7 @@ class FusedMosaic(Backend):
         """Every launch class with its most tile-efficient shapes, each also ``persistent`` and,
         where the tiles divide the map, in the direct (no permutation) layout."""
         out = []
-        for c in launch_classes():
+        for c in launch.for_head_dim(launch_classes(), problem.head_dim):
             stages = c.param("num_stages")
             for eff, q_tile, kv_tile in tiling.ranked_tiles(problem.params, c.q_tokens, c.kv_tokens,
                                                             shapes_per_class):
