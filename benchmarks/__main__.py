@@ -25,6 +25,7 @@ COMMANDS = {
     "variants": "variants",             # fused-mosaic config variants: time, agreement, determinism
     "lowered": "lowered_kernels",       # every kernel lowered for CUDA here, fingerprinted
     "matmul-probe": "matmul_precision_probe",  # small float32 matmuls vs float64, per precision
+    "finite-probe": "finite_probe",     # the all-finite guard of the fused kernels: variants, end to end
 }
 
 

@@ -51,6 +51,8 @@ class MosaicConfig:
     are deterministic. Measured on an H200 (bf16, `python -m benchmarks variants`), "fused" takes
     1.3-1.45x the forward+backward time of "split" on the large public problems and 0.90-0.96x
     on 2d-nat/2d-dinat: docs/performance.md says where its time goes.
+    At head dim 256 only 64-token tiles, 2 stages and ``"split"`` fit (SMEM, registers; the
+    op rejects other configs there, naming the field).
     """
 
     q_tile: tuple[int, ...]

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jna._src import plan as planning
-from jna._src import compat, resources
+from jna._src import compat, finite, resources
 from jna import semantics
 from jna.tuning import tables as jna_tuned
 from jna._src.arguments import NAProblem
@@ -307,7 +307,7 @@ def attention(q, k, v, problem: NAProblem, config: MosaicConfig | None = None):
     from jna.backends.triton import fused as fused_triton
 
     contained = functools.partial(fused_triton.attention, problem=problem)
-    return lax.cond(jnp.all(jnp.isfinite(v)), fast, contained, q, k, v)
+    return lax.cond(finite.all_finite(v), fast, contained, q, k, v)
 
 
 def lower_for_gpu(problem: NAProblem, config: MosaicConfig | None = None, backward: bool = False):

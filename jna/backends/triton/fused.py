@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jna._src import plan as planning
+from jna._src import finite
 from jna import semantics
 from jna.tuning import tables as jna_tuned
 from jna._src.arguments import NAProblem
@@ -455,10 +456,9 @@ class _Specs:
 
 def _forward_call(qp, kp, vp, st: _Static):
     """The forward kernel; its non-finite-containing variant runs only if ``v`` needs it."""
-    finite = jnp.all(jnp.isfinite(vp))
     safe = dataclasses.replace(st, contain_nonfinite=True)
     return jax.lax.cond(
-        finite,
+        finite.all_finite(vp),
         functools.partial(_forward_launch, st=st),
         functools.partial(_forward_launch, st=safe),
         qp, kp, vp,

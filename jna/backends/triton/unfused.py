@@ -47,6 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jna._src import plan as planning
+from jna._src import finite
 from jna.tuning import tables as jna_tuned
 from jna._src.arguments import NAProblem
 from jna.backends import tiling
@@ -396,7 +397,7 @@ def _av_forward(ap, vp, st: _Static):
     launch = functools.partial(_gather_q, st=st, mult=1.0, dtype=vp.dtype, backward=False,
                                name="jna_unfused_av")
     return jax.lax.cond(
-        jnp.all(jnp.isfinite(vp)),
+        finite.all_finite(vp),
         lambda a, v: launch(a, v),
         lambda a, v: launch(a, v, contain_nonfinite=True),
         ap, vp,
