@@ -129,12 +129,14 @@ def test_deterministic(backend, case):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dim,batch", [(128, 33), (256, 17)])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_video_scale_index_arithmetic(backend):
+def test_video_scale_index_arithmetic(backend, dim, batch):
     """``B * N * H * D > 2**31`` elements in q: the last batch element's output and gradients
     equal those of a call on that element alone (bitwise: same kernel, same tiles), so no
-    index or offset wraps around. 3-D map 16x64x64, H 8 (MQA: one kv head), D 128, B 33."""
-    shape, ks, heads, dim, batch = (16, 64, 64), (3, 7, 7), 8, 128, 33
+    index or offset wraps around. 3-D map 16x64x64, H 8 (MQA: one kv head), D 128 with B 33 and
+    D 256 with B 17 (fused-mosaic's column-split dK/dV kernel there)."""
+    shape, ks, heads = (16, 64, 64), (3, 7, 7), 8
     assert batch * np.prod(shape) * heads * dim > 2**31
     keys = jax.random.split(jax.random.key(7), 4)
     q = jax.random.normal(keys[0], (batch, *shape, heads, dim), jnp.bfloat16)
