@@ -6,7 +6,9 @@
 
 ``--problems``: names of files in ``configs/problems/`` (``public`` is ``../shared/problems.json``'s
 set; ``paper_sweeps`` the seed paper's kernel-size sweeps; ``models`` NAT/DiNAT layers; ``tiny``
-a CPU smoke test) or paths to other problem-set files. Each (problem, dtype) runs the dense
+a CPU smoke test) or paths to other problem-set files; by default the first three on a GPU and
+``tiny`` elsewhere. Each NA row also gets its memory floor (`Problem.floor_ms`) where the device's
+bandwidth is known. Each (problem, dtype) runs the dense
 baseline (cuDNN's fused attention on an NVIDIA GPU, XLA's elsewhere; ``--baseline none`` skips it)
 and every backend of ``--backends``, forward and/or forward+backward.
 
@@ -38,6 +40,8 @@ from benchmarks import harness
 from benchmarks import problems as problem_sets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The default GPU run: the public problems, the seed paper's kernel-size sweeps, NAT/DiNAT layers.
+GPU_DEFAULT_SETS = "public,paper_sweeps,models"
 
 
 def _progress(*args):
@@ -109,6 +113,9 @@ def run(problems, backends: list[str], baseline: str | None, modes: list[str], d
                     shown = f"{cell['ms']:.3f} ms" if "ms" in cell else cell.get("skipped") or cell.get("error")
                     _progress(f"[{done}/{total}] {elapsed:6.0f}s, ~{eta:4.0f}s left | {problem.name} "
                               f"{row['dtype']} {name} {mode}: {shown}")
+                    floor = problem.floor_ms(mode, dtype)
+                    if floor is not None and name != baseline:
+                        row[f"{mode}_floor_ms"] = float(f"{floor:.3g}")
                     if "ms" in cell:
                         row[f"{mode}_ms"] = cell["ms"]
                         row[f"{mode}_tflops"] = float(f"{harness.tflops(problem, mode, cell['ms']):.3g}")
@@ -138,11 +145,15 @@ def markdown(meta: dict, rows: list[dict], modes: list[str]) -> str:
              f"commit {meta['commit']}",
              f"- problem sets: {', '.join(meta['problem_files'])}; baseline: {meta['baseline'] or 'none'}",
              "- median of synchronized runs after warm-up, random inputs; TFLOP/s: forward "
-             "4*B*H*N*prod(K)*D, forward+backward 3.5x that; speedup = baseline ms / ms", ""]
+             "4*B*H*N*prod(K)*D, forward+backward 3.5x that; speedup = baseline ms / ms; floor = the "
+             "memory floor (q, k, v, out, lse read or written once; the backward also dO and the "
+             "gradients) at the device's attainable bandwidth", ""]
     head = ["problem", "dtype", "backend"]
     for mode in modes:
         label = "fwd" if mode == "fwd" else "fwd+bwd"
         head += [f"{label} ms", f"{label} TFLOP/s", f"{label} speedup"]
+        if any(f"{mode}_floor_ms" in r for r in rows):
+            head.append(f"{label} floor ms")
     checked = any("rel_l2_vs_reference" in r for r in rows)
     if checked:
         head.append("rel. L2 vs reference")
@@ -151,6 +162,8 @@ def markdown(meta: dict, rows: list[dict], modes: list[str]) -> str:
         cells = [r["problem"], r["dtype"], r["backend"]]
         for mode in modes:
             cells += [fmt(r.get(f"{mode}_ms")), fmt(r.get(f"{mode}_tflops")), fmt(r.get(f"{mode}_speedup"))]
+            if any(f"{mode}_floor_ms" in x for x in rows):
+                cells.append(fmt(r.get(f"{mode}_floor_ms")))
         if checked:
             cells.append(fmt(r.get("rel_l2_vs_reference")))
         note = "; ".join(f"{m}: {r.get(f'{m}_note') or 'ERROR ' + r[f'{m}_error']}" for m in modes
@@ -216,7 +229,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--problems", default="public", help="problem sets (names in configs/problems or paths)")
+    parser.add_argument("--problems", default="",
+                        help="problem sets (names in configs/problems or paths); default: on a GPU "
+                             f"{GPU_DEFAULT_SETS}, elsewhere tiny")
     parser.add_argument("--names", default="", help="only these problem names (comma-separated)")
     parser.add_argument("--backends", default="auto", help="jna backends, comma-separated")
     parser.add_argument("--baseline", default="auto", choices=("auto", "none"),
@@ -232,6 +247,7 @@ def main(argv=None) -> int:
                         help="record each backend's forward distance from the reference backend (small problems)")
     args = parser.parse_args(argv)
 
+    args.problems = args.problems or (GPU_DEFAULT_SETS if jax.default_backend() == "gpu" else "tiny")
     files = resolve_problem_files(args.problems)
     problems = [p for f in files for p in problem_sets.load(f)]
     if args.names:

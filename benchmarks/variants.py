@@ -102,7 +102,8 @@ def main(argv=None, defaults=None) -> int:
     parser.add_argument("--field", default=defaults.get("field", "backward"), help="a MosaicConfig field")
     parser.add_argument("--values", default=defaults.get("values", "split,fused"))
     parser.add_argument("--mode", default=defaults.get("mode", "fwd_bwd"), choices=("fwd", "fwd_bwd"))
-    parser.add_argument("--problems", default="", help="comma-separated public problem names")
+    parser.add_argument("--problems", default="", help="comma-separated problem names (of --sets)")
+    parser.add_argument("--sets", default="public", help="problem sets (configs/problems names)")
     parser.add_argument("--budget-s", type=float, default=4.0)
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
@@ -111,7 +112,7 @@ def main(argv=None, defaults=None) -> int:
         return 2
     values = [_parse(v) for v in args.values.split(",")]
     names = [n for n in args.problems.split(",") if n]
-    problems = [p for p in problem_sets.load("public") if (not names or p.name in names)
+    problems = [p for name in args.sets.split(",") for p in problem_sets.load(name) if (not names or p.name in names)
                 and FusedMosaic().supports(p.na_problem(jnp.bfloat16)) is None]
     rows = []
     for p in problems:

@@ -62,3 +62,21 @@ def test_cells_that_do_not_fit_are_reported_not_run():
 def test_unknown_problem_set_is_a_clear_error(tmp_path):
     proc = _run("--problems", "no-such-set", tmp_path=tmp_path)
     assert proc.returncode != 0 and "no problem set 'no-such-set'" in proc.stderr
+
+
+def test_memory_floor_counts_each_tensor_once():
+    """The floor printed beside each time: q, k, v, out and lse once forward; the backward adds
+    q, k, v, out, dO, lse read and dq, dk, dv written (counted here from the arrays' sizes)."""
+    import jax.numpy as jnp
+
+    from jna.tuning import problem_sets
+
+    p = next(x for x in problem_sets.load("public") if x.name == "2d-nat")
+    q, k, v, dout = p.inputs(jnp.bfloat16)
+    lse = jnp.zeros(q.shape[:-1], jnp.float32)
+    tensor = q.nbytes  # every [B, *X, H, D] tensor here has q's size
+    assert p.memory_bytes("fwd") == 4 * tensor + lse.nbytes
+    assert p.memory_bytes("fwd_bwd") == 4 * tensor + lse.nbytes + 5 * tensor + lse.nbytes + 3 * tensor
+    assert p.floor_ms("fwd", bandwidth=4.2e12) == pytest.approx(0.0124, rel=0.01)  # issue 16's ~0.013
+    with pytest.raises(ValueError, match="mode 'bwd'"):
+        p.memory_bytes("bwd")

@@ -46,6 +46,27 @@ class Problem:
         """``4 * B * H * N * prod(K) * D`` (problems.json's effective FLOPs)."""
         return 4.0 * self.batch * self.heads * self.tokens * math.prod(self.kernel_size) * self.head_dim
 
+    def memory_bytes(self, mode: str, dtype=jnp.bfloat16) -> int:
+        """The bytes a call must move at least (each tensor read or written once).
+
+        Per (token, head), with ``s`` the dtype's size: the forward reads q, k, v and writes out
+        (``4 D s``) and the float32 lse (4); the backward reads q, k, v, out, dO (``5 D s``) and
+        lse (4) and writes dq, dk, dv (``3 D s``). ``mode``: ``"fwd"`` or ``"fwd_bwd"`` (both).
+        """
+        size = jnp.dtype(dtype).itemsize
+        per_token_head = 4 * self.head_dim * size + 4
+        if mode == "fwd_bwd":
+            per_token_head += 8 * self.head_dim * size + 4
+        elif mode != "fwd":
+            raise ValueError(f"mode {mode!r}: 'fwd' or 'fwd_bwd'")
+        return self.batch * self.tokens * self.heads * per_token_head
+
+    def floor_ms(self, mode: str, dtype=jnp.bfloat16, bandwidth: float | None = None) -> float | None:
+        """`memory_bytes` at ``bandwidth`` bytes/s (default: this device's, `memory_bandwidth`):
+        the memory floor of a call, in ms; None on a device without a known bandwidth."""
+        bandwidth = bandwidth or memory_bandwidth()
+        return None if not bandwidth else self.memory_bytes(mode, dtype) / bandwidth * 1e3
+
     @property
     def na_kwargs(self) -> dict:
         return dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation,
@@ -69,6 +90,16 @@ class Problem:
         shape = (self.batch, *self.shape, self.heads, self.head_dim)
         keys = jax.random.split(jax.random.key(seed), 4)
         return tuple(jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys)
+
+
+# Attainable HBM bandwidth (bytes/s) per device kind, for the memory floor: an H200's device-to-
+# device copy measured ~4.3 TB/s here (HBM3e peak 4.8), an H100 SXM's ~3.0 (peak 3.35).
+_BANDWIDTH = {"NVIDIA H200": 4.2e12, "NVIDIA H100 80GB HBM3": 3.0e12}
+
+
+def memory_bandwidth() -> float | None:
+    """This default device's attainable memory bandwidth in bytes/s, or None if unknown."""
+    return _BANDWIDTH.get(jax.devices()[0].device_kind)
 
 
 def _per_axis(value, rank: int) -> tuple:
