@@ -5,6 +5,8 @@
   compat: the one module that looks at jax's version (private hooks across the supported range).
   resources: the package data (``jna.configs``) and the user's cache directory.
   dense: dense attention, the reference's building block and the benchmarks' baseline.
+  finite: the all-finite check that picks a fused kernel's fast path.
+  forward_mode: `jax.jvp` through the fused ops (custom JVP; reverse mode by transposition).
 
 The public API is what ``jna``, ``jna.backends``, ``jna.nn``, ``jna.nnx``, ``jna.semantics``,
 ``jna.sharding``, ``jna.qk_av``, ``jna.merge``, ``jna.natten_weights``, ``jna.explain`` and

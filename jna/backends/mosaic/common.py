@@ -102,6 +102,7 @@ class Static:
     simulator: plgpu.InterpretGPUParams | None
     direct: bool = False  # the forward's tensors are [B, *X, H, D], not permuted (`direct_ok`)
     ctas: int = 0  # > 0: the forward is persistent with this many CTAs (at most)
+    problem: object = None  # the call (`NAProblem`; forward mode's second-order term needs it)
 
     @property
     def simulated(self) -> bool:

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jna._src import plan as planning
-from jna._src import compat, finite, resources
+from jna._src import compat, finite, forward_mode, resources
 from jna import semantics
 from jna.tuning import tables as jna_tuned
 from jna._src.arguments import NAProblem
@@ -218,6 +218,66 @@ def _fused_bwd(st, residuals, cotangents):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
+# ----------------------------------------------------------------------------------------------
+# Forward mode (`jna._src.forward_mode`): fused-triton's tangent kernel on this backend's plan
+# (Triton runs on Hopper too); reverse mode stays on the Mosaic backward kernels above.
+# ----------------------------------------------------------------------------------------------
+
+
+def _triton_static(st: Static):
+    """fused-triton's launch description for the same plan, permuted layout."""
+    from jna.backends.triton import fused as fused_triton
+
+    cfg = st.config
+    warps = 8 if cfg.q_tokens >= 128 else 4
+    config = fused_triton.TritonConfig(cfg.q_tile, cfg.kv_tile, num_warps=warps, num_stages=2,
+                                       bwd_num_warps=warps, bwd_num_stages=1, direct_layout=False)
+    return fused_triton._Static(plan=st.plan, heads=st.heads, kv_heads=st.kv_heads, head_dim=st.head_dim,
+                                value_dim=st.head_dim, scale=st.scale, dtype=st.dtype, config=config,
+                                interpret=st.simulated, layout=fused_triton._Layout(False, st.plan),
+                                problem=st.problem)
+
+
+def _permuted(st: Static, *tensors):
+    """``(q-like, kv-like, kv-like, q-like...)`` in the permuted layout (unchanged unless direct)."""
+    kinds = ("q", "kv", "kv", "q", "kv", "kv")
+    if not st.direct:
+        return tensors
+    return tuple(planning.permute(x, st.plan, kind) for x, kind in zip(tensors, kinds))
+
+
+def _from_triton(st: Static, tout, tlse):
+    """The tangent kernel's ``(tout [BG, N, H, D], tlse [BG, N, H])`` in this backend's layout."""
+    if st.direct:
+        tout = planning.unpermute(tout, st.plan, "q", st.problem.spatial_shape)
+    return tout, jnp.swapaxes(tlse, 1, 2)
+
+
+def _tangent_rule(st: Static, q, k, v, out, lse, tq, tk, tv):
+    from jna.backends.triton import tangent
+
+    q, k, v, tq, tk, tv = _permuted(st, q, k, v, tq, tk, tv)
+    (out,) = _permuted(st, out)
+    return _from_triton(st, *tangent.tangent_call(q, k, v, out, jnp.swapaxes(lse, 1, 2), tq, tk, tv,
+                                                  _triton_static(st)))
+
+
+def _second_order(st: Static, q, k, v, tq, tk, tv, dq, dk, dv):
+    from jna.backends.triton import fused as fused_triton
+
+    q, k, v, tq, tk, tv = _permuted(st, q, k, v, tq, tk, tv)
+    dq, dk, dv = _permuted(st, dq, dk, dv)
+    return _from_triton(st, *fused_triton._second_order(_triton_static(st), q, k, v, tq, tk, tv, dq, dk, dv))
+
+
+forward_mode.register(NAME, forward_mode.Rules(
+    tangent=_tangent_rule, backward=_fused_bwd, second_order=_second_order, lse_head_axis=-2,
+    with_heads=lambda st, heads, kv_heads: dataclasses.replace(
+        st, heads=heads, kv_heads=kv_heads,
+        problem=dataclasses.replace(st.problem, heads=heads, kv_heads=kv_heads))))
+_op = forward_mode.fused_op(NAME, _fused)
+
+
 def _check_config(problem: NAProblem, config: MosaicConfig):
     """Rejects a config this problem cannot run with (`ValueError`, naming the field).
 
@@ -257,6 +317,7 @@ def _static(problem: NAProblem, config: MosaicConfig, simulator) -> Static:
         simulator=simulator,
         direct=config.direct_layout and direct_ok(plan),
         ctas=_persistent_ctas(simulator) if config.persistent else 0,
+        problem=problem,
     )
 
 
@@ -274,9 +335,9 @@ def _run(q, k, v, problem: NAProblem, config: MosaicConfig, simulator=None):
     plan = st.plan
     spatial = problem.spatial_shape
     if st.direct:
-        out, lse = _fused(q, k, v, st)
+        out, lse = _op(st, q, k, v)
     else:
-        out, lse = _fused(*_permute_inputs(q, k, v, plan), st)
+        out, lse = _op(st, *_permute_inputs(q, k, v, plan))
         out = planning.unpermute(out, plan, "q", spatial)
     lse = planning.unpermute(jnp.swapaxes(lse, 1, 2), plan, "q", spatial)
     return out, lse

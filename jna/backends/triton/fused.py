@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jna._src import plan as planning
-from jna._src import finite
+from jna._src import finite, forward_mode
 from jna import semantics
 from jna.tuning import tables as jna_tuned
 from jna._src.arguments import NAProblem
@@ -161,6 +161,7 @@ class _Static:
     interpret: bool
     layout: "_Layout"
     contain_nonfinite: bool = False  # the forward variant that keeps non-finite values in-window
+    problem: NAProblem | None = None  # the call (forward mode's second-order term needs it)
 
     @property
     def group(self) -> int:
@@ -569,6 +570,58 @@ def _fused_bwd(st, residuals, cotangents):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
+# ----------------------------------------------------------------------------------------------
+# Forward mode (`jna._src.forward_mode`): the tangent kernel, reverse mode by the kernels above
+# ----------------------------------------------------------------------------------------------
+
+
+def _with_heads(st: _Static, heads: int, kv_heads: int) -> _Static:
+    problem = st.problem and dataclasses.replace(st.problem, heads=heads, kv_heads=kv_heads)
+    return dataclasses.replace(st, heads=heads, kv_heads=kv_heads, problem=problem)
+
+
+def _second_order(st: _Static, qp, kp, vp, tq, tk, tv, dq, dk, dv):
+    """The derivative of the tangent in (q, k, v) along (dq, dk, dv), in kernel layout: the
+    reference backend's attention differentiated twice (float32, on the user layout)."""
+    from jna.backends import reference
+
+    problem = dataclasses.replace(st.problem, dtype=jnp.dtype(jnp.float32))
+    plan, spatial = st.plan, problem.spatial_shape
+    dims = {"q": problem.head_dim, "k": problem.head_dim, "v": problem.value_dim}
+
+    def user(x, name):
+        x = x.astype(jnp.float32)
+        if st.layout.direct:
+            return x
+        return planning.unpermute(x, plan, "q" if name == "q" else "kv", spatial, dims[name])
+
+    names = ("q", "k", "v")
+    primals = tuple(user(x, n) for x, n in zip((qp, kp, vp), names))
+    first_dir = tuple(user(x, n) for x, n in zip((tq, tk, tv), names))
+    second_dir = tuple(user(x, n) for x, n in zip((dq, dk, dv), names))
+
+    def first(*qkv):
+        return jax.jvp(lambda *a: reference.attention(*a, problem), qkv, first_dir)[1]
+
+    _, (d_out, d_lse) = jax.jvp(first, primals, second_dir)
+    if st.layout.direct:
+        return d_out, d_lse
+    d_out = planning.permute(d_out, plan, "q", st.value_dim)
+    d_lse = planning.permute(d_lse[..., None], plan, "q")[..., 0]
+    return d_out, d_lse
+
+
+def _tangent_rule(st, *args):
+    from jna.backends.triton import tangent
+
+    return tangent.tangent_call(*args, st)
+
+
+forward_mode.register(NAME, forward_mode.Rules(
+    tangent=_tangent_rule, backward=_fused_bwd, with_heads=_with_heads, second_order=_second_order))
+_op = forward_mode.fused_op(NAME, _fused)
+
+
 def _padded_dim(dim: int) -> int:
     return max(16, pl.next_power_of_2(dim))
 
@@ -623,14 +676,15 @@ def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None):
         config=config,
         interpret=_interpret(),
         layout=_Layout(direct, plan),
+        problem=problem,
     )
     if direct:
         q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-        return _fused(q, k, v, st)
+        return _op(st, q, k, v)
     qp = planning.permute(q, plan, "q", st.head_dim)
     kp = planning.permute(k, plan, "kv", st.head_dim)
     vp = planning.permute(v, plan, "kv", st.value_dim)
-    out, lse = _fused(qp, kp, vp, st)
+    out, lse = _op(st, qp, kp, vp)
     spatial = problem.spatial_shape
     out = planning.unpermute(out, plan, "q", spatial, problem.value_dim)
     lse = planning.unpermute(lse, plan, "q", spatial)

@@ -1,0 +1,169 @@
+"""Forward-mode autodiff (`jax.jvp`) through the fused kernels, with reverse mode unchanged.
+
+JAX lets a function carry a `jax.custom_jvp` or a `jax.custom_vjp` rule, not both. jna's fused
+ops therefore carry a custom JVP, and reverse mode is derived from it the way JAX derives it for
+any function: linearize, then transpose the linear part. The composition, for a backend's op
+``f(q, k, v) = (out, lse)`` on its kernel-layout tensors (`fused_op`):
+
+1. ``f`` is a `jax.custom_jvp` function whose primal is the backend's existing forward (its
+   `jax.custom_vjp` op). Its JVP rule runs that forward for ``(out, lse)`` and gets the tangents
+   from ``tangent(q, k, v, out, lse; tq, tk, tv)``.
+2. ``tangent`` is linear in ``(tq, tk, tv)``. Its primal binds `tangent_p`, a primitive whose
+   evaluation is the backend's fused tangent kernel (one flash-style pass over each query's
+   window: the attention weights are never written) and whose **transpose** is the backend's
+   existing backward kernels (the transpose of the JVP of ``f`` is its VJP). So `jax.grad` of a
+   fused op runs the forward kernel, then the dQ and dK/dV kernels, as with the custom VJP.
+3. ``tangent`` is itself a `jax.custom_jvp` function, for the gradient of a loss built from a
+   JVP (``grad(p -> loss(jvp(f, p, t)))``): its derivative in ``(tq, tk, tv)`` is ``tangent``
+   again (linear), and its derivative in ``(q, k, v)`` is the second directional derivative of
+   NA, computed by the backend's ``second_order`` (the reference backend's pure-JAX attention
+   differentiated twice: exact, transposable by JAX, but it materializes each query's window:
+   memory ``O(B N H prod(K))``). ``out`` and ``lse`` enter ``tangent`` as residuals; their own
+   tangents are implied by those of ``(q, k, v)`` and are not used.
+4. `tangent_p` batches (`jax.vmap`, `jax.jacfwd`) by folding the mapped axis into the head
+   axis (heads are independent and a query head's kv head stays ``h // group``), so a batched
+   call is one launch of the same kernel.
+
+A backend opts in with `register` (its tangent kernel, backward kernels, head-folding and
+second-order functions); `fused_op` wraps its forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jex_core
+from jax.interpreters import ad, batching, mlir
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """What a backend provides for forward mode (all on its kernel-layout tensors).
+
+    tangent(st, q, k, v, out, lse, tq, tk, tv) -> (tout, tlse): the fused tangent kernel.
+    backward(st, (q, k, v, out, lse), (dout, dlse)) -> (dq, dk, dv): the backward kernels.
+    with_heads(st, heads, kv_heads) -> st: the launch description for a changed head count.
+    second_order(st, q, k, v, tq, tk, tv, dq, dk, dv) -> (tout', tlse'): the derivative of the
+      tangent in (q, k, v) along (dq, dk, dv), in pure JAX.
+    lse_head_axis: the head axis of the backend's lse (``[BG, *tokens, H]``: -1; fused-mosaic's
+      ``[BG, H, tokens]``: -2). The other operands have theirs at -2 (``[..., H, D]``).
+    """
+
+    tangent: Callable
+    backward: Callable
+    with_heads: Callable
+    second_order: Callable
+    lse_head_axis: int = -1
+
+
+_RULES: dict[str, Rules] = {}
+
+
+def register(backend: str, rules: Rules) -> None:
+    _RULES[backend] = rules
+
+
+# ----------------------------------------------------------------------------------------------
+# The tangent primitive: evaluation by the tangent kernel, transpose by the backward kernels
+# ----------------------------------------------------------------------------------------------
+
+tangent_p = jex_core.Primitive("jna_na_tangent")
+tangent_p.multiple_results = True
+
+_RESIDUALS = 5  # q, k, v, out, lse; then the linear inputs tq, tk, tv
+
+
+def _evaluate(*args, backend, st):
+    return tuple(_RULES[backend].tangent(st, *args))
+
+
+tangent_p.def_impl(_evaluate)
+mlir.register_lowering(tangent_p, mlir.lower_fun(_evaluate, multiple_results=True))
+
+
+@tangent_p.def_abstract_eval
+def _abstract(q, k, v, out, lse, tq, tk, tv, *, backend, st):
+    del q, k, v, tq, tk, tv, backend, st
+    return (jax.core.ShapedArray(out.shape, out.dtype), jax.core.ShapedArray(lse.shape, jnp.float32))
+
+
+def _transpose(cts, q, k, v, out, lse, tq, tk, tv, *, backend, st):
+    residuals = (q, k, v, out, lse)
+    if any(ad.is_undefined_primal(x) for x in residuals):
+        raise NotImplementedError("jna: the tangent of NA is linear in the tangents only")
+    ct_out, ct_lse = (jnp.zeros(a.shape, a.dtype) if type(c) is ad.Zero else c
+                      for c, a in zip(cts, (out, lse)))
+    grads = _RULES[backend].backward(st, residuals, (ct_out, ct_lse))
+    linear = (tq, tk, tv)
+    return [None] * _RESIDUALS + [g if ad.is_undefined_primal(x) else None for g, x in zip(grads, linear)]
+
+
+ad.primitive_transposes[tangent_p] = _transpose
+
+
+def _fold(x, bdim, size, head_axis):
+    """``x`` with its mapped axis (or a broadcast one) folded into the head axis, mapped axis
+    outermost: ``[..., H, ...] -> [..., size * H, ...]``."""
+    head_axis = head_axis % (x.ndim if bdim is None else x.ndim - 1)
+    if bdim is None:
+        x = jnp.broadcast_to(jnp.expand_dims(x, head_axis), (*x.shape[:head_axis], size, *x.shape[head_axis:]))
+    else:
+        x = jnp.moveaxis(x, bdim, head_axis)
+    return x.reshape(*x.shape[:head_axis], size * x.shape[head_axis + 1], *x.shape[head_axis + 2:])
+
+
+def _batch(args, dims, *, backend, st):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    rules = _RULES[backend]
+    heads_axis = (-2, -2, -2, -2, rules.lse_head_axis, -2, -2, -2)  # of q, k, v, out, lse, tq, tk, tv
+    folded = [_fold(a, d, size, h) for a, d, h in zip(args, dims, heads_axis)]
+    wide = rules.with_heads(st, st.heads * size, st.kv_heads * size)
+    tout, tlse = tangent_p.bind(*folded, backend=backend, st=wide)
+    unfold = lambda x, h: x.reshape(*x.shape[:h], size, x.shape[h] // size, *x.shape[h + 1:])
+    h_out, h_lse = tout.ndim - 2, tlse.ndim + rules.lse_head_axis
+    return (unfold(tout, h_out), unfold(tlse, h_lse)), (h_out, h_lse)
+
+
+batching.primitive_batchers[tangent_p] = _batch
+
+
+# ----------------------------------------------------------------------------------------------
+# The composition
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _tangent(backend, st, q, k, v, out, lse, tq, tk, tv):
+    return tuple(tangent_p.bind(q, k, v, out, lse, tq, tk, tv, backend=backend, st=st))
+
+
+@_tangent.defjvp
+def _tangent_jvp(backend, st, primals, tangents):
+    q, k, v, out, lse, tq, tk, tv = primals
+    dq, dk, dv, _, _, dtq, dtk, dtv = tangents  # out/lse tangents follow from (dq, dk, dv)
+    y = _tangent(backend, st, *primals)
+    linear = _tangent(backend, st, q, k, v, out, lse, dtq, dtk, dtv)
+    second = _RULES[backend].second_order(st, q, k, v, tq, tk, tv, dq, dk, dv)
+    return y, tuple(a + b.astype(a.dtype) for a, b in zip(linear, second))
+
+
+def fused_op(backend: str, forward: Callable) -> Callable:
+    """``op(st, q, k, v) -> (out, lse)``: ``forward(q, k, v, st)`` (a backend's `jax.custom_vjp`
+    op on kernel-layout tensors) made differentiable in forward mode too (module docstring)."""
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+    def op(st, q, k, v):
+        return tuple(forward(q, k, v, st))
+
+    @op.defjvp
+    def op_jvp(st, primals, tangents):
+        q, k, v = primals
+        out, lse = forward(q, k, v, st)
+        tq, tk, tv = (t.astype(x.dtype) for t, x in zip(tangents, primals))
+        return (out, lse), _tangent(backend, st, q, k, v, out, lse, tq, tk, tv)
+
+    return op

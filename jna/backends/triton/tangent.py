@@ -1,0 +1,89 @@
+"""The forward-mode (JVP) kernel of fused-triton: the tangent of ``(out, lse)`` in one pass.
+
+Given the forward's ``out`` and ``lse`` (so ``P = exp(S - lse)`` is exact per tile, no online
+rescaling, as in the dQ kernel) and tangents ``tq, tk, tv`` of ``q, k, v``, per query ``i``:
+
+    tS_ij  = scale (tq_i . k_j + q_i . tk_j)
+    mu_i   = sum_j P_ij tS_ij                          (= the tangent of lse_i)
+    tout_i = sum_j P_ij tS_ij v_j + sum_j P_ij tv_j - mu_i out_i
+
+over the KV tiles of the query's window (the forward's visit list), flash style: the attention
+weights are never written. Per tile pair: S = Q K^T, Q tK^T + tQ K^T, (P o tS) V and P tV, five
+products (the forward does two). How jna composes this with reverse mode is in
+`jna._src.forward_mode`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from jna.backends.triton.fused import (
+    _LOG2E, _Specs, _Static, _dot, _masked_probs, _params, _q_tile_program, _tables, _visit,
+)
+
+
+def _tangent_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, tq_ref, tk_ref, tv_ref, tab_ref, to_ref,
+                    tlse_ref, *, st: _Static):
+    cfg, plan = st.config, st.plan
+    f32 = st.dtype == jnp.float32
+    tq_tokens, tk_tokens = plan.q_tile_tokens, plan.kv_tile_tokens
+    geo, qt, k_local, windows, walk = _q_tile_program(st, tab_ref)
+    qk_scale = st.scale * _LOG2E
+
+    q = q_ref[...].reshape(tq_tokens, st.head_dim)
+    tq = tq_ref[...].reshape(tq_tokens, st.head_dim)
+    lse2 = lse_ref[...].reshape(tq_tokens) * _LOG2E  # base-2 logsumexp
+
+    def body(i, carry):
+        acc, mu = carry
+        kt, tile = _visit(st, walk, i, "kv")
+        k = k_ref[(*tile, slice(None))].reshape(tk_tokens, st.head_dim)
+        tk = tk_ref[(*tile, slice(None))].reshape(tk_tokens, st.head_dim)
+        v = v_ref[(*tile, slice(None))].reshape(tk_tokens, st.value_dim)
+        tv = tv_ref[(*tile, slice(None))].reshape(tk_tokens, st.value_dim)
+        s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
+        y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
+        p = _masked_probs(geo, qt, kt, windows, y, s, lse2)  # zero outside the windows
+        ts = (_dot(tq, k, trans_b=True, f32=f32) + _dot(q, tk, trans_b=True, f32=f32)) * st.scale
+        pts = p * ts
+        acc = acc + _dot(pts.astype(v.dtype), v, f32=f32) + _dot(p.astype(tv.dtype), tv, f32=f32)
+        return acc, mu + jnp.sum(pts, axis=1)
+
+    init = (jnp.zeros((tq_tokens, st.value_dim), jnp.float32), jnp.zeros((tq_tokens,), jnp.float32))
+    acc, mu = jax.lax.fori_loop(0, walk.total, body, init)
+    out = o_ref[...].reshape(tq_tokens, st.value_dim).astype(jnp.float32)
+    to_ref[...] = (acc - mu[:, None] * out).astype(to_ref.dtype).reshape(to_ref.shape)
+    tlse_ref[...] = mu.reshape(tlse_ref.shape)
+
+
+def tangent_call(qp, kp, vp, out, lse, tq, tk, tv, st: _Static):
+    """``(tout, tlse)`` on kernel-layout tensors (`fused._fused`'s): q/tq ``[BG, *tokens, H, D']``,
+    k/v/tk/tv ``[BG, *tokens, H_kv, D']``, out ``[BG, *tokens, H, Dv']``, lse ``[BG, *tokens, H]``
+    float32 -> tout like out, tlse like lse."""
+    tables = _tables(st)
+    spec = _Specs(st)
+    tq, tk, tv = tq.astype(qp.dtype), tk.astype(kp.dtype), tv.astype(vp.dtype)
+    return pl.pallas_call(
+        functools.partial(_tangent_kernel, st=st),
+        grid=(st.plan.num_q_tiles, qp.shape[0], st.heads),
+        in_specs=[
+            spec.tile("q", st.head_dim),
+            spec.whole("kv", None, st.head_dim),
+            spec.whole("kv", None, st.value_dim),
+            spec.tile("q", st.value_dim),
+            spec.tile("q"),
+            spec.tile("q", st.head_dim),
+            spec.whole("kv", None, st.head_dim),
+            spec.whole("kv", None, st.value_dim),
+            spec.table(tables),
+        ],
+        out_specs=[spec.tile("q", st.value_dim), spec.tile("q")],
+        out_shape=[jax.ShapeDtypeStruct(out.shape, out.dtype), jax.ShapeDtypeStruct(lse.shape, jnp.float32)],
+        compiler_params=_params(st, backward=True),
+        interpret=st.interpret,
+        name="jna_fused_na_tangent",
+    )(qp, kp, vp, out, lse, tq, tk, tv, tables)
