@@ -1,6 +1,6 @@
-"""Forward-mode autodiff through the fused kernels (`jna._src.forward_mode`), on the CPU.
+"""Forward-mode autodiff through the kernel backends (`jna._src.forward_mode`), on the CPU.
 
-fused-triton runs in interpret mode here. The oracle for a tangent is the float64 oracle
+fused-triton and unfused run in interpret mode here, fused-mosaic in the Mosaic GPU simulator. The oracle for a tangent is the float64 oracle
 (`jna_tests.oracle`, numpy) differentiated by central differences, so neither side uses JAX's
 autodiff; the gradient of a loss built from a JVP is checked along a direction against nested
 float64 central differences of that oracle.
@@ -50,12 +50,13 @@ def _oracle_tangent(cfg: Config, primals, tangents, eps=1e-5):
     return tuple((a - b) / (2 * eps) for a, b in zip(plus, minus))
 
 
+@pytest.mark.parametrize("backend", [BACKEND, "unfused"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_jvp_matches_the_oracle(name):
+def test_jvp_matches_the_oracle(name, backend):
     cfg = CASES[name]
     inp = make_inputs(cfg, jnp.float32, seed=3)
     tangents = _tangents(cfg, 4)
-    (out, lse), (tout, tlse) = jax.jit(lambda p, t: jax.jvp(_na(cfg), p, t))((inp.q, inp.k, inp.v), tangents)
+    (out, lse), (tout, tlse) = jax.jit(lambda p, t: jax.jvp(_na(cfg, backend), p, t))((inp.q, inp.k, inp.v), tangents)
     primals64 = tuple(f64(x) for x in (inp.q, inp.k, inp.v))
     want_out, want_lse = _oracle(cfg, *primals64)
     want_tout, want_tlse = _oracle_tangent(cfg, primals64, tuple(f64(t) for t in tangents))
@@ -77,8 +78,10 @@ def test_jvp_in_bfloat16_within_half_precision_tolerance():
     assert oracle.rel_l2(f64(tlse), want_tlse) < 2e-2
 
 
-def test_gradient_of_a_jvp_loss_along_a_direction():
-    """``grad(q -> sum(w * jvp(f, (q, k, v), t)[1].out))`` against nested float64 differences."""
+@pytest.mark.parametrize("backend", [BACKEND, "unfused"])
+def test_gradient_of_a_jvp_loss_along_a_direction(backend):
+    """``grad(q -> sum(w * jvp(f, (q, k, v), t)[1].out))`` against nested float64 differences
+    (unfused: every term from its bilinear kernels; fused: the second-order term by the reference)."""
     cfg = CASES["2d-dilated-causal-gqa"]
     inp = make_inputs(cfg, jnp.float32, seed=7)
     tangents = _tangents(cfg, 8)
@@ -87,7 +90,7 @@ def test_gradient_of_a_jvp_loss_along_a_direction():
     u = rng.standard_normal(inp.q.shape)  # the direction in q
 
     def loss(q):
-        _, (tout, tlse) = jax.jvp(_na(cfg), (q, inp.k, inp.v), tangents)
+        _, (tout, tlse) = jax.jvp(_na(cfg, backend), (q, inp.k, inp.v), tangents)
         return jnp.sum(jnp.asarray(w, jnp.float32) * tout) + jnp.sum(jnp.sin(tlse))
 
     got = float(jnp.sum(jax.jit(jax.grad(loss))(inp.q) * jnp.asarray(u, jnp.float32)))

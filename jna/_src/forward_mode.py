@@ -167,3 +167,61 @@ def fused_op(backend: str, forward: Callable) -> Callable:
         return (out, lse), _tangent(backend, st, q, k, v, out, lse, tq, tk, tv)
 
     return op
+
+
+# ----------------------------------------------------------------------------------------------
+# Bilinear ops (the unfused backend's QK and AV): every derivative and transpose from the kernels
+# ----------------------------------------------------------------------------------------------
+
+
+def _batch_bilinear(prim, with_heads, args, dims, *, st):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    x, y = (_fold(a, d, size, -2) for a, d in zip(args, dims))
+    out = prim.bind(x, y, st=with_heads(st, st.heads * size, st.kv_heads * size))
+    h = out.ndim - 2
+    return out.reshape(*out.shape[:h], size, out.shape[h] // size, *out.shape[h + 1:]), h
+
+
+def bilinear_op(name: str, evaluate: Callable, lhs_transpose: Callable, rhs_transpose: Callable,
+                with_heads: Callable) -> Callable:
+    """``op(x, y, st)``: a kernel op bilinear in ``(x, y)`` (``[BG, *tokens, H(_kv), ...]``,
+    heads at axis -2), differentiable in every mode without a custom rule of its own.
+
+    ``evaluate(x, y, st, linear)`` runs the kernel; with ``linear=False`` (the primal) it may add
+    a constant (the unfused QK's ``-inf`` in masked slots), with ``linear=True`` it must be
+    bilinear (zero there). The primal's JVP is ``lin(tx, y) + lin(x, ty)``; ``lin`` is a
+    bilinear primitive whose transposes are ``lhs_transpose(ct, y, st, x_aval)`` and
+    ``rhs_transpose(ct, x, st, y_aval)`` (the backward kernels), so reverse mode, forward mode and
+    their compositions (second order included) all run the kernels. vmap folds into the heads.
+    """
+    primal_p, linear_p = jex_core.Primitive(name), jex_core.Primitive(name + "_linear")
+    for prim, linear in ((primal_p, False), (linear_p, True)):
+        run = functools.partial(lambda x, y, *, st, linear: evaluate(x, y, st, linear), linear=linear)
+        prim.def_impl(run)
+        mlir.register_lowering(prim, mlir.lower_fun(run, multiple_results=False))
+        prim.def_abstract_eval(functools.partial(
+            lambda x, y, *, st, linear: _shaped(jax.eval_shape(
+                functools.partial(evaluate, st=st, linear=linear), x, y)), linear=linear))
+        batching.primitive_batchers[prim] = functools.partial(_batch_bilinear, prim, with_heads)
+
+    def lhs(ct, x, y, *, st):
+        return ad.Zero(x.aval) if type(ct) is ad.Zero else lhs_transpose(ct, y, st, x.aval)
+
+    def rhs(ct, x, y, *, st):
+        return ad.Zero(y.aval) if type(ct) is ad.Zero else rhs_transpose(ct, x, st, y.aval)
+
+    ad.defbilinear(linear_p, lhs, rhs)
+
+    def primal_jvp(primals, tangents, *, st):
+        (x, y), (tx, ty) = primals, tangents
+        out = primal_p.bind(x, y, st=st)
+        terms = ([linear_p.bind(tx, y, st=st)] if type(tx) is not ad.Zero else []) + (
+            [linear_p.bind(x, ty, st=st)] if type(ty) is not ad.Zero else [])
+        return out, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(out)
+
+    ad.primitive_jvps[primal_p] = primal_jvp
+    return lambda x, y, st: primal_p.bind(x, y, st=st)
+
+
+def _shaped(struct):
+    return jax.core.ShapedArray(struct.shape, struct.dtype)

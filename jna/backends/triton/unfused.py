@@ -47,7 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jna._src import plan as planning
-from jna._src import finite
+from jna._src import finite, forward_mode
 from jna.tuning import tables as jna_tuned
 from jna._src.arguments import NAProblem
 from jna.backends import tiling
@@ -71,7 +71,7 @@ NAME = "unfused"
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-    """Everything static about the kernels of one problem (hashable: a custom_vjp nondiff arg)."""
+    """Everything static about the kernels of one problem (hashable: a primitive parameter)."""
 
     plan: planning.TilePlan
     heads: int
@@ -370,26 +370,24 @@ def _gather_kv(s, a, st: _Static, mult: float, nk_tokens: int, dtype, name: str)
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _qk_p(qp, kp, st: _Static):
+# QK and AV are bilinear: `forward_mode.bilinear_op` derives every derivative (reverse, forward,
+# second order) and vmap from the kernels below, each transpose being a backward kernel.
+
+
+def _qk_evaluate(qp, kp, st: _Static, linear: bool):
     """Logits ``[BG, Nq, H, prod(K)]`` float32 (scaled) from permuted q ``[BG, Nq, H, D']`` and
-    k ``[BG, Nk, H_kv, D']``."""
-    return _scatter(qp, kp, st, st.scale, jnp.float32, -jnp.inf, False, "jna_unfused_qk")
+    k ``[BG, Nk, H_kv, D']``; masked (causal) slots ``-inf``, or 0 in the ``linear`` variant
+    (the tangent of a masked logit: the mask is a constant)."""
+    return _scatter(qp, kp, st, st.scale, jnp.float32, 0.0 if linear else -jnp.inf, False, "jna_unfused_qk")
 
 
-def _qk_p_fwd(qp, kp, st):
-    return _qk_p(qp, kp, st), (qp, kp)
+def _qk_dq(dlogits, kp, st: _Static, q_aval):
+    return _gather_q(dlogits.astype(jnp.float32), kp, st, st.scale, q_aval.dtype, True, "jna_unfused_qk_dq")
 
 
-def _qk_p_bwd(st, residuals, dlogits):
-    qp, kp = residuals
-    dlogits = dlogits.astype(jnp.float32)
-    dq = _gather_q(dlogits, kp, st, st.scale, qp.dtype, True, "jna_unfused_qk_dq")
-    dk = _gather_kv(dlogits, qp, st, st.scale, kp.shape[1], kp.dtype, "jna_unfused_qk_dk")
-    return dq, dk
-
-
-_qk_p.defvjp(_qk_p_fwd, _qk_p_bwd)
+def _qk_dk(dlogits, qp, st: _Static, k_aval):
+    return _gather_kv(dlogits.astype(jnp.float32), qp, st, st.scale, k_aval.shape[1], k_aval.dtype,
+                      "jna_unfused_qk_dk")
 
 
 def _av_forward(ap, vp, st: _Static):
@@ -404,25 +402,22 @@ def _av_forward(ap, vp, st: _Static):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _av_p(ap, vp, st: _Static):
-    """``[BG, Nq, H, D_v']`` in v's dtype from weights ``[BG, Nq, H, prod(K)]`` and permuted v."""
-    return _av_forward(ap, vp, st)
+def _av_dattn(dout, vp, st: _Static, a_aval):
+    return _scatter(dout.astype(vp.dtype), vp, st, 1.0, a_aval.dtype, 0.0, True, "jna_unfused_av_dattn")
 
 
-def _av_p_fwd(ap, vp, st):
-    return _av_forward(ap, vp, st), (ap, vp)
+def _av_dv(dout, ap, st: _Static, v_aval):
+    return _gather_kv(ap, dout.astype(v_aval.dtype), st, 1.0, v_aval.shape[1], v_aval.dtype, "jna_unfused_av_dv")
 
 
-def _av_p_bwd(st, residuals, dout):
-    ap, vp = residuals
-    dout = dout.astype(vp.dtype)
-    dattn = _scatter(dout, vp, st, 1.0, ap.dtype, 0.0, True, "jna_unfused_av_dattn")
-    dv = _gather_kv(ap, dout, st, 1.0, vp.shape[1], vp.dtype, "jna_unfused_av_dv")
-    return dattn, dv
+def _with_heads(st: _Static, heads: int, kv_heads: int) -> _Static:
+    return dataclasses.replace(st, heads=heads, kv_heads=kv_heads)
 
 
-_av_p.defvjp(_av_p_fwd, _av_p_bwd)
+# ``[BG, Nq, H, prod(K)]`` logits / ``[BG, Nq, H, D_v']`` in v's dtype from weights and permuted v.
+_qk_p = forward_mode.bilinear_op("jna_unfused_qk", _qk_evaluate, _qk_dq, _qk_dk, _with_heads)
+_av_p = forward_mode.bilinear_op("jna_unfused_av", lambda ap, vp, st, linear: _av_forward(ap, vp, st),
+                                 _av_dattn, _av_dv, _with_heads)
 
 
 # ----------------------------------------------------------------------------------------------
