@@ -131,6 +131,16 @@ def test_transforms_compose_with_the_tangent_kernel():
     compare(lambda f: jax.vmap(jax.grad(lambda q: jnp.sum(f(q, k, v)[0] ** 2)))(jnp.stack([q, 0.5 * q])))
 
 
+def test_unfused_vmap_of_jvp_folds_into_heads():
+    """vmap over tangents of unfused's bilinear primitives (the mapped axis folded into the heads)."""
+    cfg = CASES["1d-strided-dv"]
+    inp = make_inputs(cfg, jnp.float32, seed=17)
+    tq, tk, tv = _tangents(cfg, 18)
+    batched = lambda f: jax.vmap(lambda t: jax.jvp(f, (inp.q, inp.k, inp.v), (tq, t, tv))[1])(jnp.stack([tk, 3 * tk]))
+    for got, want in zip(batched(_na(cfg, "unfused")), batched(_na(cfg, "reference"))):
+        assert oracle.rel_l2(f64(got), f64(want)) < 1e-4
+
+
 def test_reverse_mode_runs_the_backward_kernels_not_the_tangent_kernel():
     """`jax.grad` of a fused call lowers to the forward, dQ and dK/dV kernels (the tangent
     primitive's transpose), as with the custom VJP; a JVP adds the tangent kernel."""

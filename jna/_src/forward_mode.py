@@ -24,7 +24,7 @@ any function: linearize, then transpose the linear part. The composition, for a 
    axis (heads are independent and a query head's kv head stays ``h // group``), so a batched
    call is one launch of the same kernel.
 
-A backend opts in with `register` (its tangent kernel, backward kernels, head-folding and
+A backend opts in with `register` (its tangent kernel, backward kernels and
 second-order functions); `fused_op` wraps its forward.
 """
 
@@ -46,7 +46,6 @@ class Rules:
 
     tangent(st, q, k, v, out, lse, tq, tk, tv) -> (tout, tlse): the fused tangent kernel.
     backward(st, (q, k, v, out, lse), (dout, dlse)) -> (dq, dk, dv): the backward kernels.
-    with_heads(st, heads, kv_heads) -> st: the launch description for a changed head count.
     second_order(st, q, k, v, tq, tk, tv, dq, dk, dv) -> (tout', tlse'): the derivative of the
       tangent in (q, k, v) along (dq, dk, dv), in pure JAX.
     lse_head_axis: the head axis of the backend's lse (``[BG, *tokens, H]``: -1; fused-mosaic's
@@ -55,12 +54,19 @@ class Rules:
 
     tangent: Callable
     backward: Callable
-    with_heads: Callable
     second_order: Callable
     lse_head_axis: int = -1
 
 
 _RULES: dict[str, Rules] = {}
+
+
+def with_heads(st, heads: int, kv_heads: int):
+    """A backend's launch description (a frozen dataclass with ``heads``, ``kv_heads`` and
+    optionally ``problem``) for a changed head count: what vmap folds into the heads runs."""
+    problem = getattr(st, "problem", None)
+    extra = {} if problem is None else {"problem": dataclasses.replace(problem, heads=heads, kv_heads=kv_heads)}
+    return dataclasses.replace(st, heads=heads, kv_heads=kv_heads, **extra)
 
 
 def register(backend: str, rules: Rules) -> None:
@@ -121,7 +127,7 @@ def _batch(args, dims, *, backend, st):
     rules = _RULES[backend]
     heads_axis = (-2, -2, -2, -2, rules.lse_head_axis, -2, -2, -2)  # of q, k, v, out, lse, tq, tk, tv
     folded = [_fold(a, d, size, h) for a, d, h in zip(args, dims, heads_axis)]
-    wide = rules.with_heads(st, st.heads * size, st.kv_heads * size)
+    wide = with_heads(st, st.heads * size, st.kv_heads * size)
     tout, tlse = tangent_p.bind(*folded, backend=backend, st=wide)
     unfold = lambda x, h: x.reshape(*x.shape[:h], size, x.shape[h] // size, *x.shape[h + 1:])
     h_out, h_lse = tout.ndim - 2, tlse.ndim + rules.lse_head_axis
@@ -174,7 +180,7 @@ def fused_op(backend: str, forward: Callable) -> Callable:
 # ----------------------------------------------------------------------------------------------
 
 
-def _batch_bilinear(prim, with_heads, args, dims, *, st):
+def _batch_bilinear(prim, args, dims, *, st):
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     x, y = (_fold(a, d, size, -2) for a, d in zip(args, dims))
     out = prim.bind(x, y, st=with_heads(st, st.heads * size, st.kv_heads * size))
@@ -182,8 +188,7 @@ def _batch_bilinear(prim, with_heads, args, dims, *, st):
     return out.reshape(*out.shape[:h], size, out.shape[h] // size, *out.shape[h + 1:]), h
 
 
-def bilinear_op(name: str, evaluate: Callable, lhs_transpose: Callable, rhs_transpose: Callable,
-                with_heads: Callable) -> Callable:
+def bilinear_op(name: str, evaluate: Callable, lhs_transpose: Callable, rhs_transpose: Callable) -> Callable:
     """``op(x, y, st)``: a kernel op bilinear in ``(x, y)`` (``[BG, *tokens, H(_kv), ...]``,
     heads at axis -2), differentiable in every mode without a custom rule of its own.
 
@@ -202,7 +207,7 @@ def bilinear_op(name: str, evaluate: Callable, lhs_transpose: Callable, rhs_tran
         prim.def_abstract_eval(functools.partial(
             lambda x, y, *, st, linear: _shaped(jax.eval_shape(
                 functools.partial(evaluate, st=st, linear=linear), x, y)), linear=linear))
-        batching.primitive_batchers[prim] = functools.partial(_batch_bilinear, prim, with_heads)
+        batching.primitive_batchers[prim] = functools.partial(_batch_bilinear, prim)
 
     def lhs(ct, x, y, *, st):
         return ad.Zero(x.aval) if type(ct) is ad.Zero else lhs_transpose(ct, y, st, x.aval)

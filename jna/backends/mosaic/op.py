@@ -271,10 +271,7 @@ def _second_order(st: Static, q, k, v, tq, tk, tv, dq, dk, dv):
 
 
 forward_mode.register(NAME, forward_mode.Rules(
-    tangent=_tangent_rule, backward=_fused_bwd, second_order=_second_order, lse_head_axis=-2,
-    with_heads=lambda st, heads, kv_heads: dataclasses.replace(
-        st, heads=heads, kv_heads=kv_heads,
-        problem=dataclasses.replace(st.problem, heads=heads, kv_heads=kv_heads))))
+    tangent=_tangent_rule, backward=_fused_bwd, second_order=_second_order, lse_head_axis=-2))
 _op = forward_mode.fused_op(NAME, _fused)
 
 

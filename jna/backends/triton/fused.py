@@ -575,11 +575,6 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 # ----------------------------------------------------------------------------------------------
 
 
-def _with_heads(st: _Static, heads: int, kv_heads: int) -> _Static:
-    problem = st.problem and dataclasses.replace(st.problem, heads=heads, kv_heads=kv_heads)
-    return dataclasses.replace(st, heads=heads, kv_heads=kv_heads, problem=problem)
-
-
 def _second_order(st: _Static, qp, kp, vp, tq, tk, tv, dq, dk, dv):
     """The derivative of the tangent in (q, k, v) along (dq, dk, dv), in kernel layout: the
     reference backend's attention differentiated twice (float32, on the user layout)."""
@@ -618,7 +613,7 @@ def _tangent_rule(st, *args):
 
 
 forward_mode.register(NAME, forward_mode.Rules(
-    tangent=_tangent_rule, backward=_fused_bwd, with_heads=_with_heads, second_order=_second_order))
+    tangent=_tangent_rule, backward=_fused_bwd, second_order=_second_order))
 _op = forward_mode.fused_op(NAME, _fused)
 
 

@@ -410,14 +410,10 @@ def _av_dv(dout, ap, st: _Static, v_aval):
     return _gather_kv(ap, dout.astype(v_aval.dtype), st, 1.0, v_aval.shape[1], v_aval.dtype, "jna_unfused_av_dv")
 
 
-def _with_heads(st: _Static, heads: int, kv_heads: int) -> _Static:
-    return dataclasses.replace(st, heads=heads, kv_heads=kv_heads)
-
-
 # ``[BG, Nq, H, prod(K)]`` logits / ``[BG, Nq, H, D_v']`` in v's dtype from weights and permuted v.
-_qk_p = forward_mode.bilinear_op("jna_unfused_qk", _qk_evaluate, _qk_dq, _qk_dk, _with_heads)
+_qk_p = forward_mode.bilinear_op("jna_unfused_qk", _qk_evaluate, _qk_dq, _qk_dk)
 _av_p = forward_mode.bilinear_op("jna_unfused_av", lambda ap, vp, st, linear: _av_forward(ap, vp, st),
-                                 _av_dattn, _av_dv, _with_heads)
+                                 _av_dattn, _av_dv)
 
 
 # ----------------------------------------------------------------------------------------------
