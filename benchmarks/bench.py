@@ -145,12 +145,12 @@ def markdown(meta: dict, rows: list[dict], modes: list[str]) -> str:
              f"commit {meta['commit']}",
              f"- problem sets: {', '.join(meta['problem_files'])}; baseline: {meta['baseline'] or 'none'}",
              "- median of synchronized runs after warm-up, random inputs; TFLOP/s: forward "
-             "4*B*H*N*prod(K)*D, forward+backward 3.5x that; speedup = baseline ms / ms; floor = the "
+             "4*B*H*N*prod(K)*D, forward+backward 3.5x that, jvp 3x; speedup = baseline ms / ms; floor = the "
              "memory floor (q, k, v, out, lse read or written once; the backward also dO and the "
              "gradients) at the device's attainable bandwidth", ""]
     head = ["problem", "dtype", "backend"]
     for mode in modes:
-        label = "fwd" if mode == "fwd" else "fwd+bwd"
+        label = harness.MODE_LABELS[mode]
         head += [f"{label} ms", f"{label} TFLOP/s", f"{label} speedup"]
         if any(f"{mode}_floor_ms" in r for r in rows):
             head.append(f"{label} floor ms")
@@ -196,7 +196,7 @@ def plot(rows: list[dict], modes: list[str], baseline: str | None, out: pathlib.
                         pts = [p for p in pts if p[1] is not None]
                         if not pts:
                             continue
-                        label = f"{backend} {'fwd' if mode == 'fwd' else 'fwd+bwd'}"
+                        label = f"{backend} {harness.MODE_LABELS[mode]}"
                         if len({r['sweep'] for r in sel}) > 1:
                             label = f"{sweep}: {label}"
                         style = "-o" if mode == "fwd" else "--s"

@@ -5,7 +5,8 @@ Used by `benchmarks/bench.py` (the benchmark CLI) and `benchmarks/gpu_check.py`.
 
 Timing: `jna.tuning.timing.median_ms` (synchronized batches after warm-up) on random inputs, never on
 zeros. Forward+backward is the jitted VJP of ``sum(out * dout)`` with ``dout`` an argument (not a
-constant XLA could fold), i.e. the q, k and v gradients.
+constant XLA could fold), i.e. the q, k and v gradients. JVP is the jitted ``jax.jvp`` along
+tangents that are arguments too (output and tangent).
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ import jna
 from jna.tuning.timing import budgeted_median_ms as time_ms
 from jna.tuning.timing import fwd_bwd
 
-MODES = ("fwd", "fwd_bwd")
+MODES = ("fwd", "fwd_bwd", "jvp")
 FWD_BWD_FLOP_FACTOR = 3.5  # problems.json: forward+backward counts as 3.5x the forward
+# A JVP's products at least: S = QK^T, tQ K^T, Q tK^T, PV, (P o tS) V, P tV: 3x the forward's two.
+JVP_FLOP_FACTOR = 3.0
+MODE_LABELS = {"fwd": "fwd", "fwd_bwd": "fwd+bwd", "jvp": "jvp"}
 
 
 def dense_baseline_name() -> str:
@@ -57,6 +61,9 @@ def compiled(fn, mode: str, args):
     q, k, v, dout = args
     if mode == "fwd":
         return jax.jit(fn), (q, k, v)
+    if mode == "jvp":  # tangents: the inputs reversed along the first spatial axis (not zeros)
+        tangents = tuple(jnp.flip(x, axis=1) for x in (q, k, v))
+        return jax.jit(lambda q, k, v, tq, tk, tv: jax.jvp(fn, (q, k, v), (tq, tk, tv))), (q, k, v, *tangents)
     return fwd_bwd(fn), (q, k, v, dout)
 
 
@@ -99,6 +106,10 @@ def measure(problem, name: str, mode: str, args, budget_s: float, memory_limit: 
         return {"ms": round(time_ms(jitted, call_args, budget_s), 4)}
     except NotImplementedError as e:
         return {"skipped": f"not supported: {str(e).splitlines()[0][:200]}"}
+    except TypeError as e:  # jax.jvp of a custom_vjp function (cuDNN's dense attention)
+        if "forward-mode" not in str(e):
+            raise
+        return {"skipped": "not supported: no forward-mode autodiff"}
     except Exception as e:  # noqa: BLE001 - one cell failing must not end the run
         if is_out_of_memory(e):
             return {"skipped": "out of memory at run time"}
@@ -122,5 +133,5 @@ def tiles_used(problem, backend: str, dtype=jnp.bfloat16) -> str:
 
 
 def tflops(problem, mode: str, ms: float) -> float:
-    factor = 1.0 if mode == "fwd" else FWD_BWD_FLOP_FACTOR
+    factor = {"fwd": 1.0, "fwd_bwd": FWD_BWD_FLOP_FACTOR, "jvp": JVP_FLOP_FACTOR}[mode]
     return problem.forward_flops * factor / (ms * 1e-3) / 1e12

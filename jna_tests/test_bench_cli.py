@@ -77,6 +77,7 @@ def test_memory_floor_counts_each_tensor_once():
     tensor = q.nbytes  # every [B, *X, H, D] tensor here has q's size
     assert p.memory_bytes("fwd") == 4 * tensor + lse.nbytes
     assert p.memory_bytes("fwd_bwd") == 4 * tensor + lse.nbytes + 5 * tensor + lse.nbytes + 3 * tensor
+    assert p.memory_bytes("jvp") == 8 * tensor + 2 * lse.nbytes
     assert p.floor_ms("fwd", bandwidth=4.2e12) == pytest.approx(0.0124, rel=0.01)  # issue 16's ~0.013
     with pytest.raises(ValueError, match="mode 'bwd'"):
         p.memory_bytes("bwd")

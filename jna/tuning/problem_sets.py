@@ -51,14 +51,18 @@ class Problem:
 
         Per (token, head), with ``s`` the dtype's size: the forward reads q, k, v and writes out
         (``4 D s``) and the float32 lse (4); the backward reads q, k, v, out, dO (``5 D s``) and
-        lse (4) and writes dq, dk, dv (``3 D s``). ``mode``: ``"fwd"`` or ``"fwd_bwd"`` (both).
+        lse (4) and writes dq, dk, dv (``3 D s``); a JVP reads q, k, v and their tangents
+        (``6 D s``) and writes out and its tangent (``2 D s``) and lse and its tangent (8).
+        ``mode``: ``"fwd"``, ``"fwd_bwd"`` (both) or ``"jvp"``.
         """
         size = jnp.dtype(dtype).itemsize
         per_token_head = 4 * self.head_dim * size + 4
         if mode == "fwd_bwd":
             per_token_head += 8 * self.head_dim * size + 4
+        elif mode == "jvp":
+            per_token_head = 8 * self.head_dim * size + 8
         elif mode != "fwd":
-            raise ValueError(f"mode {mode!r}: 'fwd' or 'fwd_bwd'")
+            raise ValueError(f"mode {mode!r}: 'fwd', 'fwd_bwd' or 'jvp'")
         return self.batch * self.tokens * self.heads * per_token_head
 
     def floor_ms(self, mode: str, dtype=jnp.bfloat16, bandwidth: float | None = None) -> float | None:
