@@ -160,7 +160,6 @@ class _Static:
     config: TritonConfig
     interpret: bool
     layout: "_Layout"
-    contain_nonfinite: bool = False  # the forward variant that keeps non-finite values in-window
     problem: NAProblem | None = None  # the call (forward mode's second-order term needs it)
 
     @property
@@ -169,8 +168,17 @@ class _Static:
 
 
 def _dot(a, b, trans_a=False, trans_b=False, f32=False):
-    """Tensor-core product with float32 accumulation; exact float32 (no tf32) for f32 inputs."""
-    precision = jax.lax.Precision.HIGHEST if f32 else None
+    """Tensor-core product with float32 accumulation.
+
+    ``f32`` (float32 calls): three TF32 tensor-core products (Triton's ``tf32x3``, ~1e-6
+    relative error, as in `jna.backends.triton.unfused`) rather than Triton's exact ``ieee``
+    dot, which runs on the CUDA cores (issue 16: the float32 path was slower than unfused's).
+    Interpret mode keeps exact float32 (XLA:CPU has no TF32 algorithms).
+    """
+    precision = None
+    if f32:
+        precision = (jax.lax.Precision.HIGHEST if _interpret()
+                     else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
     return pltriton.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
@@ -257,10 +265,23 @@ def _visit(st: _Static, walk: TileWalk, i, kind: str):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static):
+    """One program's forward. Which loop runs is decided here, from the all-finite flag of ``v``
+    that `_forward_call` stores after the plan tables: a run-time branch inside the kernel rather
+    than a `lax.cond` around two launches, whose predicate XLA copies to the host (a round trip
+    that, on small calls, cost more than the kernel's own fixed costs: issue 16's profile)."""
+    finite_v = tab_ref[len(st.plan.tables)] > 0
+    program = _q_tile_program(st, tab_ref)  # outside the branches (interpret mode needs program ids here)
+    forward = functools.partial(_forward_loop, q_ref, k_ref, v_ref, o_ref, lse_ref, program, st=st)
+    jax.lax.cond(finite_v, functools.partial(forward, contain=False), functools.partial(forward, contain=True))
+
+
+def _forward_loop(q_ref, k_ref, v_ref, o_ref, lse_ref, program, *, st: _Static, contain: bool):
+    """The online-softmax loop of one Q tile; ``contain``: the variant that keeps non-finite
+    values inside the windows that hold them."""
     cfg, plan = st.config, st.plan
     f32 = st.dtype == jnp.float32
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
-    geo, qt, k_local, windows, walk = _q_tile_program(st, tab_ref)
+    geo, qt, k_local, windows, walk = program
     qk_scale = st.scale * _LOG2E
 
     q = q_ref[...].reshape(tq, st.head_dim)
@@ -274,7 +295,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static
         y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
 
         full = geo.full(qt, kt) > 0
-        if st.contain_nonfinite:
+        if contain:
             # 0 * NaN = NaN: a non-finite value row outside a query's window would leak into its
             # output through P @ V. In partial tiles such rows are zeroed and the queries whose
             # windows do hold one are marked, to be set to NaN at the end. (Routing v through
@@ -303,7 +324,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l = alpha * l + jnp.sum(p, axis=1)
-        if not st.contain_nonfinite:
+        if not contain:
             v = load_v()
         acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, f32=f32)
         return acc, m_new, l, poisoned
@@ -316,7 +337,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static
     )
     acc, m, l, poisoned = jax.lax.fori_loop(0, walk.total, body, init)
     out = acc / l[:, None]
-    if st.contain_nonfinite:
+    if contain:
         out = jnp.where(poisoned[:, None] > 0, jnp.nan, out)
     o_ref[...] = out.astype(o_ref.dtype).reshape(o_ref.shape)
     lse_ref[...] = ((m + jnp.log2(l)) * _LN2).reshape(lse_ref.shape)
@@ -409,11 +430,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
 # ----------------------------------------------------------------------------------------------
 
 
-def _tables(st: _Static):
+def _tables(st: _Static, flag=None):
+    """The plan tables as a kernel operand (int32, padded to a power of two); with ``flag`` (a
+    traced scalar bool) one more entry after them holds it (the forward's all-finite flag)."""
     tables = st.plan.tables
-    padded = np.zeros(pl.next_power_of_2(max(len(tables), 16)), np.int32)
+    padded = np.zeros(pl.next_power_of_2(max(len(tables) + (flag is not None), 16)), np.int32)
     padded[: len(tables)] = tables
-    return jnp.asarray(padded)
+    if flag is None:
+        return jnp.asarray(padded)
+    return jnp.asarray(padded).at[len(tables)].set(flag.astype(jnp.int32))
 
 
 def _params(st: _Static, backward: bool):
@@ -456,20 +481,14 @@ class _Specs:
 
 
 def _forward_call(qp, kp, vp, st: _Static):
-    """The forward kernel; its non-finite-containing variant runs only if ``v`` needs it."""
-    safe = dataclasses.replace(st, contain_nonfinite=True)
-    return jax.lax.cond(
-        finite.all_finite(vp),
-        functools.partial(_forward_launch, st=st),
-        functools.partial(_forward_launch, st=safe),
-        qp, kp, vp,
-    )
+    """The forward kernel, told whether every value is finite (`_forward_kernel`)."""
+    return _forward_launch(qp, kp, vp, st, finite.all_finite(vp))
 
 
-def _forward_launch(qp, kp, vp, st: _Static):
+def _forward_launch(qp, kp, vp, st: _Static, finite_v):
     plan, lay = st.plan, st.layout
     bg = qp.shape[0]
-    tables = _tables(st)
+    tables = _tables(st, finite_v)
     spec = _Specs(st)
     q_shape = (bg, *lay.token_shape("q"), st.heads)
     return pl.pallas_call(
