@@ -257,3 +257,22 @@ def test_calibration_finds_a_full_efficiency_config_per_class(name):
         assert eff == 1.0 and math.prod(config.q_tile) == c.q_tokens, (c, config)
         assert math.prod(config.kv_tile) == c.kv_tokens
         assert not getattr(config, "persistent", False)
+
+
+def test_auto_takes_fused_triton_where_the_tuner_measured_it_faster(table_dir):
+    """`fused_mosaic.auto_declines` compares both backends' tuned entries of the exact problem
+    (same objective, batch and heads); without both, or with fused-mosaic faster, it keeps it."""
+    problem = dataclasses.replace(PROBLEM, head_dim=64)
+    na = problem.na_problem(jnp.bfloat16)
+    mosaic = dict(_entry(problem, {"q_tile": [8, 8], "kv_tile": [8, 8], "num_stages": 2}, [],
+                         dtype="bfloat16", backend="fused-mosaic"), ms=2.0)
+    tuned.write_entry(mosaic, "cpu")
+    assert fused_mosaic.auto_declines(na) is None  # only one backend measured
+    triton = dict(_entry(problem, {"q_tile": [8, 8], "kv_tile": [8, 8]}, [], dtype="bfloat16"), ms=1.5)
+    tuned.write_entry(dict(triton, objective="fwd_bwd"), "cpu")
+    assert fused_mosaic.auto_declines(na) is None  # measured for another objective
+    tuned.write_entry(triton, "cpu")
+    assert "fused-triton measured faster" in fused_mosaic.auto_declines(na)
+    assert fused_mosaic.auto_declines(dataclasses.replace(OTHER, head_dim=64).na_problem(jnp.bfloat16)) is None
+    tuned.write_entry(dict(mosaic, ms=1.0), "cpu")
+    assert fused_mosaic.auto_declines(na) is None

@@ -110,15 +110,37 @@ def _key_matches(entry: dict, backend: str, rank: int, head_dim: int, dtype: str
             and entry["dtype"] == dtype)
 
 
-def exact(backend: str, params: semantics.NAParams, head_dim: int, dtype: str) -> dict | None:
-    """The tuned config (a dict of the backend's config fields) for exactly this problem, or None."""
+def exact_entry(backend: str, params: semantics.NAParams, head_dim: int, dtype: str) -> dict | None:
+    """The tuned entry (config, objective, ms, ...) for exactly this problem, or None."""
     signature = problem_signature(params)
     found = None
     for entry in entries():
         if _key_matches(entry, backend, params.rank, head_dim, dtype) and all(
                 entry["problem"][k] == v for k, v in signature.items()):
             found = entry  # the last one written wins
+    return found
+
+
+def exact(backend: str, params: semantics.NAParams, head_dim: int, dtype: str) -> dict | None:
+    """The tuned config (a dict of the backend's config fields) for exactly this problem, or None."""
+    found = exact_entry(backend, params, head_dim, dtype)
     return None if found is None else dict(found["config"])
+
+
+def measured_slower(backend: str, other: str, params: semantics.NAParams, head_dim: int,
+                    dtype: str) -> str | None:
+    """Why ``backend`` should give way to ``other`` on this problem, or None: when the tuned
+    table has this exact problem for both, measured with the same objective (and batch and
+    heads), and ``other``'s best time is lower. Used by ``backend="auto"`` (`auto_declines`)."""
+    mine, theirs = (exact_entry(b, params, head_dim, dtype) for b in (backend, other))
+    if mine is None or theirs is None:
+        return None
+    same = all(mine.get(k) == theirs.get(k) for k in ("objective",)) and all(
+        mine["problem"].get(k) == theirs["problem"].get(k) for k in ("batch", "heads"))
+    if same and float(theirs["ms"]) < float(mine["ms"]):
+        return (f"{other} measured faster on this problem on this device (tuned table, "
+                f"{mine['objective']}: {theirs['ms']} vs {mine['ms']} ms)")
+    return None
 
 
 def class_speeds(backend: str, rank: int, head_dim: int, dtype: str) -> tuple[tuple[str, float], ...]:

@@ -124,7 +124,12 @@ def auto_declines(problem: NAProblem) -> str | None:
     floor = _config_file().get("auto_min_head_dim", 0)
     if problem.head_dim < floor:
         return f"head_dim {problem.head_dim} < {floor}: fused-triton measured faster"
-    return None
+    # Small windows (issue 16): which fused backend wins there depends on the problem (H200:
+    # fused-triton on the 1-D and most 2-D paper sweeps, fused-mosaic on 2-D K=3 and 3-D K=7),
+    # so the tuner's measurements of both decide where they exist.
+    return jna_tuned.measured_slower(NAME, "fused-triton", problem.params,
+                                     max(problem.head_dim, problem.value_dim),
+                                     jnp.dtype(problem.dtype).name)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -167,18 +167,25 @@ class _Static:
         return self.heads // self.kv_heads
 
 
-def _dot(a, b, trans_a=False, trans_b=False, f32=False):
-    """Tensor-core product with float32 accumulation.
+def _f32_products(st: "_Static"):
+    """How a launch multiplies float32 operands (None: half-precision inputs, the default dot).
 
-    ``f32`` (float32 calls): three TF32 tensor-core products (Triton's ``tf32x3``, ~1e-6
-    relative error, as in `jna.backends.triton.unfused`) rather than Triton's exact ``ieee``
-    dot, which runs on the CUDA cores (issue 16: the float32 path was slower than unfused's).
-    Interpret mode keeps exact float32 (XLA:CPU has no TF32 algorithms).
+    ``"tf32x3"``: three TF32 tensor-core products (the operands split into high and low TF32
+    parts, ~1e-6 relative error, as in `jna.backends.triton.unfused`) rather than Triton's
+    exact ``ieee`` dot on the CUDA cores (issue 16: 2d-nat forward 0.30 ms with tf32x3 on an
+    H200, half of unfused's). Head dims above 128 keep ``"ieee"``: the split operands' tiles
+    exceed the shared memory there (H200: 320 KiB requested at D=256). Interpret mode keeps
+    exact float32 (XLA:CPU has no TF32 algorithms).
     """
-    precision = None
-    if f32:
-        precision = (jax.lax.Precision.HIGHEST if _interpret()
-                     else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
+    if st.dtype != jnp.float32:
+        return None
+    return "ieee" if st.interpret or max(st.head_dim, st.value_dim) > 128 else "tf32x3"
+
+
+def _dot(a, b, trans_a=False, trans_b=False, f32=None):
+    """Tensor-core product with float32 accumulation; ``f32``: `_f32_products` of the launch."""
+    precision = {None: None, "ieee": jax.lax.Precision.HIGHEST,
+                 "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}[f32]
     return pltriton.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
@@ -265,21 +272,28 @@ def _visit(st: _Static, walk: TileWalk, i, kind: str):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static):
-    """One program's forward. Which loop runs is decided here, from the all-finite flag of ``v``
-    that `_forward_call` stores after the plan tables: a run-time branch inside the kernel rather
-    than a `lax.cond` around two launches, whose predicate XLA copies to the host (a round trip
-    that, on small calls, cost more than the kernel's own fixed costs: issue 16's profile)."""
-    finite_v = tab_ref[len(st.plan.tables)] > 0
-    program = _q_tile_program(st, tab_ref)  # outside the branches (interpret mode needs program ids here)
-    forward = functools.partial(_forward_loop, q_ref, k_ref, v_ref, o_ref, lse_ref, program, st=st)
-    jax.lax.cond(finite_v, functools.partial(forward, contain=False), functools.partial(forward, contain=True))
+    """One program's forward (every value finite: `_forward_call`)."""
+    _forward_loop(q_ref, k_ref, v_ref, o_ref, lse_ref, _q_tile_program(st, tab_ref), st=st, contain=False)
+
+
+def _contained_kernel(q_ref, k_ref, v_ref, tab_ref, o_in, lse_in, o_ref, lse_ref, *, st: _Static):
+    """The forward again with non-finite values contained, over the fast kernel's outputs
+    (aliased: ``o_in``/``lse_in`` are ``o_ref``/``lse_ref``), only where ``v`` holds a
+    non-finite value: the all-finite flag is stored after the plan tables, and when it is set
+    every program returns at once (`_forward_call`)."""
+    del o_in, lse_in
+    program = _q_tile_program(st, tab_ref)  # outside the branch (interpret mode needs program ids here)
+
+    @pl.when(tab_ref[len(st.plan.tables)] == 0)
+    def _():
+        _forward_loop(q_ref, k_ref, v_ref, o_ref, lse_ref, program, st=st, contain=True)
 
 
 def _forward_loop(q_ref, k_ref, v_ref, o_ref, lse_ref, program, *, st: _Static, contain: bool):
     """The online-softmax loop of one Q tile; ``contain``: the variant that keeps non-finite
     values inside the windows that hold them."""
     cfg, plan = st.config, st.plan
-    f32 = st.dtype == jnp.float32
+    f32 = _f32_products(st)
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
     geo, qt, k_local, windows, walk = program
     qk_scale = st.scale * _LOG2E
@@ -356,7 +370,7 @@ def _masked_probs(geo: Geometry, qt, kt, windows, y, s, lse2):
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref, *, st: _Static):
     cfg, plan = st.config, st.plan
-    f32 = st.dtype == jnp.float32
+    f32 = _f32_products(st)
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
     geo, qt, k_local, windows, walk = _q_tile_program(st, tab_ref)
     qk_scale = st.scale * _LOG2E
@@ -383,7 +397,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref, dv_ref, *, st: _Static):
     cfg, plan = st.config, st.plan
-    f32 = st.dtype == jnp.float32
+    f32 = _f32_products(st)
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
     geo = Geometry(st.plan, tab_ref, pl.program_id(1))
     kt = unravel(pl.program_id(0), [a.num_kv_tiles for a in plan.axes])
@@ -481,34 +495,48 @@ class _Specs:
 
 
 def _forward_call(qp, kp, vp, st: _Static):
-    """The forward kernel, told whether every value is finite (`_forward_kernel`)."""
-    return _forward_launch(qp, kp, vp, st, finite.all_finite(vp))
+    """The forward: the fast kernel, then the containing kernel over its outputs, told whether
+    every value is finite. The fast kernel's ``P V`` sums ``0 * v`` over masked keys, so a
+    non-finite value would leak into queries that never see it; then the second kernel rewrites
+    every output. Two launches and a device-side flag rather than a `lax.cond` choosing one:
+    XLA copies a cond's predicate to the host, a round trip that cost small calls 10-20 us
+    (issue 16's profile), and a branch inside one kernel slowed its loop (H200: 2d-nat's
+    forward kernel 117 vs 111 us). When every value is finite the second launch's programs
+    return at once."""
+    out, lse = _forward_launch(qp, kp, vp, st)
+    return _forward_launch(qp, kp, vp, st, finite.all_finite(vp), (out, lse))
 
 
-def _forward_launch(qp, kp, vp, st: _Static, finite_v):
+def _forward_launch(qp, kp, vp, st: _Static, finite_v=None, fast_outputs=None):
+    """The fast forward kernel; with ``finite_v`` and ``fast_outputs``, the containing one."""
     plan, lay = st.plan, st.layout
     bg = qp.shape[0]
     tables = _tables(st, finite_v)
     spec = _Specs(st)
     q_shape = (bg, *lay.token_shape("q"), st.heads)
+    contained = fast_outputs is not None
+    kernel = _contained_kernel if contained else _forward_kernel
+    outs = [spec.tile("q", st.value_dim), spec.tile("q")]
     return pl.pallas_call(
-        functools.partial(_forward_kernel, st=st),
+        functools.partial(kernel, st=st),
         grid=(plan.num_q_tiles, bg, st.heads),
         in_specs=[
             spec.tile("q", st.head_dim),
             spec.whole("kv", None, st.head_dim),
             spec.whole("kv", None, st.value_dim),
             spec.table(tables),
+            *(outs if contained else []),
         ],
-        out_specs=[spec.tile("q", st.value_dim), spec.tile("q")],
+        out_specs=outs,
         out_shape=[
             jax.ShapeDtypeStruct((*q_shape, st.value_dim), qp.dtype),
             jax.ShapeDtypeStruct(q_shape, jnp.float32),
         ],
+        input_output_aliases={4: 0, 5: 1} if contained else {},
         compiler_params=_params(st, backward=False),
         interpret=st.interpret,
-        name="jna_fused_na_fwd",
-    )(qp, kp, vp, tables)
+        name="jna_fused_na_fwd_contained" if contained else "jna_fused_na_fwd",
+    )(qp, kp, vp, tables, *(fast_outputs or ()))
 
 
 def _dq_call(qp, kp, vp, dop, lse, delta, st: _Static):

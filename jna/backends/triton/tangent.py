@@ -22,14 +22,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jna.backends.triton.fused import (
-    _LOG2E, _Specs, _Static, _dot, _masked_probs, _params, _q_tile_program, _tables, _visit,
+    _LOG2E, _Specs, _Static, _dot, _f32_products, _masked_probs, _params, _q_tile_program, _tables, _visit,
 )
 
 
 def _tangent_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, tq_ref, tk_ref, tv_ref, tab_ref, to_ref,
                     tlse_ref, *, st: _Static):
     cfg, plan = st.config, st.plan
-    f32 = st.dtype == jnp.float32
+    f32 = _f32_products(st)
     tq_tokens, tk_tokens = plan.q_tile_tokens, plan.kv_tile_tokens
     geo, qt, k_local, windows, walk = _q_tile_program(st, tab_ref)
     qk_scale = st.scale * _LOG2E
