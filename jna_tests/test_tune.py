@@ -105,7 +105,9 @@ def test_tuner_writes_its_best_measured_candidate(tmp_path):
     table = json.loads((tmp_path / "cpu.json").read_text())
     (entry,) = table["entries"]
     cands = [c.config for c in tune.candidates("fused-triton", PROBLEM, 2)][:2]
-    assert fused_triton.config_from_dict(entry["config"]) in cands
+    default = fused_triton._choose(PROBLEM.params, 16)  # kept when it measured fastest
+    assert fused_triton.config_from_dict(entry["config"]) in cands + [default]
+    assert entry["ms"] <= entry["default_ms"]
     assert entry["candidates"] == 2 and entry["ms"] > 0 and entry["default_ms"] > 0
     assert entry["problem"]["shape"] == [16, 16] and entry["dtype"] == "float32"
     # a fresh process reads it back for that problem
@@ -276,3 +278,14 @@ def test_auto_takes_fused_triton_where_the_tuner_measured_it_faster(table_dir):
     assert fused_mosaic.auto_declines(dataclasses.replace(OTHER, head_dim=64).na_problem(jnp.bfloat16)) is None
     tuned.write_entry(dict(mosaic, ms=1.0), "cpu")
     assert fused_mosaic.auto_declines(na) is None
+
+
+def test_tuner_keeps_the_default_when_no_candidate_beats_it(monkeypatch):
+    """Candidates (cut by ``max_candidates``) slower than the default config: the entry keeps
+    the default, with its time."""
+    times = iter([2.0, 3.0, 1.0])  # candidate 1, candidate 2, then the default
+    monkeypatch.setattr(tune, "budgeted_median_ms", lambda *a, **k: next(times))
+    entry = tune.tune_problem("fused-triton", PROBLEM, jnp.float32, "fwd", 2, 2, 0.01)
+    default = fused_triton.default_config(PROBLEM.na_problem(jnp.float32))
+    assert fused_triton.config_from_dict(entry["config"]) == default
+    assert entry["ms"] == entry["default_ms"] == 1.0
