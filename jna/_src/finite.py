@@ -1,9 +1,12 @@
 """The all-finite check that guards the fused kernels' fast path (one place for every backend).
 
 A fused kernel sums ``P V`` over whole K/V tiles, so ``0 * v`` of a masked non-finite value
-would leak into queries that never see it; the backends therefore run their fast kernel only
-when every value is finite and otherwise take a kernel that contains non-finite values
-(`lax.cond` on `all_finite`). The check is one read of ``v``.
+would leak into queries that never see it; the backends therefore trust their fast kernel only
+when every value is finite and otherwise take a kernel that contains non-finite values. The check
+is one read of ``v``. fused-triton passes the flag to its containing kernel, which runs after the
+fast one over its (aliased) outputs and returns at once when the flag is set: no host round trip.
+fused-mosaic and unfused choose with `lax.cond`, whose predicate XLA copies to the host (10-20 us
+on a small call: issue 16's profile).
 
 Measured on an H200 (`python -m benchmarks finite-probe`,
 `benchmarks/results/h200_finite_probe_2026-12-01/`): written as ``all(isfinite(v))``, as
