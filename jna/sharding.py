@@ -19,8 +19,11 @@ How a shard computes its queries over the slab (``method``):
 
 * ``"offset"``: the backend takes a query offset into a larger key extent and computes only the
   shard's own queries. Backends with it: ``reference`` (`jna.backends.reference.attention_window`,
-  traced offsets). This is exact for every window configuration.
-* ``"slab"``: for backends without offsets (``fused-triton``), the shard runs an ordinary NA
+  traced offsets) and ``fused-triton`` (tile plans with static query and key origins per shard,
+  `jna._src.plan.AxisSpan`; every shard's plan is traced and `lax.switch` picks the device's; it
+  needs shards of a multiple of the dilation, and widens the left halo to one). This is exact
+  for every window configuration.
+* ``"slab"``: for backends without offsets (e.g. ``fused-mosaic``), the shard runs an ordinary NA
   problem on a slab of ``S >= n`` rows chosen (host side, `slab_plan`) so that every *own*
   query's slab-local window equals its global window, and keeps its ``n`` rows; the other
   ``S - n`` rows are wasted work (reported as ``SlabPlan.waste``). Exactness is verified on the
@@ -68,8 +71,27 @@ __all__ = [
     "OFFSET_BACKENDS",
 ]
 
-# Backends whose kernels take a query offset into a larger key extent (global coordinates).
-OFFSET_BACKENDS = {"reference": reference.attention_window}
+def _fused_triton_offset_route(params: semantics.NAParams, h: "Halo") -> str | None:
+    """Why fused-triton cannot take the offset route for this sharding, or None.
+
+    Its plans need the key slab to start on a multiple of the dilation (a local row keeps its
+    global dilation group), so the shard size must be one and the left halo is widened to one
+    (`_offset_halo`); the widened halo must still come from the immediate neighbor."""
+    d = params.dilation[h.dim]
+    if h.shard_size % d:
+        return (f"fused-triton's query offsets need shards of a multiple of the dilation {d} rows "
+                f"(shards of {h.shard_size})")
+    if _offset_halo(params, h).left > h.shard_size:
+        return "the left halo widened to a multiple of the dilation exceeds the shard"
+    return None
+
+
+# Backends whose kernels take a query offset into a larger key extent (global coordinates), and
+# for each, why a given sharding cannot use it (None: it can).
+OFFSET_BACKENDS = {
+    "reference": lambda params, h: None,
+    "fused-triton": _fused_triton_offset_route,
+}
 
 METHODS = ("auto", "offset", "slab")
 
@@ -294,19 +316,54 @@ def _exchange_kv(k, v, h: Halo, axis: int, axis_name: str):
     return kv[..., :dk], kv[..., dk:]
 
 
+def _offset_halo(params: semantics.NAParams, h: Halo) -> Halo:
+    """``h`` with its left width rounded up to a multiple of the axis' dilation (fused-triton's
+    offset route: its key slab must start on one)."""
+    d = params.dilation[h.dim]
+    return dataclasses.replace(h, left=-(-h.left // d) * d)
+
+
+def _kernel_offset_shard(q, k_ext, v_ext, problem, h: Halo, module, index):
+    """A kernel backend's offset route: shard ``index`` (traced) runs its own queries against
+    the part of its halo-extended keys that lies inside the input. The plans are static per
+    shard (their query and key origins, and the border shards' shorter slabs), so every shard's
+    call is traced and `lax.switch` runs this device's one."""
+    from jna._src import plan as planning
+
+    dim, n, length = h.dim, h.shard_size, h.length
+    axis = 1 + dim
+    local = dataclasses.replace(problem, batch=q.shape[0], heads=q.shape[-2], kv_heads=k_ext.shape[-2],
+                                num_extra=0)
+
+    def shard(i, q, k_ext, v_ext):
+        first = i * n - h.left  # global row of k_ext's row 0
+        kv_start, kv_stop = max(0, first), min(length, (i + 1) * n + h.right)
+        spans = [None] * problem.rank
+        spans[dim] = planning.AxisSpan(i * n, n, kv_start, kv_stop - kv_start)
+        cut = lambda x: jax.lax.slice_in_dim(x, kv_start - first, kv_stop - first, axis=axis)
+        return module.attention(q, cut(k_ext), cut(v_ext), local, spans=tuple(spans))
+
+    branches = [functools.partial(shard, i) for i in range(h.num_shards)]
+    return jax.lax.switch(index, branches, q, k_ext, v_ext)
+
+
 def _local_spatial(q, k, v, problem, h: Halo, method: str, module, axis_name: str):
     """NA of this shard's own queries over its halo-extended keys (inside shard_map)."""
     dim, n = h.dim, h.shard_size
     axis = 1 + dim  # array axis of the sharded spatial axis
     index = jax.lax.axis_index(axis_name)
     own_start = index * n
+    if method == "offset" and module.name != "reference":
+        h = _offset_halo(problem.params, h)
+        k_ext, v_ext = _exchange_kv(k, v, h, axis, axis_name)
+        return _kernel_offset_shard(q, k_ext, v_ext, problem, h, module, index)
     k_ext, v_ext = _exchange_kv(k, v, h, axis, axis_name)
     if method == "offset":
         coords = [jnp.arange(length, dtype=jnp.int32) for length in problem.spatial_shape]
         coords[dim] = own_start + jnp.arange(n, dtype=jnp.int32)
         offsets = [0] * problem.rank
         offsets[dim] = own_start - h.left
-        return OFFSET_BACKENDS[module.name](q, k_ext, v_ext, problem, coords, offsets)
+        return reference.attention_window(q, k_ext, v_ext, problem, coords, offsets)
 
     plan = slab_plan(problem.params, h.num_shards, dim)
     size = plan.size
@@ -346,9 +403,13 @@ def _spatial_route(backend: str, problem, h: Halo, method: str):
         why = []
         if method in ("auto", "offset"):
             if name in OFFSET_BACKENDS:
-                return "offset", None
-            why.append(f"backend {name!r} takes no query offset (backends with offsets: "
-                       f"{', '.join(OFFSET_BACKENDS)})")
+                reason = OFFSET_BACKENDS[name](problem.params, h)
+                if reason is None:
+                    return "offset", None
+                why.append(reason)
+            else:
+                why.append(f"backend {name!r} takes no query offset (backends with offsets: "
+                           f"{', '.join(OFFSET_BACKENDS)})")
         if method in ("auto", "slab"):
             if plan.ok:
                 return "slab", None

@@ -101,8 +101,18 @@ CASES = {
                                     mesh=(("data", 2), ("model", 2)), batch_axis="data",
                                     head_axis="model", backend="fused-triton", grads=False),
     "fused-triton-spatial-slab": Case((32,), (5,), mesh=(("sp", 2),), spatial_axis="sp",
-                                      backend="fused-triton"),
-    "fused-triton-offset-raises": Case((32,), (5,), mesh=(("sp", 2),), spatial_axis="sp",
+                                      backend="fused-triton", method="slab"),
+    # fused-triton's query offsets (issue 17): auto takes them; dilation widens the left halo.
+    "fused-triton-offset-1d": Case((32,), (5,), mesh=(("sp", 2),), spatial_axis="sp",
+                                   backend="fused-triton"),
+    "fused-triton-offset-2d-dilated-strided-causal": Case(
+        (16, 12), (3, 5), (1, 2), (2, 1), (True, False), heads=2, heads_kv=1, mesh=(("sp", 2),),
+        spatial_axis="sp", backend="fused-triton"),
+    "fused-triton-offset-3d-axis1-with-heads": Case(
+        (6, 8, 4), (3, 3, 3), (1, 2, 1), (1, 1, 1), (False, True, False), heads=2, heads_kv=2,
+        mesh=(("sp", 2), ("model", 2)), spatial_axis="sp", spatial_dim=1, head_axis="model",
+        backend="fused-triton"),
+    "fused-triton-offset-raises": Case((36,), (3,), dilation=(2,), mesh=(("sp", 4),), spatial_axis="sp",
                                        backend="fused-triton", method="offset",
                                        expect_error="NotImplementedError"),
 }
@@ -213,6 +223,9 @@ def run_case(name: str) -> dict:
     if c.spatial_axis:
         params = jna.semantics.normalize_params(c.shape, **kw)
         h = js.halo(params, dict(c.mesh)[c.spatial_axis], c.spatial_dim)
+        # fused-triton's offset route widens the left halo to a multiple of the dilation
+        if c.backend == "fused-triton" and c.method in ("auto", "offset"):
+            h = js._offset_halo(params, h)
         result["halo"] = [h.left, h.right, h.shard_size]
         result["full_extent"] = c.shape[c.spatial_dim]
     return result

@@ -218,13 +218,13 @@ def test_bench_sharding_cpu_smoke(tmp_path):
             assert (problem, mode, devices) in modes, (problem, mode, devices, rows)
 
 
-def _route_problem(length, kernel_size, stride):
+def _route_problem(length, kernel_size, stride, dilation=1):
     import jax.numpy as jnp
 
     from jna._src.arguments import check_call
 
     x = jnp.zeros((1, length, 2, 8))
-    return check_call(x, x, x, kernel_size, stride, 1, False, None, None, None, None)
+    return check_call(x, x, x, kernel_size, stride, dilation, False, None, None, None, None)
 
 
 def test_spatial_routes_never_fall_back_silently(monkeypatch):
@@ -250,12 +250,20 @@ def test_spatial_routes_never_fall_back_silently(monkeypatch):
     real_resolve = backends.resolve
     monkeypatch.setattr(backends, "resolve", lambda name, problem: fused_triton.FusedTriton() if name in (
         "auto", "fused-triton") else real_resolve(name, problem))
-    module, route = js._spatial_route("fused-triton", exact, h_exact, "auto")
-    assert (module.name, route) == ("fused-triton", "slab")
+    # fused-triton has query offsets (issue 17): auto takes them, even where no slab is exact.
+    assert js._spatial_route("fused-triton", exact, h_exact, "auto")[1] == "offset"
+    assert js._spatial_route("fused-triton", inexact, h_inexact, "auto")[1] == "offset"
+    assert js._spatial_route("fused-triton", exact, h_exact, "slab")[1] == "slab"
+    # Neither route: 27-row shards of a dilation-2 axis (offsets need a multiple of 2) whose
+    # slabs cannot keep the stride-2 x dilation-2 phase.
+    neither = _route_problem(54, 3, 2, dilation=2)
+    h_neither = js.halo(neither.params, 2)
+    with pytest.raises(NotImplementedError, match="multiple of the dilation 2 rows.*no exact slab"):
+        js._spatial_route("fused-triton", neither, h_neither, "auto")
+    with pytest.warns(UserWarning, match="using backend 'reference'"):
+        module, route = js._spatial_route("auto", neither, h_neither, "auto")
+    assert (module.name, route) == ("reference", "offset")
+    # A backend without offsets says so.
+    monkeypatch.delitem(js.OFFSET_BACKENDS, "fused-triton")
     with pytest.raises(NotImplementedError, match="takes no query offset"):
         js._spatial_route("fused-triton", exact, h_exact, "offset")
-    with pytest.raises(NotImplementedError, match="no exact slab"):
-        js._spatial_route("fused-triton", inexact, h_inexact, "auto")
-    with pytest.warns(UserWarning, match="using backend 'reference'"):
-        module, route = js._spatial_route("auto", inexact, h_inexact, "auto")
-    assert (module.name, route) == ("reference", "offset")

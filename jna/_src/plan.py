@@ -12,6 +12,13 @@ NA problem of length ``Lg = ceil((L - g) / d)`` in group coordinates ``x' = x //
 is padded to the longest group and then to a multiple of the tile size; padded keys are masked,
 padded queries are computed on a clamped window and dropped.
 
+Query offsets (`AxisSpan`, spatial sharding's "offset" route): an axis may hold only some of the
+problem's queries, global rows ``[q_start, q_start + q_len)``, against a slab of its keys, global
+rows ``[kv_start, kv_start + kv_len)`` (both starts multiples of the dilation, so local row ``r``
+stays in its global dilation group). Windows are the global problem's; the tables are in local
+tile coordinates, and the kernels add the (static) group-coordinate origins where they evaluate
+windows (`jna.backends.tiling.Geometry`).
+
 Layout of the permuted tensors (`permute`): ``[B * G, num_tiles * tile_tokens, H, D]`` with
 ``G = prod(dilation)`` groups (row-major over axes, inside each batch entry), tiles row-major over
 the tile grid, and tokens row-major inside each tile, so each tile is one contiguous block.
@@ -28,7 +35,19 @@ import numpy as np
 
 from jna import semantics
 
-__all__ = ["AxisPlan", "TilePlan", "make_plan", "axis_pair_counts", "permute", "unpermute"]
+__all__ = ["AxisSpan", "AxisPlan", "TilePlan", "make_plan", "axis_pair_counts", "permute", "unpermute"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisSpan:
+    """The local extents of one axis (original coordinates): queries are the global rows
+    ``[q_start, q_start + q_len)``, keys ``[kv_start, kv_start + kv_len)``. The starts must be
+    multiples of the axis' dilation and every local query's window must lie in the key rows."""
+
+    q_start: int
+    q_len: int
+    kv_start: int
+    kv_len: int
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -62,6 +81,21 @@ class AxisPlan:
     pair_full: np.ndarray
     useful_pairs: int  # allowed (query, key) pairs on this axis, summed over groups
     computed_pairs: int  # pairs inside visited tile pairs, real Q tiles only
+    # Query offsets (`AxisSpan`): local extents (original coordinates) and the group coordinate
+    # of local query / key 0. Without a span: the whole axis, origins 0.
+    q_length: int = -1
+    kv_length: int = -1
+    q_origin: int = 0
+    kv_origin: int = 0
+
+    def __post_init__(self):
+        for name in ("q_length", "kv_length"):
+            if getattr(self, name) < 0:
+                object.__setattr__(self, name, self.length)
+
+    @property
+    def has_span(self) -> bool:
+        return (self.q_length, self.kv_length, self.q_origin, self.kv_origin) != (self.length, self.length, 0, 0)
 
     @property
     def padded_group_length(self) -> int:
@@ -91,28 +125,44 @@ def axis_pair_counts(length, kernel_size, stride, dilation, is_causal, q_tile, k
     return useful, computed
 
 
-def _plan_axis(length, kernel_size, stride, dilation, is_causal, q_tile, kv_tile) -> AxisPlan:
-    groups = [semantics.group_length(g, length, dilation) for g in range(dilation)]
-    lg_max = max(groups)
-    nq, nk = math.ceil(lg_max / q_tile), math.ceil(lg_max / kv_tile)
-    kv_first = np.zeros((dilation, nq), np.int32)
-    kv_count = np.zeros((dilation, nq), np.int32)
-    q_first = np.zeros((dilation, nk), np.int32)
-    q_count = np.zeros((dilation, nk), np.int32)
-    pair_full = np.zeros((dilation, nq, nk), bool)
+def _plan_axis(length, kernel_size, stride, dilation, is_causal, q_tile, kv_tile, span=None) -> AxisPlan:
+    d = dilation
+    q_start, q_len, kv_start, kv_len = (0, length, 0, length) if span is None else (
+        span.q_start, span.q_len, span.kv_start, span.kv_len)
+    if q_start % d or kv_start % d:
+        raise ValueError(f"span {span}: query and key starts must be multiples of the dilation {d}")
+    if not (0 <= q_start and q_start + q_len <= length and 0 <= kv_start and kv_start + kv_len <= length
+            and q_len > 0 and kv_len > 0):
+        raise ValueError(f"span {span} does not lie in an axis of length {length}")
+    q_origin, kv_origin = q_start // d, kv_start // d
+    groups = [semantics.group_length(g, length, d) for g in range(d)]
+    q_groups = [semantics.group_length(g, q_len, d) for g in range(d)]
+    kv_groups = [semantics.group_length(g, kv_len, d) for g in range(d)]
+    if min(q_groups) == 0 or min(kv_groups) == 0:
+        raise ValueError(f"span {span}: every dilation group (dilation {d}) needs a local query and key")
+    nq, nk = math.ceil(max(q_groups) / q_tile), math.ceil(max(kv_groups) / kv_tile)
+    kv_first = np.zeros((d, nq), np.int32)
+    kv_count = np.zeros((d, nq), np.int32)
+    q_first = np.zeros((d, nk), np.int32)
+    q_count = np.zeros((d, nk), np.int32)
+    pair_full = np.zeros((d, nq, nk), bool)
     useful = computed = 0
-    for g, lg in enumerate(groups):
-        x = np.arange(lg)
-        # In group coordinates every group is an undilated problem of length lg.
-        start = semantics.window_start(x, lg, kernel_size, stride, 1, is_causal)
-        stop = semantics.window_stop(x, lg, kernel_size, stride, 1, is_causal)
+    for g, (lg, lq, lk) in enumerate(zip(groups, q_groups, kv_groups)):
+        # In group coordinates every group is an undilated problem of length lg; the local
+        # queries are its rows q_origin + [0, lq), the local keys kv_origin + [0, lk).
+        x = q_origin + np.arange(lq)
+        start = semantics.window_start(x, lg, kernel_size, stride, 1, is_causal) - kv_origin
+        stop = semantics.window_stop(x, lg, kernel_size, stride, 1, is_causal) - kv_origin
+        if lq and (start.min() < 0 or stop.max() > lk):
+            raise ValueError(f"span {span}: the windows of its queries reach keys outside its key rows "
+                             f"(dilation group {g}: local keys [{start.min()}, {stop.max()}) of {lk})")
         useful += int(np.sum(stop - start))
         pair_any = np.zeros((nq, nk), bool)
         for qt in range(nq):
-            lo, hi = qt * q_tile, min((qt + 1) * q_tile, lg) - 1  # real queries lo..hi
+            lo, hi = qt * q_tile, min((qt + 1) * q_tile, lq) - 1  # real queries lo..hi
             real = lo <= hi
             if not real:
-                lo = hi = lg - 1
+                lo = hi = lq - 1
             first, last = start[lo] // kv_tile, (stop[hi] - 1) // kv_tile
             kv_first[g, qt], kv_count[g, qt] = first, last - first + 1
             if not real:
@@ -121,7 +171,7 @@ def _plan_axis(length, kernel_size, stride, dilation, is_causal, q_tile, kv_tile
             computed += q_tile * kv_tile * int(last - first + 1)
             for kt in range(first, last + 1):
                 k_lo, k_hi = kt * kv_tile, (kt + 1) * kv_tile
-                pair_full[g, qt, kt] = start[hi] <= k_lo and stop[lo] >= k_hi and k_hi <= lg
+                pair_full[g, qt, kt] = start[hi] <= k_lo and stop[lo] >= k_hi and k_hi <= lk
         for kt in range(nk):
             rows = np.nonzero(pair_any[:, kt])[0]
             if len(rows):
@@ -130,6 +180,7 @@ def _plan_axis(length, kernel_size, stride, dilation, is_causal, q_tile, kv_tile
     return AxisPlan(
         length, kernel_size, stride, dilation, is_causal, q_tile, kv_tile, tuple(groups), nq, nk,
         kv_first, kv_count, q_first, q_count, pair_full, useful, computed,
+        q_len, kv_len, q_origin, kv_origin,
     )
 
 
@@ -170,6 +221,15 @@ class TilePlan:
     def num_kv_tiles(self) -> int:
         return math.prod(a.num_kv_tiles for a in self.axes)
 
+    def local_shape(self, kind: str) -> tuple[int, ...]:
+        """The local spatial shape of the queries (``"q"``) or keys (``"kv"``): the problem's,
+        unless an axis has a span (query offsets)."""
+        return tuple(a.q_length if kind == "q" else a.kv_length for a in self.axes)
+
+    @property
+    def has_spans(self) -> bool:
+        return any(a.has_span for a in self.axes)
+
     @property
     def efficiency(self) -> float:
         """Useful (query, key) pairs over pairs computed in visited tiles (forward pass)."""
@@ -177,11 +237,17 @@ class TilePlan:
 
 
 @functools.lru_cache(maxsize=256)
-def make_plan(params: semantics.NAParams, q_tile: tuple[int, ...], kv_tile: tuple[int, ...]) -> TilePlan:
-    """Plans the tiling of ``params`` with Q tiles of shape ``q_tile`` and KV tiles ``kv_tile``."""
+def make_plan(params: semantics.NAParams, q_tile: tuple[int, ...], kv_tile: tuple[int, ...],
+              spans: tuple[AxisSpan | None, ...] | None = None) -> TilePlan:
+    """Plans the tiling of ``params`` with Q tiles of shape ``q_tile`` and KV tiles ``kv_tile``;
+    ``spans`` (one `AxisSpan` or None per axis): the local queries and keys of each axis
+    (query offsets; None: the whole axis)."""
     if len(q_tile) != params.rank or len(kv_tile) != params.rank:
         raise ValueError(f"tile shapes {q_tile}, {kv_tile} must have {params.rank} entries")
-    axes = tuple(_plan_axis(*params.axis(a), q_tile[a], kv_tile[a]) for a in range(params.rank))
+    spans = spans or (None,) * params.rank
+    if len(spans) != params.rank:
+        raise ValueError(f"spans {spans} must have {params.rank} entries")
+    axes = tuple(_plan_axis(*params.axis(a), q_tile[a], kv_tile[a], spans[a]) for a in range(params.rank))
     parts, offsets, cursor = [], [], 0
     for ax in axes:
         axis_offsets = []
@@ -209,7 +275,7 @@ def permute(x, plan: TilePlan, tile: str, padded_dim: int | None = None):
     for a, ax in enumerate(plan.axes):
         t = ax.q_tile if tile == "q" else ax.kv_tile
         n_tiles = ax.num_q_tiles if tile == "q" else ax.num_kv_tiles
-        widths[1 + a] = (0, n_tiles * t * ax.dilation - ax.length)
+        widths[1 + a] = (0, n_tiles * t * ax.dilation - (ax.q_length if tile == "q" else ax.kv_length))
         shape += [n_tiles, t, ax.dilation]
     if padded_dim is not None:
         widths[-1] = (0, padded_dim - dim)

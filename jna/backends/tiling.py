@@ -169,8 +169,15 @@ class Geometry:
         axes = self.plan.axes
         g = bg % self.plan.num_groups
         self.g = unravel(g, [a.dilation for a in axes])
-        # Length of this dilation group on each axis (a traced scalar).
-        self.lg = [semantics.group_length(ga, a.length, a.dilation) for ga, a in zip(self.g, axes)]
+        # Length of this dilation group on each axis (a traced scalar): of the local keys (`lg`),
+        # the local queries (`lg_q`) and the whole axis (`lg_window`, what windows are computed
+        # on). They differ only under query offsets (`planning.AxisSpan`).
+        group_len = lambda ga, a, n: semantics.group_length(ga, n, a.dilation)
+        self.lg = [group_len(ga, a, a.kv_length) for ga, a in zip(self.g, axes)]
+        self.lg_q = [lk if a.q_length == a.kv_length else group_len(ga, a, a.q_length)
+                     for lk, ga, a in zip(self.lg, self.g, axes)]
+        self.lg_window = [lk if a.length == a.kv_length else group_len(ga, a, a.length)
+                          for lk, ga, a in zip(self.lg, self.g, axes)]
 
     # Per-axis local token coordinates inside a tile: [tokens] int32 vectors.
     @staticmethod
@@ -198,10 +205,17 @@ class Geometry:
         return flag
 
     def window(self, a: int, x):
-        """Window [start, stop) of group coordinates ``x`` on axis ``a`` (shared rules)."""
+        """Window [start, stop) of local group coordinates ``x`` on axis ``a`` (shared rules), in
+        local key coordinates (under query offsets the window is the whole axis' at ``x`` plus
+        the query origin, shifted by the key origin; the origins are static)."""
         ax = self.plan.axes[a]
-        args = (self.lg[a], ax.kernel_size, ax.stride, 1, ax.is_causal)
-        return semantics.window_start(x, *args, xp=jnp), semantics.window_stop(x, *args, xp=jnp)
+        args = (self.lg_window[a], ax.kernel_size, ax.stride, 1, ax.is_causal)
+        if ax.q_origin:
+            x = x + ax.q_origin
+        start, stop = semantics.window_start(x, *args, xp=jnp), semantics.window_stop(x, *args, xp=jnp)
+        if ax.kv_origin:
+            start, stop = start - ax.kv_origin, stop - ax.kv_origin
+        return start, stop
 
     def mask(self, windows, y):
         """Allowed [TQ, TK] from per-axis query windows ([TQ] pairs) and key coords ([TK])."""

@@ -144,7 +144,7 @@ def direct_ok(plan: planning.TilePlan) -> bool:
     """Whether tiles can be read in place from ``[B, *X, H, D]``: no dilation, every axis a
     multiple of both tiles (no padding: tile order is then the plan's token order), and runs of
     the last axis of at least 8 tokens (SMEM slices stay aligned to the 8-row swizzle tiles)."""
-    return all(a.dilation == 1 and a.length % a.q_tile == 0 and a.length % a.kv_tile == 0
+    return all(a.dilation == 1 and a.q_length % a.q_tile == 0 and a.kv_length % a.kv_tile == 0
                for a in plan.axes) and min(plan.axes[-1].q_tile, plan.axes[-1].kv_tile) >= 8
 
 

@@ -628,22 +628,29 @@ def _second_order(st: _Static, qp, kp, vp, tq, tk, tv, dq, dk, dv):
     from jna.backends import reference
 
     problem = dataclasses.replace(st.problem, dtype=jnp.dtype(jnp.float32))
-    plan, spatial = st.plan, problem.spatial_shape
+    plan = st.plan
     dims = {"q": problem.head_dim, "k": problem.head_dim, "v": problem.value_dim}
 
     def user(x, name):
         x = x.astype(jnp.float32)
         if st.layout.direct:
             return x
-        return planning.unpermute(x, plan, "q" if name == "q" else "kv", spatial, dims[name])
+        kind = "q" if name == "q" else "kv"
+        return planning.unpermute(x, plan, kind, plan.local_shape(kind), dims[name])
 
     names = ("q", "k", "v")
     primals = tuple(user(x, n) for x, n in zip((qp, kp, vp), names))
     first_dir = tuple(user(x, n) for x, n in zip((tq, tk, tv), names))
     second_dir = tuple(user(x, n) for x, n in zip((dq, dk, dv), names))
+    if plan.has_spans:  # query offsets: the reference's windowed form, same global windows
+        coords = [a.q_origin * a.dilation + jnp.arange(a.q_length, dtype=jnp.int32) for a in plan.axes]
+        offsets = [a.kv_origin * a.dilation for a in plan.axes]
+        na = lambda q, k, v: reference.attention_window(q, k, v, problem, coords, offsets)
+    else:
+        na = lambda q, k, v: reference.attention(q, k, v, problem)
 
     def first(*qkv):
-        return jax.jvp(lambda *a: reference.attention(*a, problem), qkv, first_dir)[1]
+        return jax.jvp(na, qkv, first_dir)[1]
 
     _, (d_out, d_lse) = jax.jvp(first, primals, second_dir)
     if st.layout.direct:
@@ -686,25 +693,34 @@ def _direct_ok(problem: NAProblem, plan: planning.TilePlan, head_dim: int, value
         and head_dim == problem.head_dim
         and value_dim == problem.value_dim
         and all(
-            a.dilation == 1 and a.length % a.q_tile == 0 and a.length % a.kv_tile == 0
+            a.dilation == 1 and a.q_length % a.q_tile == 0 and a.kv_length % a.kv_tile == 0
             for a in plan.axes
         )
     )
 
 
-def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None):
+def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None,
+              spans: tuple[planning.AxisSpan | None, ...] | None = None):
     """Fused neighborhood attention (differentiable in q, k, v and through both outputs).
 
     Args:
       q: ``[B, *X, H, D]``; k: ``[B, *X, H_kv, D]``; v: ``[B, *X, H_kv, D_v]``.
       problem: the validated call (`jna._src.arguments.check_call`).
       config: tile config; default `default_config(problem)`.
+      spans: query offsets (spatial sharding): per axis None (the whole axis) or a
+        `jna._src.plan.AxisSpan` saying which global rows the local queries and keys are. Then
+        ``X`` above is the local queries' shape for q and the local keys' for k and v, and the
+        windows are ``problem``'s (global); every window must lie in the local keys.
 
     Returns:
       ``(out, lse)``: ``[B, *X, H, D_v]`` in q's dtype and ``[B, *X, H]`` float32.
     """
     config = config or default_config(problem)
-    plan = planning.make_plan(problem.params, config.q_tile, config.kv_tile)
+    plan = planning.make_plan(problem.params, config.q_tile, config.kv_tile, spans)
+    for kind, x in (("q", q), ("kv", k), ("kv", v)):
+        if tuple(x.shape[1:-2]) != plan.local_shape(kind):
+            raise ValueError(f"fused-triton: {kind} spatial shape {tuple(x.shape[1:-2])} does not match "
+                             f"{plan.local_shape(kind)} (the problem's, or its spans')")
     head_dim, value_dim = _padded_dim(problem.head_dim), _padded_dim(problem.value_dim)
     direct = _direct_ok(problem, plan, head_dim, value_dim, config.direct_layout)
     st = _Static(
@@ -727,7 +743,7 @@ def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None):
     kp = planning.permute(k, plan, "kv", st.head_dim)
     vp = planning.permute(v, plan, "kv", st.value_dim)
     out, lse = _op(st, qp, kp, vp)
-    spatial = problem.spatial_shape
+    spatial = plan.local_shape("q")
     out = planning.unpermute(out, plan, "q", spatial, problem.value_dim)
     lse = planning.unpermute(lse, plan, "q", spatial)
     return out, lse
@@ -765,5 +781,6 @@ class FusedTriton(TritonBackend):
                 out.append((c.fields, _config(c, q_tile, kv_tile), eff))
         return out
 
-    def attention(self, q, k, v, problem: NAProblem):
-        return attention(q, k, v, problem, self.config_for(problem))
+    def attention(self, q, k, v, problem: NAProblem, spans=None):
+        """``spans``: query offsets (`attention`), for spatial sharding's offset route."""
+        return attention(q, k, v, problem, self.config_for(problem), spans)

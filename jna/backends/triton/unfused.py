@@ -141,7 +141,7 @@ def _slots(st: _Static, geo: Geometry, windows, kt):
         x, start, stop = windows[a]
         y = (kt[a] * ax.kv_tile + k_local[a])[None, :]
         j = y - start[:, None]
-        ok = (j >= 0) & (y < stop[:, None]) & (y < geo.lg[a]) & (x[:, None] < geo.lg[a])
+        ok = (j >= 0) & (y < stop[:, None]) & (y < geo.lg[a]) & (x[:, None] < geo.lg_q[a])
         j = jnp.minimum(jnp.maximum(j, 0), ax.kernel_size - 1)
         slot = j if slot is None else slot * ax.kernel_size + j
         valid = ok if valid is None else valid & ok
