@@ -56,14 +56,21 @@ def test_jvp_matches_the_oracle(name, backend):
     cfg = CASES[name]
     inp = make_inputs(cfg, jnp.float32, seed=3)
     tangents = _tangents(cfg, 4)
-    (out, lse), (tout, tlse) = jax.jit(lambda p, t: jax.jvp(_na(cfg, backend), p, t))((inp.q, inp.k, inp.v), tangents)
-    primals64 = tuple(f64(x) for x in (inp.q, inp.k, inp.v))
-    want_out, want_lse = _oracle(cfg, *primals64)
-    want_tout, want_tlse = _oracle_tangent(cfg, primals64, tuple(f64(t) for t in tangents))
-    assert oracle.rel_l2(f64(out), want_out) < 1e-5
-    assert np.max(np.abs(f64(lse) - want_lse)) < 1e-5
-    assert oracle.rel_l2(f64(tout), want_tout) < 1e-4, oracle.rel_l2(f64(tout), want_tout)
-    assert oracle.rel_l2(f64(tlse), want_tlse) < 1e-4, oracle.rel_l2(f64(tlse), want_tlse)
+    _check_jvp_against_the_oracle(cfg, _na(cfg, backend), (inp.q, inp.k, inp.v), tangents,
+                                  out_tol=1e-5, lse_tol=1e-5, tangent_tol=1e-4)
+
+
+def _check_jvp_against_the_oracle(cfg, f, primals, tangents, out_tol, lse_tol, tangent_tol):
+    """jvp of ``f`` (out, lse and their tangents) against the float64 oracle and its central
+    differences: relative L2 for out and the tangents, max abs for lse."""
+    (out, lse), (tout, tlse) = jax.jit(lambda p, t: jax.jvp(f, p, t))(primals, tangents)
+    p64 = tuple(f64(x) for x in primals)
+    want_out, want_lse = _oracle(cfg, *p64)
+    want_tout, want_tlse = _oracle_tangent(cfg, p64, tuple(f64(t) for t in tangents))
+    assert oracle.rel_l2(f64(out), want_out) < out_tol
+    assert np.max(np.abs(f64(lse) - want_lse)) < lse_tol
+    assert oracle.rel_l2(f64(tout), want_tout) < tangent_tol, oracle.rel_l2(f64(tout), want_tout)
+    assert oracle.rel_l2(f64(tlse), want_tlse) < tangent_tol, oracle.rel_l2(f64(tlse), want_tlse)
 
 
 def test_jvp_in_bfloat16_within_half_precision_tolerance():
@@ -283,14 +290,7 @@ def test_gpu_jvp_and_grad_of_jvp_against_the_oracle(name, backend, dtype):
     tangents = tuple(t.astype(dtype) for t in _tangents(cfg, 32))
     primals = (inp.q, inp.k, inp.v)
     f = _na(cfg, backend)
-    (out, lse), (tout, tlse) = jax.jit(lambda p, t: jax.jvp(f, p, t))(primals, tangents)
-    p64 = tuple(f64(x) for x in primals)
-    want_out, want_lse = _oracle(cfg, *p64)
-    want_tout, want_tlse = _oracle_tangent(cfg, p64, tuple(f64(t) for t in tangents))
-    assert oracle.rel_l2(f64(out), want_out) < 1e-2
-    assert np.max(np.abs(f64(lse) - want_lse)) < 2e-2
-    assert oracle.rel_l2(f64(tout), want_tout) < 2e-2, oracle.rel_l2(f64(tout), want_tout)
-    assert oracle.rel_l2(f64(tlse), want_tlse) < 2e-2, oracle.rel_l2(f64(tlse), want_tlse)
+    _check_jvp_against_the_oracle(cfg, f, primals, tangents, out_tol=1e-2, lse_tol=2e-2, tangent_tol=2e-2)
 
     w = jnp.asarray(np.random.default_rng(33).standard_normal(inp.dout.shape), jnp.float32)
 
