@@ -202,7 +202,13 @@ class _Layout:
     ``[B * G, tiles * tile_tokens, H, D]``; a tile is one contiguous run of the single token
     axis. *Direct* (no dilation, every axis a multiple of both tile extents, head dims already
     powers of two): the kernels read tiles straight out of ``[B, *X, H, D]`` as
-    ``[*tile_extents, D]`` blocks, and no permutation copies are made.
+    ``[*tile_extents, D]`` blocks, and no permutation copies are made. *Grouped* (every axis a
+    multiple of its dilation, head dims powers of two; dilation or tiles that do not divide the
+    group lengths): the operands are ``[B, *X, H, D]`` viewed (a free reshape) as
+    ``[B, Lg_1, d_1, ..., Lg_n, d_n, H, D]``, so a dilation group is a strided sub-array the
+    kernels index in place; every operand is handed over whole per (batch, group, head) and the
+    kernels load and store their tiles themselves, masked where a tile runs past the group length
+    (issue 16: the permutation copies were half of 2d-dinat's forward on an H200).
 
     ``token_shape(kind)``: the token axes of an operand; ``block(kind)``: one tile's extents on
     them; ``index(kind, t)``: block indices of tile ``t`` (a flat tile id, traced).
@@ -210,6 +216,7 @@ class _Layout:
 
     direct: bool
     plan: planning.TilePlan
+    grouped: bool = False
 
     def _tiles(self, kind):
         axes = self.plan.axes
@@ -219,13 +226,15 @@ class _Layout:
 
     def token_shape(self, kind) -> tuple[int, ...]:
         extents, counts = self._tiles(kind)
+        if self.grouped:
+            return self.group_lengths(kind)
         if self.direct:
             return tuple(e * n for e, n in zip(extents, counts))
         return (math.prod(extents) * math.prod(counts),)
 
     def block(self, kind) -> tuple[int, ...]:
         extents, _ = self._tiles(kind)
-        return tuple(extents) if self.direct else (math.prod(extents),)
+        return tuple(extents) if self.direct or self.grouped else (math.prod(extents),)
 
     def index(self, kind, t) -> tuple:
         if self.direct:
@@ -238,10 +247,93 @@ class _Layout:
     def slices(self, kind, tile, tile_flat) -> tuple:
         """In-kernel slices selecting a tile (per-axis tile ids and flat id) of a whole-map ref."""
         extents, _ = self._tiles(kind)
-        if self.direct:
+        if self.direct or self.grouped:
             return tuple(pl.ds(t * e, e) for t, e in zip(tile, extents))
         n = math.prod(extents)
         return (pl.ds(tile_flat * n, n),)
+
+    # The grouped layout.
+
+    def group_lengths(self, kind) -> tuple[int, ...]:
+        """Per axis, the (static) group length of the local queries or keys (grouped layout)."""
+        return tuple((a.q_length if kind == "q" else a.kv_length) // a.dilation for a in self.plan.axes)
+
+    def ragged(self, kind) -> bool:
+        """Whether some tile of ``kind`` runs past its group length (grouped layout: masked)."""
+        extents, _ = self._tiles(kind)
+        return any(n % e for n, e in zip(self.group_lengths(kind), extents))
+
+    def in_group(self, kind, tile, trailing: int):
+        """``[*tile_extents, 1 x trailing]`` bool: which rows of tile ``tile`` (per-axis ids) lie
+        inside the group (grouped layout; None when every tile fits)."""
+        if not self.ragged(kind):
+            return None
+        extents, _ = self._tiles(kind)
+        shape = (*extents, *(1,) * trailing)
+        inside = None
+        for a, (t, e, n) in enumerate(zip(tile, extents, self.group_lengths(kind))):
+            if n % e == 0:
+                continue
+            ok = t * e + jax.lax.broadcasted_iota(jnp.int32, shape, a) < n
+            inside = ok if inside is None else inside & ok
+        return inside
+
+    def view(self, x):
+        """``[B, *X, ...]`` (``...``: head and channel axes) as the grouped operand
+        ``[B, Lg_1, d_1, ..., Lg_n, d_n, ...]`` (a reshape: no copy)."""
+        rank = self.plan.rank
+        dims = [n for length, a in zip(x.shape[1:1 + rank], self.plan.axes) for n in (length // a.dilation, a.dilation)]
+        return x.reshape(x.shape[0], *dims, *x.shape[1 + rank:])
+
+    def unview(self, x):
+        """Inverse of `view`: ``[B, Lg_1, d_1, ..., ...]`` -> ``[B, *X, ...]``."""
+        rank = self.plan.rank
+        spatial = [x.shape[1 + 2 * a] * x.shape[2 + 2 * a] for a in range(rank)]
+        return x.reshape(x.shape[0], *spatial, *x.shape[1 + 2 * rank:])
+
+
+def _load(ref, st: "_Static", kind: str, tile, index: tuple):
+    """``ref[index]`` (``index``: a tile's slices, then trailing indices); in the grouped layout
+    the rows past the group length read as zeros (masked: the tile may run past the array)."""
+    lay = st.layout
+    if not lay.grouped or not lay.ragged(kind):
+        return ref[index]
+    trailing = _trailing_dims(ref, index, lay.plan.rank)
+    return pltriton.load(ref.at[index], mask=lay.in_group(kind, tile, trailing), other=0)
+
+
+def _trailing_dims(ref, index, rank: int) -> int:
+    """How many axes a load of ``ref[index]`` has after the ``rank`` tile axes."""
+    rest = index[rank:]
+    sliced = sum(isinstance(i, slice) for i in rest)
+    return sliced + len(ref.shape) - len(index)
+
+
+def _own(ref, st: "_Static", kind: str, tile):
+    """This program's own tile of a tile operand (``[*block, ...]``): the whole block ref, or in
+    the grouped layout the tile ``tile`` (per-axis ids) of the whole-map ref, masked."""
+    lay = st.layout
+    if not lay.grouped:
+        return ref[...]
+    index = (*lay.slices(kind, tile, None), *(slice(None),) * (len(ref.shape) - lay.plan.rank))
+    return _load(ref, st, kind, tile, index)
+
+
+def _put(ref, st: "_Static", kind: str, tile, value):
+    """Stores this program's own tile ``value`` (``[tile_tokens, ...]``): the block ref, or in
+    the grouped layout the rows of tile ``tile`` inside the group."""
+    lay = st.layout
+    if not lay.grouped:
+        ref[...] = value.reshape(ref.shape)
+        return
+    trailing = len(ref.shape) - lay.plan.rank
+    index = (*lay.slices(kind, tile, None), *(slice(None),) * trailing)
+    value = value.reshape(*lay.block(kind), *ref.shape[lay.plan.rank:])
+    mask = lay.in_group(kind, tile, trailing)
+    if mask is None:
+        ref[index] = value
+    else:
+        pltriton.store(ref.at[index], value, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,13 +390,13 @@ def _forward_loop(q_ref, k_ref, v_ref, o_ref, lse_ref, program, *, st: _Static, 
     geo, qt, k_local, windows, walk = program
     qk_scale = st.scale * _LOG2E
 
-    q = q_ref[...].reshape(tq, st.head_dim)
+    q = _own(q_ref, st, "q", qt).reshape(tq, st.head_dim)
 
     def body(i, carry):
         acc, m, l, poisoned = carry
         kt, tile = _visit(st, walk, i, "kv")
-        k = k_ref[(*tile, slice(None))].reshape(tk, st.head_dim)
-        load_v = lambda: v_ref[(*tile, slice(None))].reshape(tk, st.value_dim)
+        k = _load(k_ref, st, "kv", kt, (*tile, slice(None))).reshape(tk, st.head_dim)
+        load_v = lambda: _load(v_ref, st, "kv", kt, (*tile, slice(None))).reshape(tk, st.value_dim)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
 
@@ -353,8 +445,8 @@ def _forward_loop(q_ref, k_ref, v_ref, o_ref, lse_ref, program, *, st: _Static, 
     out = acc / l[:, None]
     if contain:
         out = jnp.where(poisoned[:, None] > 0, jnp.nan, out)
-    o_ref[...] = out.astype(o_ref.dtype).reshape(o_ref.shape)
-    lse_ref[...] = ((m + jnp.log2(l)) * _LN2).reshape(lse_ref.shape)
+    _put(o_ref, st, "q", qt, out.astype(o_ref.dtype))
+    _put(lse_ref, st, "q", qt, (m + jnp.log2(l)) * _LN2)
 
 
 def _masked_probs(geo: Geometry, qt, kt, windows, y, s, lse2):
@@ -375,15 +467,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
     geo, qt, k_local, windows, walk = _q_tile_program(st, tab_ref)
     qk_scale = st.scale * _LOG2E
 
-    q = q_ref[...].reshape(tq, st.head_dim)
-    do = do_ref[...].reshape(tq, st.value_dim)
-    lse2 = lse_ref[...].reshape(tq) * _LOG2E  # base-2 logsumexp
-    delta = delta_ref[...].reshape(tq)
+    q = _own(q_ref, st, "q", qt).reshape(tq, st.head_dim)
+    do = _own(do_ref, st, "q", qt).reshape(tq, st.value_dim)
+    lse2 = _own(lse_ref, st, "q", qt).reshape(tq) * _LOG2E  # base-2 logsumexp
+    delta = _own(delta_ref, st, "q", qt).reshape(tq)
 
     def body(i, dq):
         kt, tile = _visit(st, walk, i, "kv")
-        k = k_ref[(*tile, slice(None))].reshape(tk, st.head_dim)
-        v = v_ref[(*tile, slice(None))].reshape(tk, st.value_dim)
+        k = _load(k_ref, st, "kv", kt, (*tile, slice(None))).reshape(tk, st.head_dim)
+        v = _load(v_ref, st, "kv", kt, (*tile, slice(None))).reshape(tk, st.value_dim)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
         p = _masked_probs(geo, qt, kt, windows, y, s, lse2)
@@ -392,7 +484,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
         return dq + _dot(ds.astype(k.dtype), k, f32=f32)
 
     dq = jax.lax.fori_loop(0, walk.total, body, jnp.zeros((tq, st.head_dim), jnp.float32))
-    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype).reshape(dq_ref.shape)
+    _put(dq_ref, st, "q", qt, (dq * st.scale).astype(dq_ref.dtype))
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref, dv_ref, *, st: _Static):
@@ -407,16 +499,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
     walk = TileWalk.q_tiles(geo, kt)
     qk_scale = st.scale * _LOG2E
 
-    k = k_ref[...].reshape(tk, st.head_dim)
-    v = v_ref[...].reshape(tk, st.value_dim)
+    k = _own(k_ref, st, "kv", kt).reshape(tk, st.head_dim)
+    v = _own(v_ref, st, "kv", kt).reshape(tk, st.value_dim)
 
     def q_tile_body(i, carry, head):
         dk, dv = carry
         qt, tile = _visit(st, walk, i, "q")
-        q = q_ref[(*tile, head, slice(None))].reshape(tq, st.head_dim)
-        do = do_ref[(*tile, head, slice(None))].reshape(tq, st.value_dim)
-        lse2 = lse_ref[(*tile, head)].reshape(tq) * _LOG2E
-        delta = delta_ref[(*tile, head)].reshape(tq)
+        q = _load(q_ref, st, "q", qt, (*tile, head, slice(None))).reshape(tq, st.head_dim)
+        do = _load(do_ref, st, "q", qt, (*tile, head, slice(None))).reshape(tq, st.value_dim)
+        lse2 = _load(lse_ref, st, "q", qt, (*tile, head)).reshape(tq) * _LOG2E
+        delta = _load(delta_ref, st, "q", qt, (*tile, head)).reshape(tq)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         windows = [geo.window(a, qt[a] * cfg.q_tile[a] + q_local[a]) for a in range(plan.rank)]
         p = _masked_probs(geo, qt, kt, windows, y, s, lse2)
@@ -435,8 +527,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
         jnp.zeros((tk, st.value_dim), jnp.float32),
     )
     dk, dv = jax.lax.fori_loop(0, st.group, head_body, init)
-    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype).reshape(dk_ref.shape)
-    dv_ref[...] = dv.astype(dv_ref.dtype).reshape(dv_ref.shape)
+    _put(dk_ref, st, "kv", kt, (dk * st.scale).astype(dk_ref.dtype))
+    _put(dv_ref, st, "kv", kt, dv.astype(dv_ref.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,9 +560,26 @@ class _Specs:
     def __init__(self, st: _Static):
         self.lay, self.group = st.layout, st.group
 
+    def _grouped(self, kind, head_block, trailing, head_of):
+        """The grouped layout's spec of every operand: the whole dilation group of one batch
+        entry and head(s), ``[B, Lg_1, d_1, ..., H, ...]`` -> ``[Lg_1, ..., (heads), ...]``
+        (the kernels index their tiles themselves: `_own`, `_load`, `_put`)."""
+        plan = self.lay.plan
+        block = tuple(x for n in self.lay.group_lengths(kind) for x in (n, None))
+        radices = [a.dilation for a in plan.axes]
+
+        def index(t, bg, h):
+            g = unravel(bg % plan.num_groups, radices)
+            return (bg // plan.num_groups, *(i for ga in g for i in (0, ga)), head_of(h),
+                    *(0,) * len(trailing))
+
+        return pl.BlockSpec((None, *block, head_block, *trailing), index)
+
     def tile(self, kind, *trailing, head="h"):
         """One tile of a ``[BG, *tokens, H, ...]`` operand (head squeezed unless ``head=None``)."""
         lay = self.lay
+        if lay.grouped:
+            return self._grouped(kind, None, trailing, lambda h: h)
         heads = (None,) if head else ()
 
         def index(t, b, h):
@@ -481,6 +590,8 @@ class _Specs:
     def whole(self, kind, heads, *trailing):
         """All tokens of an operand; ``heads`` None (squeezed: kv head ``h // G``) or a count."""
         lay, group = self.lay, self.group
+        if lay.grouped:
+            return self._grouped(kind, heads, trailing, lambda h: h // group if heads is None else h)
         head_block = (None,) if heads is None else (heads,)
 
         def index(t, b, h):
@@ -492,6 +603,12 @@ class _Specs:
     @staticmethod
     def table(tables):
         return pl.BlockSpec(tables.shape, lambda t, b, h: (0,))
+
+
+def _grid_batch(qp, st: _Static) -> int:
+    """The grid's batch axis: batch entries times dilation groups (the permuted and direct
+    layouts have them in the operands' leading axis already; the grouped one has ``B``)."""
+    return qp.shape[0] * st.plan.num_groups if st.layout.grouped else qp.shape[0]
 
 
 def _forward_call(qp, kp, vp, st: _Static):
@@ -510,10 +627,10 @@ def _forward_call(qp, kp, vp, st: _Static):
 def _forward_launch(qp, kp, vp, st: _Static, finite_v=None, fast_outputs=None):
     """The fast forward kernel; with ``finite_v`` and ``fast_outputs``, the containing one."""
     plan, lay = st.plan, st.layout
-    bg = qp.shape[0]
+    bg = _grid_batch(qp, st)
     tables = _tables(st, finite_v)
     spec = _Specs(st)
-    q_shape = (bg, *lay.token_shape("q"), st.heads)
+    q_shape = qp.shape[:-1] if lay.grouped else (bg, *lay.token_shape("q"), st.heads)
     contained = fast_outputs is not None
     kernel = _contained_kernel if contained else _forward_kernel
     outs = [spec.tile("q", st.value_dim), spec.tile("q")]
@@ -544,7 +661,7 @@ def _dq_call(qp, kp, vp, dop, lse, delta, st: _Static):
     spec = _Specs(st)
     return pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
-        grid=(st.plan.num_q_tiles, qp.shape[0], st.heads),
+        grid=(st.plan.num_q_tiles, _grid_batch(qp, st), st.heads),
         in_specs=[
             spec.tile("q", st.head_dim),
             spec.whole("kv", None, st.head_dim),
@@ -569,12 +686,14 @@ def _dkv_call(qp, kp, vp, dop, lse, delta, st: _Static):
 
     def whole_q(*trailing):  # all query tokens of the G query heads of kv head h
         lay = st.layout
+        if lay.grouped:
+            return spec._grouped("q", group, trailing, lambda h: h)
         return pl.BlockSpec((None, *lay.token_shape("q"), group, *trailing),
                             lambda t, b, h: (b, *lay.zeros("q"), h, *(0,) * len(trailing)))
 
     return pl.pallas_call(
         functools.partial(_dkv_kernel, st=st),
-        grid=(st.plan.num_kv_tiles, qp.shape[0], st.kv_heads),
+        grid=(st.plan.num_kv_tiles, _grid_batch(qp, st), st.kv_heads),
         in_specs=[
             whole_q(st.head_dim),
             spec.tile("kv", st.head_dim),
@@ -635,6 +754,8 @@ def _second_order(st: _Static, qp, kp, vp, tq, tk, tv, dq, dk, dv):
         x = x.astype(jnp.float32)
         if st.layout.direct:
             return x
+        if st.layout.grouped:
+            return st.layout.unview(x)
         kind = "q" if name == "q" else "kv"
         return planning.unpermute(x, plan, kind, plan.local_shape(kind), dims[name])
 
@@ -655,6 +776,8 @@ def _second_order(st: _Static, qp, kp, vp, tq, tk, tv, dq, dk, dv):
     _, (d_out, d_lse) = jax.jvp(first, primals, second_dir)
     if st.layout.direct:
         return d_out, d_lse
+    if st.layout.grouped:
+        return st.layout.view(d_out), st.layout.view(d_lse)
     d_out = planning.permute(d_out, plan, "q", st.value_dim)
     d_lse = planning.permute(d_lse[..., None], plan, "q")[..., 0]
     return d_out, d_lse
@@ -699,6 +822,23 @@ def _direct_ok(problem: NAProblem, plan: planning.TilePlan, head_dim: int, value
     )
 
 
+def _grouped_ok(problem: NAProblem, plan: planning.TilePlan, head_dim: int, value_dim: int,
+                config_allows: bool = True) -> bool:
+    """Whether the kernels index dilation groups in place (`_Layout`'s grouped layout) where the
+    direct layout does not apply: every axis a multiple of its dilation (a reshape makes the
+    groups strided sub-arrays), head dims powers of two, no query offsets, and the same size
+    limit as the direct layout (large maps read permuted tiles faster)."""
+    elements = problem.batch * problem.heads * problem.params.num_tokens * problem.head_dim
+    return (
+        config_allows
+        and not plan.has_spans
+        and (problem.rank == 1 or elements <= _DIRECT_MAX_ELEMENTS)
+        and head_dim == problem.head_dim
+        and value_dim == problem.value_dim
+        and all(a.length % a.dilation == 0 for a in plan.axes)
+    )
+
+
 def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None,
               spans: tuple[planning.AxisSpan | None, ...] | None = None):
     """Fused neighborhood attention (differentiable in q, k, v and through both outputs).
@@ -723,6 +863,7 @@ def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None,
                              f"{plan.local_shape(kind)} (the problem's, or its spans')")
     head_dim, value_dim = _padded_dim(problem.head_dim), _padded_dim(problem.value_dim)
     direct = _direct_ok(problem, plan, head_dim, value_dim, config.direct_layout)
+    grouped = not direct and _grouped_ok(problem, plan, head_dim, value_dim, config.direct_layout)
     st = _Static(
         plan=plan,
         heads=problem.heads,
@@ -733,12 +874,15 @@ def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None,
         dtype=jnp.dtype(problem.dtype),
         config=config,
         interpret=_interpret(),
-        layout=_Layout(direct, plan),
+        layout=_Layout(direct, plan, grouped),
         problem=problem,
     )
     if direct:
         q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
         return _op(st, q, k, v)
+    if grouped:
+        out, lse = _op(st, *(st.layout.view(jnp.asarray(x)) for x in (q, k, v)))
+        return st.layout.unview(out), st.layout.unview(lse)
     qp = planning.permute(q, plan, "q", st.head_dim)
     kp = planning.permute(k, plan, "kv", st.head_dim)
     vp = planning.permute(v, plan, "kv", st.value_dim)

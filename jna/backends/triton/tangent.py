@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jna.backends.triton.fused import (
-    _LOG2E, _Specs, _Static, _dot, _f32_products, _masked_probs, _params, _q_tile_program, _tables, _visit,
+    _LOG2E, _Specs, _Static, _dot, _f32_products, _grid_batch, _load, _masked_probs, _own, _params, _put, _q_tile_program,
+    _tables, _visit,
 )
 
 
@@ -34,17 +35,17 @@ def _tangent_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, tq_ref, tk_ref, tv_ref,
     geo, qt, k_local, windows, walk = _q_tile_program(st, tab_ref)
     qk_scale = st.scale * _LOG2E
 
-    q = q_ref[...].reshape(tq_tokens, st.head_dim)
-    tq = tq_ref[...].reshape(tq_tokens, st.head_dim)
-    lse2 = lse_ref[...].reshape(tq_tokens) * _LOG2E  # base-2 logsumexp
+    q = _own(q_ref, st, "q", qt).reshape(tq_tokens, st.head_dim)
+    tq = _own(tq_ref, st, "q", qt).reshape(tq_tokens, st.head_dim)
+    lse2 = _own(lse_ref, st, "q", qt).reshape(tq_tokens) * _LOG2E  # base-2 logsumexp
 
     def body(i, carry):
         acc, mu = carry
         kt, tile = _visit(st, walk, i, "kv")
-        k = k_ref[(*tile, slice(None))].reshape(tk_tokens, st.head_dim)
-        tk = tk_ref[(*tile, slice(None))].reshape(tk_tokens, st.head_dim)
-        v = v_ref[(*tile, slice(None))].reshape(tk_tokens, st.value_dim)
-        tv = tv_ref[(*tile, slice(None))].reshape(tk_tokens, st.value_dim)
+        k, tk = (_load(r, st, "kv", kt, (*tile, slice(None))).reshape(tk_tokens, st.head_dim)
+                 for r in (k_ref, tk_ref))
+        v, tv = (_load(r, st, "kv", kt, (*tile, slice(None))).reshape(tk_tokens, st.value_dim)
+                 for r in (v_ref, tv_ref))
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
         p = _masked_probs(geo, qt, kt, windows, y, s, lse2)  # zero outside the windows
@@ -55,9 +56,9 @@ def _tangent_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, tq_ref, tk_ref, tv_ref,
 
     init = (jnp.zeros((tq_tokens, st.value_dim), jnp.float32), jnp.zeros((tq_tokens,), jnp.float32))
     acc, mu = jax.lax.fori_loop(0, walk.total, body, init)
-    out = o_ref[...].reshape(tq_tokens, st.value_dim).astype(jnp.float32)
-    to_ref[...] = (acc - mu[:, None] * out).astype(to_ref.dtype).reshape(to_ref.shape)
-    tlse_ref[...] = mu.reshape(tlse_ref.shape)
+    out = _own(o_ref, st, "q", qt).reshape(tq_tokens, st.value_dim).astype(jnp.float32)
+    _put(to_ref, st, "q", qt, (acc - mu[:, None] * out).astype(to_ref.dtype))
+    _put(tlse_ref, st, "q", qt, mu)
 
 
 def tangent_call(qp, kp, vp, out, lse, tq, tk, tv, st: _Static):
@@ -69,7 +70,7 @@ def tangent_call(qp, kp, vp, out, lse, tq, tk, tv, st: _Static):
     tq, tk, tv = tq.astype(qp.dtype), tk.astype(kp.dtype), tv.astype(vp.dtype)
     return pl.pallas_call(
         functools.partial(_tangent_kernel, st=st),
-        grid=(st.plan.num_q_tiles, qp.shape[0], st.heads),
+        grid=(st.plan.num_q_tiles, _grid_batch(qp, st), st.heads),
         in_specs=[
             spec.tile("q", st.head_dim),
             spec.whole("kv", None, st.head_dim),
