@@ -62,6 +62,18 @@ class AxisPlan:
     * ``q_first``/``q_count``: the contiguous range of Q tiles with real queries whose windows
       touch KV tile ``t`` (0 for KV tiles of padding only);
     * ``pair_full``: the pair needs no mask on this axis.
+
+    With ``region`` (the forward and dQ kernels' *key-region walk*, issue 16): a Q tile visits
+    its key region, the union of its real queries' windows ``[start(first), stop(last))``, in
+    ``kv_tile``-token chunks from a token origin that need not be a multiple of the tile
+    (aligned tiles cover a 14-key region with up to two 8-key tiles, the region walk with one
+    16-key chunk). ``kv_origin_tok``/``kv_steps`` ``[g, q_tile]``: the first chunk's first key (a
+    local key coordinate, moved left where the last chunk would pass the group's end, and never
+    below 0) and the number of chunks; ``region_full`` ``[g, q_tile, max_kv_steps]``: chunk
+    ``j`` needs no mask. The dK/dV kernel walks the mirror image: for KV tile ``t``, the queries
+    whose windows touch it, ``[first, last]``, in ``q_tile`` chunks: ``q_origin_tok``/``q_steps``
+    ``[g, kv_tile]`` (0 steps: no query touches it) and ``region_q_full`` ``[g, kv_tile,
+    max_q_steps]``. The aligned tables stay.
     """
 
     length: int
@@ -87,6 +99,27 @@ class AxisPlan:
     kv_length: int = -1
     q_origin: int = 0
     kv_origin: int = 0
+    # The key-region walk (``region``); None without it.
+    kv_origin_tok: np.ndarray | None = None
+    kv_steps: np.ndarray | None = None
+    region_full: np.ndarray | None = None
+    q_origin_tok: np.ndarray | None = None
+    q_steps: np.ndarray | None = None
+    region_q_full: np.ndarray | None = None
+
+    @property
+    def region(self) -> bool:
+        return self.kv_steps is not None
+
+    @property
+    def max_kv_steps(self) -> int:
+        """The last axis of ``region_full``: the most chunks any Q tile's key region takes."""
+        return self.region_full.shape[-1] if self.region else 0
+
+    @property
+    def max_q_steps(self) -> int:
+        """The last axis of ``region_q_full``: the most query chunks any KV tile takes."""
+        return self.region_q_full.shape[-1] if self.region else 0
 
     def __post_init__(self):
         for name in ("q_length", "kv_length"):
@@ -103,13 +136,14 @@ class AxisPlan:
 
 
 @functools.lru_cache(maxsize=4096)
-def axis_pair_counts(length, kernel_size, stride, dilation, is_causal, q_tile, kv_tile) -> tuple[int, int]:
+def axis_pair_counts(length, kernel_size, stride, dilation, is_causal, q_tile, kv_tile,
+                     region: bool = False) -> tuple[int, int]:
     """``(useful, computed)`` (query, key) pairs of one axis for a tiling, summed over groups.
 
     ``useful``: allowed pairs; ``computed``: pairs inside the tile pairs a forward pass visits
-    (Q tiles with real queries only, padding included). Their ratio, multiplied over axes, is the
-    tile efficiency that bounds a tiled kernel (`TilePlan.efficiency`). Vectorized, so tile
-    choosers can score many candidates cheaply.
+    (Q tiles with real queries only, padding included; ``region``: the key-region walk's chunks,
+    `AxisPlan`). Their ratio, multiplied over axes, is the tile efficiency that bounds a tiled
+    kernel (`TilePlan.efficiency`). Vectorized, so tile choosers can score many candidates cheaply.
     """
     useful = computed = 0
     for g in range(dilation):
@@ -120,12 +154,49 @@ def axis_pair_counts(length, kernel_size, stride, dilation, is_causal, q_tile, k
         useful += int(np.sum(stop - start))
         lo = np.arange(0, lg, q_tile)
         hi = np.minimum(lo + q_tile, lg) - 1
-        counts = (stop[hi] - 1) // kv_tile - start[lo] // kv_tile + 1
+        if region:
+            counts = -(-(stop[hi] - start[lo]) // kv_tile)
+        else:
+            counts = (stop[hi] - 1) // kv_tile - start[lo] // kv_tile + 1
         computed += q_tile * kv_tile * int(np.sum(counts))
     return useful, computed
 
 
-def _plan_axis(length, kernel_size, stride, dilation, is_causal, q_tile, kv_tile, span=None) -> AxisPlan:
+def _region_chunks(start, stop, lo, hi, lk, kv_tile):
+    """The key-region walk of the Q tile with real queries ``lo..hi`` (``start``/``stop``: the
+    queries' windows in local key coordinates, ``lk``: the group's local keys): ``(origin,
+    count, full)``, the first chunk's first key, the number of ``kv_tile``-key chunks, and which
+    chunks every real query may attend whole (`AxisPlan`)."""
+    first, stop_last = int(start[lo]), int(stop[hi])
+    count = -(-(stop_last - first) // kv_tile)
+    origin = max(0, min(first, lk - count * kv_tile))  # in bounds where the group allows it
+    k_lo = origin + kv_tile * np.arange(count)
+    full = (start[hi] <= k_lo) & (stop[lo] >= k_lo + kv_tile) & (k_lo + kv_tile <= lk)
+    return origin, count, full
+
+
+def _query_chunks(start, stop, k_lo, k_hi, lq, q_tile):
+    """The dK/dV kernel's walk of KV tile ``[k_lo, k_hi)`` (``k_hi`` may pass the keys' end: such a
+    tile is never full): the real queries whose windows touch it (contiguous: windows move
+    monotonically) in ``q_tile`` chunks: ``(origin, count, full)`` as in `_region_chunks`
+    (``count`` 0 when no query touches it)."""
+    touching = np.nonzero((start < k_hi) & (stop > k_lo))[0]
+    if not len(touching):
+        return 0, 0, np.zeros(0, bool)
+    first, last = int(touching[0]), int(touching[-1])
+    assert last - first + 1 == len(touching), "the queries of a KV tile must be contiguous"
+    count = -(-(last + 1 - first) // q_tile)
+    origin = max(0, min(first, lq - count * q_tile))
+    lo = origin + q_tile * np.arange(count)
+    hi = lo + q_tile - 1
+    inside = hi < lq
+    hi_c = np.minimum(hi, lq - 1)
+    full = inside & (start[hi_c] <= k_lo) & (stop[np.minimum(lo, lq - 1)] >= k_hi)
+    return origin, count, full
+
+
+def _plan_axis(length, kernel_size, stride, dilation, is_causal, q_tile, kv_tile, span=None,
+               region=False) -> AxisPlan:
     d = dilation
     q_start, q_len, kv_start, kv_len = (0, length, 0, length) if span is None else (
         span.q_start, span.q_len, span.kv_start, span.kv_len)
@@ -146,7 +217,9 @@ def _plan_axis(length, kernel_size, stride, dilation, is_causal, q_tile, kv_tile
     q_first = np.zeros((d, nk), np.int32)
     q_count = np.zeros((d, nk), np.int32)
     pair_full = np.zeros((d, nq, nk), bool)
-    useful = computed = 0
+    regions = {}  # (g, qt) -> (origin, count, full): the key-region walk
+    q_regions = {}  # (g, kt) -> (origin, count, full): its mirror for the dK/dV kernel
+    useful = computed = region_computed = 0
     for g, (lg, lq, lk) in enumerate(zip(groups, q_groups, kv_groups)):
         # In group coordinates every group is an undilated problem of length lg; the local
         # queries are its rows q_origin + [0, lq), the local keys kv_origin + [0, lk).
@@ -165,6 +238,9 @@ def _plan_axis(length, kernel_size, stride, dilation, is_causal, q_tile, kv_tile
                 lo = hi = lq - 1
             first, last = start[lo] // kv_tile, (stop[hi] - 1) // kv_tile
             kv_first[g, qt], kv_count[g, qt] = first, last - first + 1
+            if region:
+                regions[g, qt] = _region_chunks(start, stop, lo, hi, lk, kv_tile)
+                region_computed += real * q_tile * kv_tile * regions[g, qt][1]
             if not real:
                 continue
             pair_any[qt, first : last + 1] = True
@@ -172,15 +248,36 @@ def _plan_axis(length, kernel_size, stride, dilation, is_causal, q_tile, kv_tile
             for kt in range(first, last + 1):
                 k_lo, k_hi = kt * kv_tile, (kt + 1) * kv_tile
                 pair_full[g, qt, kt] = start[hi] <= k_lo and stop[lo] >= k_hi and k_hi <= lk
+        for kt in range(nk) if region else ():
+            q_regions[g, kt] = _query_chunks(start, stop, kt * kv_tile, (kt + 1) * kv_tile, lq, q_tile)
         for kt in range(nk):
             rows = np.nonzero(pair_any[:, kt])[0]
             if len(rows):
                 q_first[g, kt], q_count[g, kt] = rows[0], rows[-1] - rows[0] + 1
                 assert q_count[g, kt] == len(rows), "Q tiles of a KV tile must be contiguous"
+    region_tables = {}
+    if region:
+        steps = max(count for _, count, _ in regions.values())
+        region_tables = dict(
+            kv_origin_tok=np.zeros((d, nq), np.int32), kv_steps=np.zeros((d, nq), np.int32),
+            region_full=np.zeros((d, nq, steps), bool))
+        for (g, qt), (origin, count, full) in regions.items():
+            region_tables["kv_origin_tok"][g, qt] = origin
+            region_tables["kv_steps"][g, qt] = count
+            region_tables["region_full"][g, qt, :count] = full
+        q_steps = max(1, max(count for _, count, _ in q_regions.values()))
+        region_tables.update(
+            q_origin_tok=np.zeros((d, nk), np.int32), q_steps=np.zeros((d, nk), np.int32),
+            region_q_full=np.zeros((d, nk, q_steps), bool))
+        for (g, kt), (origin, count, full) in q_regions.items():
+            region_tables["q_origin_tok"][g, kt] = origin
+            region_tables["q_steps"][g, kt] = count
+            region_tables["region_q_full"][g, kt, :count] = full
+        computed = region_computed  # what the forward computes
     return AxisPlan(
         length, kernel_size, stride, dilation, is_causal, q_tile, kv_tile, tuple(groups), nq, nk,
         kv_first, kv_count, q_first, q_count, pair_full, useful, computed,
-        q_len, kv_len, q_origin, kv_origin,
+        q_len, kv_len, q_origin, kv_origin, **region_tables,
     )
 
 
@@ -189,8 +286,10 @@ class TilePlan:
     """Per-axis plans of one problem plus the packed int32 table the kernels read.
 
     ``tables`` holds, per axis, ``kv_first, kv_count, q_first, q_count`` (each ``[d, n]``) and
-    ``pair_full`` (``[d, nq, nk]``) flattened back to back; ``offsets[axis]`` gives where each
-    starts, in that order.
+    ``pair_full`` (``[d, nq, nk]``), then with the key-region walk ``kv_origin_tok, kv_steps``
+    (``[d, nq]``), ``region_full`` (``[d, nq, max_kv_steps]``), ``q_origin_tok, q_steps``
+    (``[d, nk]``) and ``region_q_full`` (``[d, nk, max_q_steps]``), flattened back to back;
+    ``offsets[axis]`` gives where each starts, in that order.
     """
 
     axes: tuple[AxisPlan, ...]
@@ -231,6 +330,11 @@ class TilePlan:
         return any(a.has_span for a in self.axes)
 
     @property
+    def region(self) -> bool:
+        """Whether the forward and dQ kernels walk key regions (`AxisPlan`)."""
+        return self.axes[0].region
+
+    @property
     def efficiency(self) -> float:
         """Useful (query, key) pairs over pairs computed in visited tiles (forward pass)."""
         return math.prod(a.useful_pairs / a.computed_pairs for a in self.axes)
@@ -238,20 +342,26 @@ class TilePlan:
 
 @functools.lru_cache(maxsize=256)
 def make_plan(params: semantics.NAParams, q_tile: tuple[int, ...], kv_tile: tuple[int, ...],
-              spans: tuple[AxisSpan | None, ...] | None = None) -> TilePlan:
+              spans: tuple[AxisSpan | None, ...] | None = None, region: bool = False) -> TilePlan:
     """Plans the tiling of ``params`` with Q tiles of shape ``q_tile`` and KV tiles ``kv_tile``;
     ``spans`` (one `AxisSpan` or None per axis): the local queries and keys of each axis
-    (query offsets; None: the whole axis)."""
+    (query offsets; None: the whole axis); ``region``: also plan the key-region walk
+    (`AxisPlan`; for kernels that read keys in place at any token offset)."""
     if len(q_tile) != params.rank or len(kv_tile) != params.rank:
         raise ValueError(f"tile shapes {q_tile}, {kv_tile} must have {params.rank} entries")
     spans = spans or (None,) * params.rank
     if len(spans) != params.rank:
         raise ValueError(f"spans {spans} must have {params.rank} entries")
-    axes = tuple(_plan_axis(*params.axis(a), q_tile[a], kv_tile[a], spans[a]) for a in range(params.rank))
+    axes = tuple(_plan_axis(*params.axis(a), q_tile[a], kv_tile[a], spans[a], region)
+                 for a in range(params.rank))
     parts, offsets, cursor = [], [], 0
     for ax in axes:
         axis_offsets = []
-        for table in (ax.kv_first, ax.kv_count, ax.q_first, ax.q_count, ax.pair_full):
+        tables = [ax.kv_first, ax.kv_count, ax.q_first, ax.q_count, ax.pair_full]
+        if region:
+            tables += [ax.kv_origin_tok, ax.kv_steps, ax.region_full, ax.q_origin_tok, ax.q_steps,
+                       ax.region_q_full]
+        for table in tables:
             axis_offsets.append(cursor)
             parts.append(table.astype(np.int32).ravel())
             cursor += table.size

@@ -115,19 +115,21 @@ def choose_tiles(params: semantics.NAParams, classes):
     return best
 
 
-def ranked_tiles(params: semantics.NAParams, q_tokens: int, kv_tokens: int, top: int):
-    """The ``top`` per-axis tile-shape pairs of one class by tile efficiency: ``[(eff, q, kv)]``."""
+def ranked_tiles(params: semantics.NAParams, q_tokens: int, kv_tokens: int, top: int, region: bool = False):
+    """The ``top`` per-axis tile-shape pairs of one class by tile efficiency: ``[(eff, q, kv)]``
+    (``region``: of the key-region walk)."""
     caps = axis_caps(params)
-    scored = sorted(((tile_efficiency(params, q, kv), q, kv) for q in tile_shapes(q_tokens, caps)
+    scored = sorted(((tile_efficiency(params, q, kv, region), q, kv) for q in tile_shapes(q_tokens, caps)
                      for kv in tile_shapes(kv_tokens, caps)), key=lambda t: -t[0])
     return scored[:top]
 
 
-def tile_efficiency(params: semantics.NAParams, q_tile, kv_tile) -> float:
-    """Useful over computed (query, key) pairs of a tiling (see `jna._src.plan.axis_pair_counts`)."""
+def tile_efficiency(params: semantics.NAParams, q_tile, kv_tile, region: bool = False) -> float:
+    """Useful over computed (query, key) pairs of a tiling (see `jna._src.plan.axis_pair_counts`;
+    ``region``: the key-region walk's)."""
     eff = 1.0
     for a in range(params.rank):
-        useful, computed = planning.axis_pair_counts(*params.axis(a), q_tile[a], kv_tile[a])
+        useful, computed = planning.axis_pair_counts(*params.axis(a), q_tile[a], kv_tile[a], region)
         eff *= useful / computed
     return eff
 
@@ -194,6 +196,37 @@ class Geometry:
         ax, off = self.plan.axes[a], self.plan.offsets[a]
         idx = self.g[a] * ax.num_kv_tiles + kt_a
         return _table(self.tab, off[2], idx), _table(self.tab, off[3], idx)
+
+    def kv_region(self, a: int, qt_a):
+        """The key-region walk of Q tile ``qt_a`` on axis ``a``: ``(origin, steps)``, its first
+        chunk's first key (local key coordinate) and its number of chunks (`planning.AxisPlan`)."""
+        ax, off = self.plan.axes[a], self.plan.offsets[a]
+        idx = self.g[a] * ax.num_q_tiles + qt_a
+        return _table(self.tab, off[5], idx), _table(self.tab, off[6], idx)
+
+    def region_full(self, qt, steps):
+        """1 when chunk ``steps`` (per-axis chunk ids) of Q tile ``qt``'s key region needs no mask."""
+        flag = None
+        for a, ax in enumerate(self.plan.axes):
+            idx = (self.g[a] * ax.num_q_tiles + qt[a]) * ax.max_kv_steps + steps[a]
+            f = _table(self.tab, self.plan.offsets[a][7], idx)
+            flag = f if flag is None else flag * f
+        return flag
+
+    def q_region(self, a: int, kt_a):
+        """The dK/dV kernel's query walk of KV tile ``kt_a`` on axis ``a``: ``(origin, steps)``."""
+        ax, off = self.plan.axes[a], self.plan.offsets[a]
+        idx = self.g[a] * ax.num_kv_tiles + kt_a
+        return _table(self.tab, off[8], idx), _table(self.tab, off[9], idx)
+
+    def region_q_full(self, kt, steps):
+        """1 when query chunk ``steps`` (per-axis chunk ids) of KV tile ``kt`` needs no mask."""
+        flag = None
+        for a, ax in enumerate(self.plan.axes):
+            idx = (self.g[a] * ax.num_kv_tiles + kt[a]) * ax.max_q_steps + steps[a]
+            f = _table(self.tab, self.plan.offsets[a][10], idx)
+            flag = f if flag is None else flag * f
+        return flag
 
     def full(self, qt, kt):
         """1 when tile pair (qt, kt) (per-axis lists) needs no mask on any axis."""

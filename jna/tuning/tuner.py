@@ -148,8 +148,11 @@ def tune_problem(backend: str, problem, dtype, objective: str, shapes_per_class:
     if default_ms < best_ms:
         default = backends.get(backend).default_config(na)
         config, best_ms = dataclasses.asdict(default), default_ms
-        efficiency = jna_tiling.tile_efficiency(problem.params, default.q_tile, default.kv_tile)
+        efficiency = jna_tiling.tile_efficiency(problem.params, default.q_tile, default.kv_tile,
+                                                getattr(default, "kv_region", False))
     for ms, cand in results:  # each class's best candidate, as TFLOP/s at full tile efficiency
+        if getattr(cand.config, "kv_region", False):
+            continue  # class speeds steer the aligned tile chooser; region steps are another rate
         speed = flops / (ms * 1e-3) / 1e12 / cand.efficiency
         key = jna_tuned.class_key(cand.class_fields)
         if key not in speeds or speed > speeds[key][1]:

@@ -68,6 +68,10 @@ class TritonConfig:
     products (the backward kernels use the same tiling, so they share the token permutation).
     ``direct_layout``: read tiles in place from ``[B, *X, H, D]`` when the problem allows it
     (no dilation, every axis a multiple of the tiles); False always permutes tokens first.
+    ``kv_region``: where tiles are read in place (the direct or grouped layout), the forward and
+    dQ kernels walk each Q tile's exact key region in ``kv_tile`` chunks from any token offset
+    (`jna._src.plan.AxisPlan`) instead of the aligned KV tiles covering it: fewer, fuller steps
+    for small windows (issue 16). Ignored in the permuted layout. A tuner field.
     """
 
     q_tile: tuple[int, ...]
@@ -77,6 +81,7 @@ class TritonConfig:
     bwd_num_warps: int = 4
     bwd_num_stages: int = 1
     direct_layout: bool = True
+    kv_region: bool = False
 
     def __post_init__(self):
         tiling.normalize_tiles(self)
@@ -263,18 +268,19 @@ class _Layout:
         extents, _ = self._tiles(kind)
         return any(n % e for n, e in zip(self.group_lengths(kind), extents))
 
-    def in_group(self, kind, tile, trailing: int):
-        """``[*tile_extents, 1 x trailing]`` bool: which rows of tile ``tile`` (per-axis ids) lie
-        inside the group (grouped layout; None when every tile fits)."""
+    def in_group(self, kind, origins, trailing: int):
+        """``[*tile_extents, 1 x trailing]`` bool: which rows of the tile whose first token is
+        ``origins`` (per axis, group coordinates) lie inside the group (grouped layout; None
+        when every tile fits)."""
         if not self.ragged(kind):
             return None
         extents, _ = self._tiles(kind)
         shape = (*extents, *(1,) * trailing)
         inside = None
-        for a, (t, e, n) in enumerate(zip(tile, extents, self.group_lengths(kind))):
-            if n % e == 0:
+        for a, (o, e, n) in enumerate(zip(origins, extents, self.group_lengths(kind))):
+            if n % e == 0:  # tiles and key-region chunks end inside (`planning._region_chunks`)
                 continue
-            ok = t * e + jax.lax.broadcasted_iota(jnp.int32, shape, a) < n
+            ok = o + jax.lax.broadcasted_iota(jnp.int32, shape, a) < n
             inside = ok if inside is None else inside & ok
         return inside
 
@@ -292,14 +298,21 @@ class _Layout:
         return x.reshape(x.shape[0], *spatial, *x.shape[1 + 2 * rank:])
 
 
-def _load(ref, st: "_Static", kind: str, tile, index: tuple):
-    """``ref[index]`` (``index``: a tile's slices, then trailing indices); in the grouped layout
-    the rows past the group length read as zeros (masked: the tile may run past the array)."""
+def _load(ref, st: "_Static", kind: str, origins, index: tuple):
+    """``ref[index]`` (``index``: the slices of a tile whose first token is ``origins``, per
+    axis, then trailing indices); in the grouped layout the rows past the group length read as
+    zeros (masked: the tile may run past the array)."""
     lay = st.layout
     if not lay.grouped or not lay.ragged(kind):
         return ref[index]
     trailing = _trailing_dims(ref, index, lay.plan.rank)
-    return pltriton.load(ref.at[index], mask=lay.in_group(kind, tile, trailing), other=0)
+    return pltriton.load(ref.at[index], mask=lay.in_group(kind, origins, trailing), other=0)
+
+
+def _origins(st: "_Static", kind: str, tile):
+    """The first token (per axis) of aligned tile ``tile`` (per-axis ids)."""
+    extents = st.config.q_tile if kind == "q" else st.config.kv_tile
+    return [t * e for t, e in zip(tile, extents)]
 
 
 def _trailing_dims(ref, index, rank: int) -> int:
@@ -316,7 +329,7 @@ def _own(ref, st: "_Static", kind: str, tile):
     if not lay.grouped:
         return ref[...]
     index = (*lay.slices(kind, tile, None), *(slice(None),) * (len(ref.shape) - lay.plan.rank))
-    return _load(ref, st, kind, tile, index)
+    return _load(ref, st, kind, _origins(st, kind, tile), index)
 
 
 def _put(ref, st: "_Static", kind: str, tile, value):
@@ -329,7 +342,7 @@ def _put(ref, st: "_Static", kind: str, tile, value):
     trailing = len(ref.shape) - lay.plan.rank
     index = (*lay.slices(kind, tile, None), *(slice(None),) * trailing)
     value = value.reshape(*lay.block(kind), *ref.shape[lay.plan.rank:])
-    mask = lay.in_group(kind, tile, trailing)
+    mask = lay.in_group(kind, _origins(st, kind, tile), trailing)
     if mask is None:
         ref[index] = value
     else:
@@ -341,11 +354,45 @@ def _put(ref, st: "_Static", kind: str, tile, value):
 # ----------------------------------------------------------------------------------------------
 
 
+class _Walk:
+    """What one program visits, in tile-shaped steps: a Q tile's keys (``kind="kv"``: forward,
+    dQ, tangent) or a KV tile's queries (``kind="q"``: dK/dV). Either the aligned tiles of the
+    plan (`TileWalk`), or with the region walk (`TritonConfig.kv_region`) the chunks of the
+    exact region from the plan's token origins. ``total``: the number of steps; `visit`: what a
+    kernel needs of step ``i``."""
+
+    def __init__(self, st: _Static, geo: Geometry, tile, kind: str):
+        self.st, self.geo, self.tile, self.kind = st, geo, tile, kind
+        self.extents = st.config.kv_tile if kind == "kv" else st.config.q_tile
+        if st.plan.region:
+            region = geo.kv_region if kind == "kv" else geo.q_region
+            regions = [region(a, tile[a]) for a in range(st.plan.rank)]
+            self.region_origins = [origin for origin, _ in regions]
+            self.walk = TileWalk([(jnp.int32(0), steps) for _, steps in regions], [s for _, s in regions])
+        else:
+            self.walk = (TileWalk.kv_tiles if kind == "kv" else TileWalk.q_tiles)(geo, tile)
+        self.total = self.walk.total
+
+    def visit(self, i):
+        """Step ``i``: the visited tokens' first token per axis (local coordinates), the
+        in-kernel slices of the visited operands, and the flag (int32) that the pair of this
+        program's tile and the step needs no mask."""
+        st, geo = self.st, self.geo
+        steps, flat = self.walk.at(i)
+        if st.plan.region:
+            origins = [o + j * e for o, j, e in zip(self.region_origins, steps, self.extents)]
+            slices = tuple(pl.ds(o, e) for o, e in zip(origins, self.extents))
+            full = geo.region_full(self.tile, steps) if self.kind == "kv" else geo.region_q_full(self.tile, steps)
+            return origins, slices, full
+        full = geo.full(self.tile, steps) if self.kind == "kv" else geo.full(steps, self.tile)
+        return _origins(st, self.kind, steps), st.layout.slices(self.kind, steps, flat), full
+
+
 def _q_tile_program(st: _Static, tab_ref):
     """Per-program state of a kernel over one Q tile (grid: Q tile, batch*group, head).
 
     Returns the geometry, this program's per-axis Q tile ids, the tile-local key coordinates of
-    a KV tile, its queries' per-axis windows, and the walk over the KV tiles to visit.
+    a KV step, its queries' per-axis windows, and the walk over the keys to visit (`_Walk`).
     """
     plan, cfg = st.plan, st.config
     geo = Geometry(st.plan, tab_ref, pl.program_id(1))
@@ -353,14 +400,7 @@ def _q_tile_program(st: _Static, tab_ref):
     q_local = geo.local_coords(cfg.q_tile)
     k_local = geo.local_coords(cfg.kv_tile)
     windows = [geo.window(a, qt[a] * cfg.q_tile[a] + q_local[a]) for a in range(plan.rank)]
-    walk = TileWalk.kv_tiles(geo, qt)
-    return geo, qt, k_local, windows, walk
-
-
-def _visit(st: _Static, walk: TileWalk, i, kind: str):
-    """Step ``i`` of ``walk``: per-axis tile ids and in-kernel slices."""
-    tiles, flat = walk.at(i)
-    return tiles, st.layout.slices(kind, tiles, flat)
+    return geo, qt, k_local, windows, _Walk(st, geo, qt, "kv")
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static):
@@ -384,7 +424,7 @@ def _contained_kernel(q_ref, k_ref, v_ref, tab_ref, o_in, lse_in, o_ref, lse_ref
 def _forward_loop(q_ref, k_ref, v_ref, o_ref, lse_ref, program, *, st: _Static, contain: bool):
     """The online-softmax loop of one Q tile; ``contain``: the variant that keeps non-finite
     values inside the windows that hold them."""
-    cfg, plan = st.config, st.plan
+    plan = st.plan
     f32 = _f32_products(st)
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
     geo, qt, k_local, windows, walk = program
@@ -394,13 +434,13 @@ def _forward_loop(q_ref, k_ref, v_ref, o_ref, lse_ref, program, *, st: _Static, 
 
     def body(i, carry):
         acc, m, l, poisoned = carry
-        kt, tile = _visit(st, walk, i, "kv")
-        k = _load(k_ref, st, "kv", kt, (*tile, slice(None))).reshape(tk, st.head_dim)
-        load_v = lambda: _load(v_ref, st, "kv", kt, (*tile, slice(None))).reshape(tk, st.value_dim)
+        ko, tile, full = walk.visit(i)
+        k = _load(k_ref, st, "kv", ko, (*tile, slice(None))).reshape(tk, st.head_dim)
+        load_v = lambda: _load(v_ref, st, "kv", ko, (*tile, slice(None))).reshape(tk, st.value_dim)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
-        y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
+        y = [ko[a] + k_local[a] for a in range(plan.rank)]
 
-        full = geo.full(qt, kt) > 0
+        full = full > 0
         if contain:
             # 0 * NaN = NaN: a non-finite value row outside a query's window would leak into its
             # output through P @ V. In partial tiles such rows are zeroed and the queries whose
@@ -449,11 +489,12 @@ def _forward_loop(q_ref, k_ref, v_ref, o_ref, lse_ref, program, *, st: _Static, 
     _put(lse_ref, st, "q", qt, (m + jnp.log2(l)) * _LN2)
 
 
-def _masked_probs(geo: Geometry, qt, kt, windows, y, s, lse2):
-    """Softmax probabilities ``exp2(s - lse)`` of a tile pair, zero where the mask forbids."""
+def _masked_probs(geo: Geometry, full, windows, y, s, lse2):
+    """Softmax probabilities ``exp2(s - lse)`` of a tile pair, zero where the mask forbids
+    (``full``: the pair's no-mask flag)."""
     p = jnp.exp2(s - lse2[:, None])
     return jax.lax.cond(
-        geo.full(qt, kt) > 0,
+        full > 0,
         lambda p: p,
         lambda p: jnp.where(geo.mask(windows, y), p, 0.0),
         p,
@@ -461,7 +502,7 @@ def _masked_probs(geo: Geometry, qt, kt, windows, y, s, lse2):
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref, *, st: _Static):
-    cfg, plan = st.config, st.plan
+    plan = st.plan
     f32 = _f32_products(st)
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
     geo, qt, k_local, windows, walk = _q_tile_program(st, tab_ref)
@@ -473,12 +514,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
     delta = _own(delta_ref, st, "q", qt).reshape(tq)
 
     def body(i, dq):
-        kt, tile = _visit(st, walk, i, "kv")
-        k = _load(k_ref, st, "kv", kt, (*tile, slice(None))).reshape(tk, st.head_dim)
-        v = _load(v_ref, st, "kv", kt, (*tile, slice(None))).reshape(tk, st.value_dim)
+        ko, tile, full = walk.visit(i)
+        k = _load(k_ref, st, "kv", ko, (*tile, slice(None))).reshape(tk, st.head_dim)
+        v = _load(v_ref, st, "kv", ko, (*tile, slice(None))).reshape(tk, st.value_dim)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
-        y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
-        p = _masked_probs(geo, qt, kt, windows, y, s, lse2)
+        y = [ko[a] + k_local[a] for a in range(plan.rank)]
+        p = _masked_probs(geo, full, windows, y, s, lse2)
         dp = _dot(do, v, trans_b=True, f32=f32)
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, f32=f32)
@@ -496,7 +537,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
     q_local = geo.local_coords(cfg.q_tile)
     k_local = geo.local_coords(cfg.kv_tile)
     y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
-    walk = TileWalk.q_tiles(geo, kt)
+    walk = _Walk(st, geo, kt, "q")
     qk_scale = st.scale * _LOG2E
 
     k = _own(k_ref, st, "kv", kt).reshape(tk, st.head_dim)
@@ -504,14 +545,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
 
     def q_tile_body(i, carry, head):
         dk, dv = carry
-        qt, tile = _visit(st, walk, i, "q")
-        q = _load(q_ref, st, "q", qt, (*tile, head, slice(None))).reshape(tq, st.head_dim)
-        do = _load(do_ref, st, "q", qt, (*tile, head, slice(None))).reshape(tq, st.value_dim)
-        lse2 = _load(lse_ref, st, "q", qt, (*tile, head)).reshape(tq) * _LOG2E
-        delta = _load(delta_ref, st, "q", qt, (*tile, head)).reshape(tq)
+        qo, tile, full = walk.visit(i)
+        q = _load(q_ref, st, "q", qo, (*tile, head, slice(None))).reshape(tq, st.head_dim)
+        do = _load(do_ref, st, "q", qo, (*tile, head, slice(None))).reshape(tq, st.value_dim)
+        lse2 = _load(lse_ref, st, "q", qo, (*tile, head)).reshape(tq) * _LOG2E
+        delta = _load(delta_ref, st, "q", qo, (*tile, head)).reshape(tq)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
-        windows = [geo.window(a, qt[a] * cfg.q_tile[a] + q_local[a]) for a in range(plan.rank)]
-        p = _masked_probs(geo, qt, kt, windows, y, s, lse2)
+        windows = [geo.window(a, qo[a] + q_local[a]) for a in range(plan.rank)]
+        p = _masked_probs(geo, full, windows, y, s, lse2)
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, f32=f32)
         dp = _dot(do, v, trans_b=True, f32=f32)
         ds = p * (dp - delta[:, None])
@@ -839,6 +880,23 @@ def _grouped_ok(problem: NAProblem, plan: planning.TilePlan, head_dim: int, valu
     )
 
 
+def _in_place(problem: NAProblem, plan: planning.TilePlan, config: TritonConfig) -> tuple[bool, bool]:
+    """``(direct, grouped)``: which in-place layout the kernels take for this call, if any."""
+    head_dim, value_dim = _padded_dim(problem.head_dim), _padded_dim(problem.value_dim)
+    direct = _direct_ok(problem, plan, head_dim, value_dim, config.direct_layout)
+    grouped = not direct and _grouped_ok(problem, plan, head_dim, value_dim, config.direct_layout)
+    return direct, grouped
+
+
+def region_applies(problem: NAProblem, config: TritonConfig) -> bool:
+    """Whether ``config`` runs the key-region walk on ``problem`` (it asks for it and the tiles
+    are read in place; whole problems, no query offsets)."""
+    if not config.kv_region:
+        return False
+    plan = planning.make_plan(problem.params, config.q_tile, config.kv_tile)
+    return any(_in_place(problem, plan, config))
+
+
 def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None,
               spans: tuple[planning.AxisSpan | None, ...] | None = None):
     """Fused neighborhood attention (differentiable in q, k, v and through both outputs).
@@ -862,8 +920,9 @@ def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None,
             raise ValueError(f"fused-triton: {kind} spatial shape {tuple(x.shape[1:-2])} does not match "
                              f"{plan.local_shape(kind)} (the problem's, or its spans')")
     head_dim, value_dim = _padded_dim(problem.head_dim), _padded_dim(problem.value_dim)
-    direct = _direct_ok(problem, plan, head_dim, value_dim, config.direct_layout)
-    grouped = not direct and _grouped_ok(problem, plan, head_dim, value_dim, config.direct_layout)
+    direct, grouped = _in_place(problem, plan, config)
+    if config.kv_region and (direct or grouped):  # keys read in place at any token offset
+        plan = planning.make_plan(problem.params, config.q_tile, config.kv_tile, spans, region=True)
     st = _Static(
         plan=plan,
         heads=problem.heads,
@@ -917,12 +976,21 @@ class FusedTriton(TritonBackend):
 
     def candidate_configs(self, problem: NAProblem, shapes_per_class: int = 2) -> list:
         """Every launch class of the problem's head-dim bucket, each with its
-        ``shapes_per_class`` most tile-efficient per-axis shapes."""
+        ``shapes_per_class`` most tile-efficient per-axis shapes; where the kernels read tiles
+        in place, also each class's most efficient shapes under the key-region walk
+        (``kv_region=True``: efficiency of that walk)."""
         out = []
         for c in launch.for_head_dim(launch_classes(), problem.head_dim):
             for eff, q_tile, kv_tile in ranked_tiles(problem.params, c.q_tokens, c.kv_tokens,
                                                      shapes_per_class):
                 out.append((c.fields, _config(c, q_tile, kv_tile), eff))
+                if region_applies(problem, out[-1][1]):
+                    break  # the region candidates follow; one aligned shape per class is enough
+            for eff, q_tile, kv_tile in ranked_tiles(problem.params, c.q_tokens, c.kv_tokens,
+                                                     shapes_per_class, region=True):
+                config = dataclasses.replace(_config(c, q_tile, kv_tile), kv_region=True)
+                if region_applies(problem, config):
+                    out.append((c.fields, config, eff))
         return out
 
     def attention(self, q, k, v, problem: NAProblem, spans=None):

@@ -23,13 +23,13 @@ from jax.experimental import pallas as pl
 
 from jna.backends.triton.fused import (
     _LOG2E, _Specs, _Static, _dot, _f32_products, _grid_batch, _load, _masked_probs, _own, _params, _put, _q_tile_program,
-    _tables, _visit,
+    _tables,
 )
 
 
 def _tangent_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, tq_ref, tk_ref, tv_ref, tab_ref, to_ref,
                     tlse_ref, *, st: _Static):
-    cfg, plan = st.config, st.plan
+    plan = st.plan
     f32 = _f32_products(st)
     tq_tokens, tk_tokens = plan.q_tile_tokens, plan.kv_tile_tokens
     geo, qt, k_local, windows, walk = _q_tile_program(st, tab_ref)
@@ -41,14 +41,14 @@ def _tangent_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, tq_ref, tk_ref, tv_ref,
 
     def body(i, carry):
         acc, mu = carry
-        kt, tile = _visit(st, walk, i, "kv")
-        k, tk = (_load(r, st, "kv", kt, (*tile, slice(None))).reshape(tk_tokens, st.head_dim)
+        ko, tile, full = walk.visit(i)
+        k, tk = (_load(r, st, "kv", ko, (*tile, slice(None))).reshape(tk_tokens, st.head_dim)
                  for r in (k_ref, tk_ref))
-        v, tv = (_load(r, st, "kv", kt, (*tile, slice(None))).reshape(tk_tokens, st.value_dim)
+        v, tv = (_load(r, st, "kv", ko, (*tile, slice(None))).reshape(tk_tokens, st.value_dim)
                  for r in (v_ref, tv_ref))
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
-        y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
-        p = _masked_probs(geo, qt, kt, windows, y, s, lse2)  # zero outside the windows
+        y = [ko[a] + k_local[a] for a in range(plan.rank)]
+        p = _masked_probs(geo, full, windows, y, s, lse2)  # zero outside the windows
         ts = (_dot(tq, k, trans_b=True, f32=f32) + _dot(q, tk, trans_b=True, f32=f32)) * st.scale
         pts = p * ts
         acc = acc + _dot(pts.astype(v.dtype), v, f32=f32) + _dot(p.astype(tv.dtype), tv, f32=f32)
