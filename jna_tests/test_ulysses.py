@@ -252,3 +252,23 @@ def test_ulysses_errors():
     with pytest.raises(ValueError, match="method='fast' is not one of"):
         js.spatial_route(q, k, v, 5, mesh=mesh4, spatial_axis="sp", method="fast")
     assert "ulysses" in js.METHODS
+
+
+@pytest.mark.slow
+def test_bench_sharding_ulysses_cpu_smoke(tmp_path):
+    """`python -m benchmarks sharding --method auto,ulysses` runs both routes on 8 virtual CPU
+    devices (tiny shapes) and names the route each row took."""
+    import json
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "sharding", "--cpu-smoke", "--repeats", "1",
+                           "--problems", "2d-flux", "--gpus", "2,4", "--batch", "2",
+                           "--method", "auto,ulysses", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench_sharding.json").read_text())["rows"]
+    spatial = {(r["method"], r["route"], r["devices"]) for r in rows if r["mode"] == "spatial" and r.get("ok")}
+    assert spatial == {("auto", "offset", 2), ("auto", "offset", 4), ("ulysses", "ulysses", 2),
+                       ("ulysses", "ulysses", 4)}, rows
+    assert "ulysses" in (tmp_path / "bench_sharding.md").read_text()
