@@ -288,18 +288,19 @@ def slab_plan(params: semantics.NAParams, num_shards: int, dim: int = 0) -> Slab
 
 
 def ulysses_reason(heads: int, kv_heads: int, num_shards: int,
-                   axis_name: str = "spatial_axis") -> str | None:
+                   axis_name: str | None = None) -> str | None:
     """Why Ulysses cannot split these heads over ``num_shards`` devices, or None.
 
     ``heads`` / ``kv_heads``: the query / kv heads one shard holds before the all_to_all (after
     any ``head_axis`` sharding). Both are split into ``num_shards`` contiguous blocks, block ``i``
     of the query heads with block ``i`` of the kv heads, so both must divide (a GQA group never
-    straddles two devices then)."""
+    straddles two devices then). ``axis_name``: the spatial mesh axis, for the message."""
     bad = [f"{what} ({count})" for what, count in (("heads", heads), ("kv heads", kv_heads))
            if count % num_shards]
     if not bad:
         return None
-    return (f"Ulysses splits the heads over the {num_shards} devices of spatial_axis={axis_name!r}, "
+    where = f"spatial_axis={axis_name!r}" if axis_name else "the spatial mesh axis"
+    return (f"Ulysses splits the heads over the {num_shards} devices of {where}, "
             f"but {' and '.join(bad)} per shard (after head_axis) are not divisible by {num_shards}")
 
 
@@ -576,7 +577,7 @@ def _spatial_route(backend: str, problem, h: Halo, method: str, stacklevel: int 
 
 
 def _choose_route(backend, problem, num_shards: int, dim: int, method: str, heads: int,
-                  kv_heads: int, batch: int, axis_name: str = "spatial_axis",
+                  kv_heads: int, batch: int, axis_name: str | None = None,
                   ) -> tuple[Any, str, Halo | None]:
     """``(module, route, halo)`` of a call spatially sharded ``num_shards`` ways along ``dim``.
 
