@@ -1,7 +1,7 @@
-"""Benchmark of sharded NA (`jna.sharding`): spatial halo exchange and batch parallel.
+"""Benchmark of sharded NA (`jna.sharding`): spatial halo exchange, Ulysses and batch parallel.
 
     python -m benchmarks sharding --out DIR [--problems 3d-hunyuan,2d-flux] [--gpus 1,2,4]
-        [--backend auto] [--method auto] [--repeats 10] [--cpu-smoke]
+        [--backend auto] [--method auto[,ulysses,...]] [--repeats 10] [--cpu-smoke]
 
 For each problem, forward and forward+backward (VJP of ``sum(out * dout)``) are timed
 (median of synchronized repeats after warm-up, `jna.tuning.timing.median_ms`):
@@ -9,8 +9,14 @@ For each problem, forward and forward+backward (VJP of ``sum(out * dout)``) are 
 * on one device (the baseline, batch 1 and batch 4);
 * ``1`` in ``--gpus``: through `jna.sharding` on a mesh of one device (the sharded code path with
   empty halos, against the plain call);
-* spatially sharded over P devices (each P of ``--gpus`` above 1) along the axis with the
-  smallest halo per shard row (``--spatial-dim`` overrides), with `jna.sharding.halo` widths;
+* spatially sharded over P devices (each P of ``--gpus`` above 1), once per method of
+  ``--method`` (a comma-separated list of `jna.sharding.METHODS`: ``auto``, ``offset``, ``slab``,
+  ``ulysses``), along the axis with the smallest halo per shard row (``--spatial-dim``
+  overrides; where no halo fits, the first axis that splits evenly, which only Ulysses can run).
+  Each row names the route the call took (`jna.sharding.spatial_route`: ``auto`` resolves to
+  ``offset``, ``slab`` or ``ulysses``), the `jna.sharding.halo` widths (halo routes), and the
+  bytes one shard sends in the forward pass by `jna.sharding.route_bytes` (the halo's K and V,
+  or Ulysses' all-to-alls of q, k, v, out and lse);
 * batch-sharded: batch 4 over P devices (no communication).
 
 Every sharded result (output and the q/k/v gradients) is checked against the single-device one:
@@ -19,7 +25,8 @@ and makes the script exit non-zero. Writes ``bench_sharding.json`` and ``bench_s
 ``--out`` and prints the markdown.
 
 ``--cpu-smoke`` runs tiny versions of the problems on 8 virtual CPU devices (float32, the
-``reference`` backend under ``auto``): a check that the script works, not a measurement.
+``reference`` backend under ``auto``; 4 heads, so that Ulysses splits them over 2 and 4
+devices): a check that the script works, not a measurement.
 """
 
 from __future__ import annotations
@@ -51,9 +58,9 @@ from jna.tuning.timing import median_ms
 
 RTOL = 1e-2
 SMOKE = {
-    "3d-hunyuan": problem_sets.Problem("3d-hunyuan (tiny)", 1, 2, 16, (8, 8, 16), (3, 4, 4),
+    "3d-hunyuan": problem_sets.Problem("3d-hunyuan (tiny)", 1, 4, 16, (8, 8, 16), (3, 4, 4),
                                        (1, 1, 1), (1, 1, 1), (False, False, False)),
-    "2d-flux": problem_sets.Problem("2d-flux (tiny)", 1, 2, 16, (32, 32), (5, 5), (1, 1), (1, 1),
+    "2d-flux": problem_sets.Problem("2d-flux (tiny)", 1, 4, 16, (32, 32), (5, 5), (1, 1), (1, 1),
                                     (False, False)),
 }
 
@@ -79,6 +86,21 @@ def choose_dim(params, gpus: int) -> int | None:
         if best is None or cost < best[0]:
             best = (cost, dim)
     return None if best is None else best[1]
+
+
+def even_dim(params, gpus: int) -> int | None:
+    """The first spatial axis that ``gpus`` shards split evenly (what Ulysses needs: its bytes do
+    not depend on the axis), or None."""
+    return next((d for d in range(params.rank) if params.spatial_shape[d] % gpus == 0), None)
+
+
+def parse_methods(text: str) -> list[str]:
+    """``--method``: comma-separated names of `jna.sharding.METHODS`."""
+    methods = [m for m in text.split(",") if m]
+    bad = [m for m in methods if m not in js.METHODS]
+    if bad or not methods:
+        raise argparse.ArgumentTypeError(f"--method {text!r}: each must be one of {js.METHODS}")
+    return methods
 
 
 def _functions(problem, backend, shard_kw):
@@ -129,7 +151,7 @@ def run(args) -> dict:
     result = dict(
         meta=dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   jax=jax.__version__, device=str(devices[0].device_kind), num_devices=len(devices),
-                  backend=args.backend, method=args.method, dtype=jnp.dtype(dtype).name,
+                  backend=args.backend, method=",".join(args.method), dtype=jnp.dtype(dtype).name,
                   cpu_smoke=args.cpu_smoke),
         rows=rows)
 
@@ -144,6 +166,7 @@ def run(args) -> dict:
             _log(f"{problem.name}: batch {batch} on one device")
             base, ref = measure(problem, args.backend, batch, devices, None, dtype, args.repeats)
             emit(dict(problem=problem.name, mode="single", devices=1, batch=batch, **base))
+            runs = []  # (entry, shard_kw): one spatial run per method, or one batch run
             for g in gpus:
                 # g == 1 runs the sharded code path on a mesh of one device (shard_map, halo of
                 # zero rows): its overhead over the plain call, where only one GPU is lent.
@@ -151,21 +174,35 @@ def run(args) -> dict:
                     _log(f"  skip {g} devices: only {len(devices)}")
                     continue
                 if batch == 1:
-                    dim = args.spatial_dim if args.spatial_dim is not None else choose_dim(params, g)
-                    entry = dict(problem=problem.name, mode="spatial", devices=g, batch=batch, dim=dim)
-                    if dim is None:
-                        emit(dict(entry, error="no spatial axis can be split (halo > shard)"))
-                        continue
-                    h = js.halo(params, g, dim)
-                    entry["halo"] = [h.left, h.right, h.shard_size]
-                    shard_kw = dict(mesh=Mesh(np.array(devices[:g]), ("sp",)), spatial_axis="sp",
-                                    spatial_dim=dim, method=args.method)
+                    for method in args.method:
+                        entry = dict(problem=problem.name, mode="spatial", devices=g, batch=batch,
+                                     method=method)
+                        dim = args.spatial_dim if args.spatial_dim is not None else choose_dim(params, g)
+                        if dim is None and method in ("auto", "ulysses"):
+                            dim = even_dim(params, g)  # no halo fits: Ulysses may still run
+                        entry["dim"] = dim
+                        if dim is None:
+                            emit(dict(entry, error="no spatial axis can be split (halo > shard)"))
+                            continue
+                        shard_kw = dict(mesh=Mesh(np.array(devices[:g]), ("sp",)), spatial_axis="sp",
+                                        spatial_dim=dim, method=method)
+                        runs.append((entry, shard_kw))
                 else:
                     if batch % g:
                         continue
                     entry = dict(problem=problem.name, mode="batch", devices=g, batch=batch)
-                    shard_kw = dict(mesh=Mesh(np.array(devices[:g]), ("data",)), batch_axis="data")
-                _log(f"  {entry['mode']} over {g} devices")
+                    runs.append((entry, dict(mesh=Mesh(np.array(devices[:g]), ("data",)),
+                                             batch_axis="data")))
+            for entry, shard_kw in runs:
+                g = entry["devices"]
+                if entry["mode"] == "spatial":
+                    try:
+                        entry.update(_route_info(problem, params, dtype, args.backend, shard_kw))
+                    except (ValueError, NotImplementedError) as e:
+                        emit(dict(entry, error=f"{type(e).__name__}: {e}"))
+                        continue
+                _log(f"  {entry['mode']} over {g} devices" +
+                     (f" ({entry['method']} -> {entry['route']})" if "route" in entry else ""))
                 try:
                     row, _ = measure(problem, args.backend, batch, devices, shard_kw, dtype,
                                      args.repeats, reference=ref)
@@ -177,6 +214,28 @@ def run(args) -> dict:
                     row[f"{mode}_efficiency"] = base[f"{mode}_ms"] / (g * row[f"{mode}_ms"])
                 emit(dict(entry, **row))
     return result
+
+
+def _route_info(problem, params, dtype, backend, shard_kw) -> dict:
+    """The route a spatial run takes, its halo widths (halo routes) and the bytes one shard
+    sends in the forward pass (`jna.sharding.route_bytes`); raises what the call would."""
+    q = jax.ShapeDtypeStruct((1, *problem.shape, problem.heads, problem.head_dim), dtype)
+    route = js.spatial_route(q, q, q, **problem.na_kwargs, backend=backend, **shard_kw)
+    g, dim = shard_kw["mesh"].shape["sp"], shard_kw["spatial_dim"]
+    info = dict(route=route)
+    if route is None:  # a one-device mesh: the sharded code path with empty halos
+        h = js.halo(params, g, dim)
+        info["halo"] = [h.left, h.right, h.shard_size]
+        return info
+    model = js.route_bytes(params, g, dim, batch=1, heads=problem.heads, head_dim=problem.head_dim,
+                           dtype=dtype)
+    if route == "ulysses":
+        info["comm_mib"] = model["ulysses"] / 2**20
+    else:
+        h = js.halo(params, g, dim)
+        info["halo"] = [h.left, h.right, h.shard_size]
+        info["comm_mib"] = model["halo"] / 2**20
+    return info
 
 
 def save(result: dict, out_dir: str) -> str:
@@ -193,20 +252,27 @@ def markdown(result: dict) -> str:
     m = result["meta"]
     lines = [f"# jna.sharding benchmark ({m['device']} x{m['num_devices']}, jax {m['jax']}, "
              f"backend {m['backend']}, method {m['method']}, {m['dtype']}, {m['date']})", "",
-             "| problem | mode | devices | batch | axis | halo L/R (rows/shard) | fwd ms | fwd eff | "
-             "fwd+bwd ms | fwd+bwd eff | max rel L2 | check |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Route: the method asked -> the route taken (`auto` picks by `jna.sharding.route_bytes`). "
+             "MiB/shard: bytes one shard sends in the forward pass (the model; fwd+bwd sends twice "
+             "that).", "",
+             "| problem | mode | devices | batch | method -> route | axis | halo L/R (rows/shard) | "
+             "MiB/shard fwd | fwd ms | fwd eff | fwd+bwd ms | fwd+bwd eff | max rel L2 | check |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        route = ""
+        if "method" in r:
+            route = r["method"] + (f" -> {r['route']}" if r.get("route") and r["route"] != r["method"] else "")
         if "error" in r:
-            lines.append(f"| {r['problem']} | {r['mode']} | {r['devices']} | {r['batch']} | "
-                         f"{r.get('dim', '')} | | | | | | | error: {r['error'][:120]} |")
+            lines.append(f"| {r['problem']} | {r['mode']} | {r['devices']} | {r['batch']} | {route} | "
+                         f"{r.get('dim', '')} | | | | | | | | error: {r['error'][:120]} |")
             continue
         halo = f"{r['halo'][0]}/{r['halo'][1]} ({r['halo'][2]})" if "halo" in r else ""
+        comm = f"{r['comm_mib']:.1f}" if "comm_mib" in r else ""
         eff = lambda key: f"{r[key]:.2f}" if key in r else ""
         err = f"{max(r['rel_l2'].values()):.2e}" if "rel_l2" in r else ""
         check = "" if "ok" not in r else ("ok" if r["ok"] else "FAIL")
-        lines.append(f"| {r['problem']} | {r['mode']} | {r['devices']} | {r['batch']} | "
-                     f"{r.get('dim', '')} | {halo} | {r['fwd_ms']:.3f} | {eff('fwd_efficiency')} | "
+        lines.append(f"| {r['problem']} | {r['mode']} | {r['devices']} | {r['batch']} | {route} | "
+                     f"{r.get('dim', '')} | {halo} | {comm} | {r['fwd_ms']:.3f} | {eff('fwd_efficiency')} | "
                      f"{r['fwd_bwd_ms']:.3f} | {eff('fwd_bwd_efficiency')} | {err} | {check} |")
     return "\n".join(lines) + "\n"
 
@@ -218,7 +284,8 @@ def main() -> int:
     parser.add_argument("--gpus", default="1,2,4", help="device counts to shard over")
     parser.add_argument("--batch", type=int, default=4, help="batch of the batch-sharded runs")
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--method", default="auto", choices=js.METHODS)
+    parser.add_argument("--method", default=["auto"], type=parse_methods,
+                        help=f"spatial route(s), comma-separated, of {', '.join(js.METHODS)}")
     parser.add_argument("--spatial-dim", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--cpu-smoke", action="store_true",

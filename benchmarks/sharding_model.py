@@ -1,4 +1,4 @@
-"""Scaling model of sharded NA on paper: halo bytes vs compute per shard, predicted efficiency.
+"""Scaling model of sharded NA on paper: halo / all-to-all bytes vs compute per shard, efficiency.
 
 ``python -m benchmarks sharding-model [--markdown PATH]`` prints the tables of docs/sharding.md
 for the public problems 1d-long, 2d-flux and 3d-hunyuan on 2/4/8 GPUs. Nothing runs on a device:
@@ -8,7 +8,7 @@ for the public problems 1d-long, 2d-flux and 3d-hunyuan on 2/4/8 GPUs. Nothing r
   (``(left + right) * cross-section * H_kv * (D + D_v) * 2``); forward+backward sends the same
   again (the halo gradients go back to their owners; the compiled HLO has 2 collective-permutes
   forward and 2 more backward, see the tests);
-* compute time per shard scales the measured one-GPU time (fused-triton on an H100) by the
+* compute time per shard scales the measured one-GPU time (fused-triton on an H200) by the
   (query, key) pairs the shard's tiles compute, relative to the whole problem, with the tile
   shapes the one-GPU run used. This captures tile waste of smaller per-shard extents: a shard's
   Q tiles start at its first row and its KV tiles at the first halo row (``native offset``), or
@@ -18,7 +18,16 @@ for the public problems 1d-long, 2d-flux and 3d-hunyuan on 2/4/8 GPUs. Nothing r
 * 8 GPUs also as a 2-D mesh, 2 head shards x 4 spatial shards (head sharding moves nothing and
   halves both the halo and the compute);
 * efficiency = T_1 / (P * T_P), with T_P = compute + communication (no overlap) or
-  max(compute, communication) (halo exchange overlapped with the interior tiles).
+  max(compute, communication) (halo exchange overlapped with the interior tiles);
+* halo routes vs Ulysses (`ulysses_rows`): bytes per shard from `jna.sharding.route_bytes` (the
+  rule of ``method="auto"``); the halo route's compute per shard as measured on one H200
+  (`MEASURED_SHARDS`, benchmarks/shard_compute.py: the slowest shard of the offset route), where
+  measured; Ulysses' compute per shard ``T_1 / P`` (each device runs the whole grid with ``H / P``
+  heads: the one-GPU tiling, a ``P``-th of the programs), its communication the all-to-all bytes
+  at the same 450 GB/s plus 15 us per all_to_all (5 forward: q, k, v, out, lse; twice that
+  forward+backward). Left out: the all_to_all's local pack/unpack copies (XLA transposes the
+  split axis to the front; about 2 x the shard's q, k, v, out bytes through HBM, ~0.1 ms on
+  2d-flux over 8 GPUs, ~4% of its compute) and NVSwitch contention.
 """
 
 from __future__ import annotations
@@ -31,11 +40,22 @@ from jna._src import plan as planning
 from jna import semantics
 from jna import sharding as js
 
-# One-GPU H100 fused-triton times (ms) and tile shapes (README / benchmarks/results).
+# One-GPU H200 fused-triton times (ms, bf16) and tile shapes: 1d-long from
+# benchmarks/results/h200_bench_public_2026-11-29.md, 2d-flux and 3d-hunyuan the `whole` rows of
+# benchmarks/results/h200_offsets_2026-12-01/shard_compute.md (same code as the per-shard rows).
 MEASURED = {
-    "1d-long": dict(fwd=1.52, fwd_bwd=8.69, q_tile=(128,), kv_tile=(64,)),
-    "2d-flux": dict(fwd=17.35, fwd_bwd=87.95, q_tile=(8, 16), kv_tile=(8, 8)),
-    "3d-hunyuan": dict(fwd=89.7, fwd_bwd=458.5, q_tile=(8, 4, 4), kv_tile=(2, 8, 4)),
+    "1d-long": dict(fwd=1.509, fwd_bwd=8.558, q_tile=(128,), kv_tile=(64,)),
+    "2d-flux": dict(fwd=17.409, fwd_bwd=88.097, q_tile=(8, 16), kv_tile=(8, 8)),
+    "3d-hunyuan": dict(fwd=91.042, fwd_bwd=444.450, q_tile=(8, 4, 4), kv_tile=(2, 8, 4)),
+}
+# The slowest shard's compute on the offset route (fused-triton, bf16), measured one shard at a
+# time on one H200 (benchmarks/results/h200_offsets_2026-12-01/shard_compute.md):
+# (problem, shards) -> (sharded axis, fwd ms, fwd+bwd ms).
+MEASURED_SHARDS = {
+    ("2d-flux", 2): (0, 9.358, 45.559),
+    ("2d-flux", 4): (0, 5.228, 24.502),
+    ("3d-hunyuan", 2): (2, 46.284, 217.546),
+    ("3d-hunyuan", 4): (2, 25.675, 110.763),
 }
 LINK_BYTES_PER_S = 450e9
 LATENCY_S = 15e-6
@@ -151,10 +171,10 @@ def markdown(all_rows) -> str:
         lines.append(f"{head} {r['shard']} | {r['left']}/{r['right']} | {r['halo_mib']:.1f} | "
                      f"{r['comm_fwd_ms']:.3f} | {r['gflop_shard']:.0f} |")
     lines += ["", "### Predicted efficiency (best axis per problem and GPU count)", "",
-              "Efficiency = T_1 / (P T_P). *offset*: a kernel with a query offset (native; the "
-              "`reference` route's design, not yet in fused-triton); *slab*: fused-triton today "
-              "(whole NA problem on the shard's slab). Serial: exchange then compute; overlap: "
-              "exchange hidden behind compute.", "",
+              "Efficiency = T_1 / (P T_P). *offset*: a kernel with a query offset (the "
+              "`reference` route and, since issue 17, fused-triton's); *slab*: the fused backends "
+              "without offsets (whole NA problem on the shard's slab). Serial: exchange then "
+              "compute; overlap: exchange hidden behind compute.", "",
               "| problem | GPUs | axis | fwd compute/shard (ms), offset | fwd eff offset serial / overlap | fwd+bwd eff offset serial / overlap | slab rows | fwd eff slab (serial) | fwd+bwd eff slab (serial) |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in best_rows(all_rows):
@@ -172,11 +192,116 @@ def markdown(all_rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+ULYSSES_MESSAGES = 5  # forward all_to_alls: q, k, v in; out, lse back
+
+
+def ulysses_rows(problems=("2d-flux", "3d-hunyuan")):
+    """Halo route vs Ulysses per (problem, GPUs): bytes per shard (`jna.sharding.route_bytes`,
+    the rule of ``method="auto"``), and predicted efficiency (serial: communication, then compute).
+
+    The halo route's compute is the measured slowest shard (`MEASURED_SHARDS`) where there is one,
+    on the axis measured, else the best axis with the tile-pair model of `rows`; Ulysses' is
+    ``T_1 / P`` on any axis that splits evenly (its bytes do not depend on the axis).
+    """
+    model_rows = {(r["problem"], r["gpus"], r["head_shards"], r["dim"]): r for r in rows(problems)}
+    out = []
+    for p in load():
+        if p.name not in problems:
+            continue
+        m = MEASURED[p.name]
+        params = semantics.normalize_params(p.shape, **p.na_kwargs)
+        for gpus in GPUS:
+            row = dict(problem=p.name, gpus=gpus)
+            dims = [d for d in range(params.rank) if p.shape[d] % gpus == 0]
+            if not dims:
+                row["error"] = f"no axis of {p.shape} splits {gpus} ways"
+                out.append(row)
+                continue
+            per_dim = {d: js.route_bytes(params, gpus, d, batch=p.batch, heads=p.heads,
+                                         head_dim=p.head_dim) for d in dims}
+            halo_dims = [d for d in dims if per_dim[d]["halo"] is not None]
+            measured = MEASURED_SHARDS.get((p.name, gpus))
+            if measured is not None:
+                halo_dim = measured[0]
+            elif halo_dims:  # the best axis by the tile-pair model
+                halo_dim = max(halo_dims, key=lambda d: model_rows[(p.name, gpus, 1, d)]["offset_fwd_eff_serial"])
+            else:
+                halo_dim = None
+            ulysses_bytes = per_dim[dims[0]]["ulysses"]
+            row.update(ulysses_mib=ulysses_bytes / 2**20)
+            for mode, factor in (("fwd", 1), ("fwd_bwd", 2)):
+                t1 = m[mode]
+                comm = factor * (ulysses_bytes / LINK_BYTES_PER_S + ULYSSES_MESSAGES * LATENCY_S) * 1e3
+                row[f"ulysses_{mode}_compute_ms"] = t1 / gpus
+                row[f"ulysses_{mode}_comm_ms"] = comm
+                row[f"ulysses_{mode}_eff"] = t1 / (gpus * (t1 / gpus + comm))
+            if halo_dim is None:
+                row["halo_error"] = "halo > shard on every axis that splits evenly"
+                row["auto"] = "ulysses"
+                four = MEASURED_SHARDS.get((p.name, 4))
+                if gpus == 8 and four is not None:
+                    # The halo route's 8-GPU layout: 2 head shards x 4 spatial shards (a 2-D mesh);
+                    # head sharding halves the 4-shard compute and the halo bytes.
+                    b = js.route_bytes(params, 4, four[0], batch=p.batch, heads=p.heads // 2,
+                                       head_dim=p.head_dim)
+                    row.update(halo_layout="2 heads x 4 spatial", halo_dim=four[0],
+                               halo_mib=b["halo"] / 2**20, halo_source="measured / 2")
+                    for i, mode in enumerate(("fwd", "fwd_bwd")):
+                        comm = (1 + i) * (b["halo"] / LINK_BYTES_PER_S + 2 * LATENCY_S) * 1e3
+                        row[f"halo_{mode}_compute_ms"] = four[1 + i] / 2
+                        row[f"halo_{mode}_comm_ms"] = comm
+                        row[f"halo_{mode}_eff"] = m[mode] / (gpus * (four[1 + i] / 2 + comm))
+                out.append(row)
+                continue
+            b = per_dim[halo_dim]
+            row.update(halo_dim=halo_dim, halo_mib=b["halo"] / 2**20, auto=b["fewer"].replace("halo", "offset"),
+                       halo_source="measured" if measured else "tile model")
+            for i, mode in enumerate(("fwd", "fwd_bwd")):
+                t1 = m[mode]
+                factor = 1 + i
+                comm = factor * (b["halo"] / LINK_BYTES_PER_S + 2 * LATENCY_S) * 1e3
+                compute = measured[1 + i] if measured else model_rows[(p.name, gpus, 1, halo_dim)][f"offset_{mode}_compute_ms"]
+                row[f"halo_{mode}_compute_ms"] = compute
+                row[f"halo_{mode}_comm_ms"] = comm
+                row[f"halo_{mode}_eff"] = t1 / (gpus * (compute + comm))
+            out.append(row)
+    return out
+
+
+def ulysses_markdown(urows) -> str:
+    lines = ["### Halo (offset route) vs Ulysses", "",
+             "MiB: bytes one shard sends in the forward pass (`jna.sharding.route_bytes`); *auto*: "
+             "the route `method=\"auto\"` takes (fewer bytes). Efficiency T_1 / (P T_P), serial "
+             "(communication, then compute); halo compute per shard *measured* on one H200 "
+             "(slowest shard) where available; Ulysses compute T_1 / P.", "",
+             "| problem | GPUs | halo axis | halo MiB | Ulysses MiB | auto | halo fwd ms (compute + comm) | "
+             "halo fwd eff | halo fwd+bwd eff | Ulysses fwd ms (compute + comm) | Ulysses fwd eff | "
+             "Ulysses fwd+bwd eff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in urows:
+        if "error" in r:
+            lines.append(f"| {r['problem']} | {r['gpus']} | none ({r['error']}) | | | | | | | | | |")
+            continue
+        u = (f"{r['ulysses_mib']:.1f} | ", f"{r['ulysses_fwd_compute_ms']:.2f} + {r['ulysses_fwd_comm_ms']:.2f} | "
+             f"{r['ulysses_fwd_eff']:.2f} | {r['ulysses_fwd_bwd_eff']:.2f} |")
+        if "halo_error" in r and "halo_layout" not in r:
+            lines.append(f"| {r['problem']} | {r['gpus']} | none (halo > shard) | — | {u[0]}ulysses | — | — | — | {u[1]}")
+            continue
+        src = {"measured": "", "measured / 2": " (measured 4-shard / 2)"}.get(r["halo_source"], " (model)")
+        axis = (f"{r['halo_dim']}" if "halo_layout" not in r else
+                f"none on 8 spatial shards; {r['halo_dim']} as {r['halo_layout']}")
+        lines.append(
+            f"| {r['problem']} | {r['gpus']} | {axis} | {r['halo_mib']:.1f} | {u[0]}{r['auto']} | "
+            f"{r['halo_fwd_compute_ms']:.2f}{src} + {r['halo_fwd_comm_ms']:.2f} | {r['halo_fwd_eff']:.2f} | "
+            f"{r['halo_fwd_bwd_eff']:.2f} | {u[1]}")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", help="also write the tables to this path")
     args = parser.parse_args()
-    text = markdown(rows())
+    text = markdown(rows()) + "\n" + ulysses_markdown(ulysses_rows())
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:

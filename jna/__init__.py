@@ -9,7 +9,8 @@ Public API:
   na1d_qk/na2d_qk/na3d_qk, na1d_av/na2d_av/na3d_av: unfused ops exposing the attention logits
     (with optional relative positional bias) and applying weights (jna.qk_av).
   semantics: the exact window rules (NATTEN 0.21), usable on host and in kernels.
-  sharding: the same ops over a device mesh (batch/head parallel, spatial halo exchange).
+  sharding: the same ops over a device mesh (batch/head parallel, spatial halo exchange or
+    Ulysses all-to-all).
 """
 
 from jna._src import compat  # noqa: F401  (first: warns when jax is outside the supported range)

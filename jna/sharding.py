@@ -1,4 +1,4 @@
-"""Neighborhood attention over many devices: batch/head parallel and spatial halo exchange.
+"""Neighborhood attention over many devices: batch/head parallel, spatial halo exchange, Ulysses.
 
 A Pallas call is opaque to XLA's SPMD partitioner, so jna runs its kernels per shard inside
 `jax.shard_map` and says explicitly what moves between devices:
@@ -9,13 +9,26 @@ A Pallas call is opaque to XLA's SPMD partitioner, so jna runs its kernels per s
   ``h -> h // (H // H_kv)`` mapping inside each block.
 * **spatial (context) sharding** along one spatial axis (``spatial_dim``, the first by default)
   over mesh axis ``spatial_axis``: shard ``i`` owns query and key rows ``[i*n, (i+1)*n)`` of that
-  axis. It receives a *halo* of keys and values from its neighbors (`jax.lax.ppermute`, K and V
-  packed into one message per direction) exactly as wide as the windows of its queries need
-  (`halo`), then computes NA for its own queries over the extended key slab with *global*
-  coordinates, so windows shift at the global border only, never at a shard border. Autodiff
-  transposes the ppermutes: the backward pass sends the halo gradients back to their owners.
+  axis (``n = L / P`` for ``P`` shards). Two strategies:
 
-How a shard computes its queries over the slab (``method``):
+  - the **halo** routes (``"offset"``, ``"slab"``): the shard receives a *halo* of keys and values
+    from its neighbors (`jax.lax.ppermute`, K and V packed into one message per direction) exactly
+    as wide as the windows of its queries need (`halo`), then computes NA for its own queries over
+    the extended key slab with *global* coordinates, so windows shift at the global border only,
+    never at a shard border. Autodiff transposes the ppermutes: the backward pass sends the halo
+    gradients back to their owners.
+  - **Ulysses** (``"ulysses"``, all-to-all; DeepSpeed-Ulysses' layout switch): one
+    `jax.lax.all_to_all` per tensor turns the spatial sharding of q, k, v (each shard: all heads,
+    ``n`` rows) into head sharding (each shard: the whole grid, heads block ``i`` of ``P``); the
+    shard runs the backend's ordinary, unsharded NA call on the whole grid with its heads, and two
+    more all_to_alls (out, lse) turn the result back into the spatial layout. Every shard sees the
+    whole grid, so this is exact for every window configuration and backend, and it has no limit
+    on the window size (the halo routes need shards at least as wide as the halo). It needs the
+    query heads *and* the kv heads of a shard (after ``head_axis``) to be divisible by ``P`` (the
+    kv heads are split in the same contiguous blocks as the query heads, which keeps GQA's
+    mapping inside a block). Autodiff transposes each all_to_all into the reverse all_to_all.
+
+How a shard computes its queries (``method``):
 
 * ``"offset"``: the backend takes a query offset into a larger key extent and computes only the
   shard's own queries. Backends with it: ``reference`` (`jna.backends.reference.attention_window`,
@@ -30,14 +43,23 @@ How a shard computes its queries over the slab (``method``):
   host for every shard against `jna.semantics` before anything runs; if no such slab exists
   (e.g. the slab start cannot be aligned to ``stride * dilation``) the call raises
   NotImplementedError naming the reason.
-* ``"auto"``: ``offset`` when the backend has it, else ``slab``.
+* ``"ulysses"``: the all-to-all strategy above, with any backend.
+* ``"auto"``: the halo route of the backend (``offset`` when it has it, else ``slab``) or
+  ``ulysses``, by the byte model `route_bytes` (bytes one shard sends in the forward pass):
+  ``ulysses`` only when its head counts divide by ``P`` **and** it moves fewer bytes than the halo
+  exchange, or when no halo route can run the call at all (shards smaller than the halo, or a
+  backend with neither an offset nor an exact slab). The model counts bytes only, not compute:
+  the slab route's wasted rows are not in it (pass ``method="ulysses"`` explicitly for backends
+  without offsets when heads divide; docs/sharding.md has the numbers).
 
-An explicitly named backend never falls back: if neither route can run the call, that is an error.
+An explicitly named backend never falls back: if no route can run the call, that is an error.
 ``backend="auto"`` resolves as in `jna.neighborhood_attention`; under spatial sharding, if the
-resolved backend can run neither route, it falls back to ``reference`` with a warning.
+resolved backend can run neither halo route and Ulysses does not apply, it falls back to
+``reference`` with a warning.
 
-The result equals the single-device result (to float32 rounding for the offset route; the slab
-route runs the same backend on a different tiling, so it matches to that backend's tolerance).
+The result equals the single-device result (to float32 rounding for the offset and Ulysses
+routes; the slab route runs the same backend on a different tiling, so it matches to that
+backend's tolerance).
 """
 
 from __future__ import annotations
@@ -63,12 +85,15 @@ __all__ = [
     "SlabPlan",
     "halo",
     "slab_plan",
+    "route_bytes",
+    "spatial_route",
     "partition_spec",
     "neighborhood_attention",
     "na1d",
     "na2d",
     "na3d",
     "OFFSET_BACKENDS",
+    "METHODS",
 ]
 
 def _fused_triton_offset_route(params: semantics.NAParams, h: "Halo") -> str | None:
@@ -93,7 +118,8 @@ OFFSET_BACKENDS = {
     "fused-triton": _fused_triton_offset_route,
 }
 
-METHODS = ("auto", "offset", "slab")
+# Spatial routes (``method=``): see the module docstring.
+METHODS = ("auto", "offset", "slab", "ulysses")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +171,18 @@ def _check_dim(params: semantics.NAParams, dim: int) -> int:
     return int(dim)
 
 
+def _shard_size(params: semantics.NAParams, num_shards: int, dim: int) -> int:
+    """Rows per shard of spatial axis ``dim`` (every route needs an even split: the inputs are
+    laid out sharded along it)."""
+    length = params.spatial_shape[dim]
+    if num_shards < 1 or length % num_shards:
+        raise ValueError(
+            f"spatial axis {dim} has length {length}, which {num_shards} shards cannot split evenly; "
+            f"choose a mesh axis size that divides it (or another spatial_dim)."
+        )
+    return length // num_shards
+
+
 def halo(params: semantics.NAParams, num_shards: int, dim: int = 0) -> Halo:
     """Halo widths for sharding spatial axis ``dim`` of ``params`` into ``num_shards`` shards.
 
@@ -158,12 +196,7 @@ def halo(params: semantics.NAParams, num_shards: int, dim: int = 0) -> Halo:
     """
     dim = _check_dim(params, dim)
     length = params.spatial_shape[dim]
-    if num_shards < 1 or length % num_shards:
-        raise ValueError(
-            f"spatial axis {dim} has length {length}, which {num_shards} shards cannot split evenly; "
-            f"choose a mesh axis size that divides it (or another spatial_dim)."
-        )
-    n = length // num_shards
+    n = _shard_size(params, num_shards, dim)
     first, last = _window_key_range(params, dim)
     per_shard = []
     for i in range(num_shards):
@@ -247,6 +280,81 @@ def slab_plan(params: semantics.NAParams, num_shards: int, dim: int = 0) -> Slab
         if why is not None:
             reasons.append(why)
     return SlabPlan(h, size, tuple(starts), not reasons, reasons[0] if reasons else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: the byte model that picks between the halo routes and Ulysses
+# ---------------------------------------------------------------------------------------------
+
+
+def ulysses_reason(heads: int, kv_heads: int, num_shards: int,
+                   axis_name: str | None = None) -> str | None:
+    """Why Ulysses cannot split these heads over ``num_shards`` devices, or None.
+
+    ``heads`` / ``kv_heads``: the query / kv heads one shard holds before the all_to_all (after
+    any ``head_axis`` sharding). Both are split into ``num_shards`` contiguous blocks, block ``i``
+    of the query heads with block ``i`` of the kv heads, so both must divide (a GQA group never
+    straddles two devices then). ``axis_name``: the spatial mesh axis, for the message."""
+    bad = [f"{what} ({count})" for what, count in (("heads", heads), ("kv heads", kv_heads))
+           if count % num_shards]
+    if not bad:
+        return None
+    where = f"spatial_axis={axis_name!r}" if axis_name else "the spatial mesh axis"
+    return (f"Ulysses splits the heads over the {num_shards} devices of {where}, "
+            f"but {' and '.join(bad)} per shard (after head_axis) are not divisible by {num_shards}")
+
+
+def route_bytes(params: semantics.NAParams, num_shards: int, dim: int = 0, *, batch: int = 1,
+                heads: int, kv_heads: int | None = None, head_dim: int,
+                value_dim: int | None = None, dtype: Any = "bfloat16") -> dict:
+    """Bytes one spatial shard sends (and receives) in the forward pass, per route.
+
+    A pure host-side function of the static shapes, the byte model behind ``method="auto"``.
+    ``batch``, ``heads``, ``kv_heads`` (default ``heads``) are what one shard of the spatial mesh
+    axis holds (after batch/head sharding); ``head_dim`` ``D``, ``value_dim`` ``D_v`` (default
+    ``D``); ``dtype`` of q, k, v (its item size ``b``); ``P = num_shards``, ``L`` the length of
+    axis ``dim``, ``n = L / P``, ``C`` the cross-section ``batch * prod(other spatial axes)``:
+
+    * ``"halo"``: K and V rows of the halo, both directions:
+      ``(left + right) * C * kv_heads * (D + D_v) * b`` (`halo` widths; fused-triton's offset
+      route widens ``left`` to a multiple of the dilation, which the model ignores). None (and
+      ``"halo_error"``) when no halo exists: a shard narrower than its halo.
+    * ``"ulysses"``: every all_to_all keeps ``1/P`` of a tensor and sends ``(P-1)/P``: q, k, v in,
+      out and the float32 logsumexp back:
+      ``(P-1)/P * n * C * (heads * (D + D_v) + kv_heads * (D + D_v)) * b + (P-1)/P * n * C * heads * 4``
+      (about 4 shard-sized tensors times ``(P-1)/P`` without GQA). None (and
+      ``"ulysses_error"``) when the heads do not divide (`ulysses_reason`).
+    * ``"fewer"``: ``"ulysses"`` if it applies and moves strictly fewer bytes than the halo (or no
+      halo exists), ``"halo"`` if the halo exists, else None.
+
+    Forward+backward moves twice each (the backward sends the halo gradients back, or runs the
+    transposed all_to_alls of dout/dlse and dq/dk/dv), so the comparison is the same.
+    """
+    kv_heads = heads if kv_heads is None else kv_heads
+    value_dim = head_dim if value_dim is None else value_dim
+    dim = _check_dim(params, dim)
+    n = _shard_size(params, num_shards, dim)
+    itemsize = np.dtype(jnp.dtype(dtype)).itemsize
+    cross = batch * int(np.prod([x for a, x in enumerate(params.spatial_shape) if a != dim]))
+    out = dict(halo=None, halo_error=None, ulysses=None, ulysses_error=None, fewer=None)
+    try:
+        h = halo(params, num_shards, dim)
+    except ValueError as e:
+        out["halo_error"] = str(e)
+    else:
+        out["halo"] = (h.left + h.right) * cross * kv_heads * (head_dim + value_dim) * itemsize
+    why = ulysses_reason(heads, kv_heads, num_shards)
+    if why is None:
+        kept = num_shards - 1  # blocks of P sent away, of a shard's n rows: exact, heads divide
+        per_row = ((heads + kv_heads) * (head_dim + value_dim) * itemsize + heads * 4) // num_shards
+        out["ulysses"] = kept * n * cross * per_row
+    else:
+        out["ulysses_error"] = why
+    if out["ulysses"] is not None and (out["halo"] is None or out["ulysses"] < out["halo"]):
+        out["fewer"] = "ulysses"
+    elif out["halo"] is not None:
+        out["fewer"] = "halo"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,39 +499,74 @@ def _local_spatial(q, k, v, problem, h: Halo, method: str, module, axis_name: st
     return out, lse
 
 
-def _spatial_route(backend: str, problem, h: Halo, method: str):
-    """``(module, method)`` for a spatially sharded call; raises when none applies."""
+def _local_ulysses(q, k, v, problem, module, axis_name: str, dim: int):
+    """Ulysses (inside shard_map): all_to_all to head sharding, NA on the whole grid, and back.
+
+    In (this shard, ``P`` shards along mesh axis ``axis_name``, ``X_n``: the spatial shape with
+    ``n = L / P`` rows on axis ``dim``): q ``[B, *X_n, H, D]``, k ``[B, *X_n, H_kv, D]``,
+    v ``[B, *X_n, H_kv, D_v]``. After the all_to_alls (tiled: head block ``j`` goes to shard
+    ``j``, received row blocks are concatenated in shard order, i.e. the global row order):
+    q ``[B, *X, H/P, D]``, k/v ``[B, *X, H_kv/P, D/D_v]`` on the whole grid ``X``, heads block
+    ``axis_index`` (query heads ``[i H/P, (i+1) H/P)`` use kv heads ``[i H_kv/P, (i+1) H_kv/P)``:
+    GQA's ``h // (H / H_kv)`` stays inside the block). The backend's ordinary call runs there;
+    out ``[B, *X, H/P, D_v]`` and lse ``[B, *X, H/P]`` go back by the reverse all_to_alls to
+    ``[B, *X_n, H, D_v]`` / ``[B, *X_n, H]``. Autodiff transposes each all_to_all into its
+    reverse, so the backward moves dout/dlse and dq/dk/dv the same way.
+    """
+    axis = 1 + dim  # array axis of the sharded spatial axis
+
+    def to_heads(x):  # [B, *X_n, h, d] -> [B, *X, h/P, d]
+        return jax.lax.all_to_all(x, axis_name, x.ndim - 2, axis, tiled=True)
+
+    # One all_to_all per tensor (q has H heads, k/v H_kv; packing them would need extra copies).
+    qf, kf, vf = to_heads(q), to_heads(k), to_heads(v)
+    local = dataclasses.replace(problem, batch=qf.shape[0], heads=qf.shape[-2],
+                                kv_heads=kf.shape[-2], num_extra=0)
+    out, lse = module.attention(qf, kf, vf, local)
+    out = jax.lax.all_to_all(out, axis_name, axis, out.ndim - 2, tiled=True)
+    lse = jax.lax.all_to_all(lse, axis_name, axis, lse.ndim - 1, tiled=True)
+    return out, lse
+
+
+def _halo_route(name: str, problem, h: Halo, method: str) -> tuple[str | None, str | None]:
+    """``(route, None)``: the halo route (``"offset"``/``"slab"``) backend ``name`` runs for
+    ``method`` (``"auto"``, ``"offset"`` or ``"slab"``), or ``(None, why not)``."""
+    plan = slab_plan(problem.params, h.num_shards, h.dim)
+    why = []
+    if method in ("auto", "offset"):
+        if name in OFFSET_BACKENDS:
+            reason = OFFSET_BACKENDS[name](problem.params, h)
+            if reason is None:
+                return "offset", None
+            why.append(reason)
+        else:
+            why.append(f"backend {name!r} takes no query offset (backends with offsets: "
+                       f"{', '.join(OFFSET_BACKENDS)})")
+    if method in ("auto", "slab"):
+        if plan.ok:
+            return "slab", None
+        why.append(f"no exact slab: {plan.reason}")
+    return None, "; ".join(why)
+
+
+def _spatial_route(backend: str, problem, h: Halo, method: str, stacklevel: int = 3):
+    """``(module, method)`` of the halo routes for a spatially sharded call; raises when none
+    applies (``backend="auto"`` first falls back to ``reference`` with a warning)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}.")
+    if method == "ulysses":
+        raise ValueError("_spatial_route chooses among the halo routes; 'ulysses' goes through "
+                         "_choose_route.")
     module = backends.resolve(backend, problem)
     name = module.name
-
-    def routes_for(name):
-        plan = slab_plan(problem.params, h.num_shards, h.dim)
-        why = []
-        if method in ("auto", "offset"):
-            if name in OFFSET_BACKENDS:
-                reason = OFFSET_BACKENDS[name](problem.params, h)
-                if reason is None:
-                    return "offset", None
-                why.append(reason)
-            else:
-                why.append(f"backend {name!r} takes no query offset (backends with offsets: "
-                           f"{', '.join(OFFSET_BACKENDS)})")
-        if method in ("auto", "slab"):
-            if plan.ok:
-                return "slab", None
-            why.append(f"no exact slab: {plan.reason}")
-        return None, "; ".join(why)
-
-    route, why = routes_for(name)
+    route, why = _halo_route(name, problem, h, method)
     if route is not None:
         return module, route
     if backend == "auto" and name != "reference":
         warnings.warn(f"jna.sharding: backend {name!r} cannot run this spatially sharded call ({why}); "
-                      f"using backend 'reference'.", stacklevel=3)
+                      f"using backend 'reference'.", stacklevel=stacklevel)
         module = backends.resolve("reference", problem)
-        route, why2 = routes_for("reference")
+        route, why2 = _halo_route("reference", problem, h, method)
         if route is not None:
             return module, route
         why = why2
@@ -433,9 +576,105 @@ def _spatial_route(backend: str, problem, h: Halo, method: str):
     )
 
 
+def _choose_route(backend, problem, num_shards: int, dim: int, method: str, heads: int,
+                  kv_heads: int, batch: int, axis_name: str | None = None,
+                  ) -> tuple[Any, str, Halo | None]:
+    """``(module, route, halo)`` of a call spatially sharded ``num_shards`` ways along ``dim``.
+
+    ``heads``, ``kv_heads``, ``batch``: what one shard holds (after batch/head sharding);
+    ``axis_name``: the spatial mesh axis (for the error messages). ``halo``
+    is None for Ulysses (it exchanges no halo). See the module docstring for ``method="auto"``.
+
+    Raises:
+      ValueError: a bad ``method``, an axis length not divisible by ``num_shards``, or (halo
+        routes, and ``auto`` when Ulysses cannot run either) shards smaller than the halo.
+      NotImplementedError: ``method="ulysses"`` with heads or kv heads not divisible by
+        ``num_shards``; a backend that can run no route (see `_spatial_route`).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}.")
+    params = problem.params
+    _shard_size(params, num_shards, dim)
+    ulysses_why = ulysses_reason(heads, kv_heads, num_shards, axis_name)
+    if method == "ulysses":
+        if ulysses_why is not None:
+            raise NotImplementedError(
+                f"method='ulysses' cannot shard this call along spatial axis {dim}: {ulysses_why}; "
+                f"use a spatial mesh axis whose size divides both head counts, or method='offset'/'slab'.")
+        return backends.resolve(backend, problem), "ulysses", None
+    if method in ("offset", "slab"):
+        h = halo(params, num_shards, dim)
+        return (*_spatial_route(backend, problem, h, method, stacklevel=5), h)
+    # auto: the halo route of the resolved backend, or Ulysses when it applies and moves fewer
+    # bytes (`route_bytes`), or when no halo route exists.
+    try:
+        h = halo(params, num_shards, dim)
+    except ValueError as e:
+        if ulysses_why is None:
+            return backends.resolve(backend, problem), "ulysses", None
+        raise ValueError(f"{e} (method='ulysses', which has no halo, cannot run it either: "
+                         f"{ulysses_why})") from None
+    if ulysses_why is None:
+        module = backends.resolve(backend, problem)
+        route, _ = _halo_route(module.name, problem, h, "auto")
+        model = route_bytes(params, num_shards, dim, batch=batch, heads=heads, kv_heads=kv_heads,
+                            head_dim=problem.head_dim, value_dim=problem.value_dim, dtype=problem.dtype)
+        if route is None or model["fewer"] == "ulysses":
+            return module, "ulysses", None
+    return (*_spatial_route(backend, problem, h, "auto", stacklevel=5), h)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
+
+
+def _setup(q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys,
+           additional_values, backend, mesh, batch_axis, head_axis, spatial_axis, spatial_dim,
+           method):
+    """Validates a sharded call: ``(problem, (batch, head, spatial shard counts), route)``, with
+    ``route`` = `_choose_route`'s ``(module, route, halo)``, or None without spatial sharding."""
+    backends.check_backend_name(backend)
+    problem = check_call(q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys,
+                         additional_values, None)
+    spatial_dim = _check_dim(problem.params, spatial_dim)
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}.")
+    nb = _mesh_size(mesh, batch_axis, "batch_axis")
+    nh = _mesh_size(mesh, head_axis, "head_axis")
+    if spatial_axis is not None and not isinstance(spatial_axis, str):
+        raise ValueError(f"spatial_axis must be one mesh axis name, got {spatial_axis!r}.")
+    ns = _mesh_size(mesh, spatial_axis, "spatial_axis")
+    used = _names(batch_axis) + _names(head_axis) + _names(spatial_axis)
+    if len(set(used)) != len(used):
+        raise ValueError(f"a mesh axis is used twice among batch_axis, head_axis, spatial_axis: {used}.")
+    if problem.batch % nb:
+        raise ValueError(f"batch {problem.batch} is not divisible by the {nb} shards of "
+                         f"batch_axis={batch_axis!r}.")
+    for what, count in (("q heads", problem.heads), ("kv heads", problem.kv_heads)):
+        if count % nh:
+            raise ValueError(f"{what} ({count}) are not divisible by the {nh} shards of "
+                             f"head_axis={head_axis!r}.")
+    route = None
+    if spatial_axis is not None and ns > 1:
+        route = _choose_route(backend, problem, ns, spatial_dim, method, problem.heads // nh,
+                              problem.kv_heads // nh, problem.batch // nb, spatial_axis)
+    return problem, (nb, nh, ns), route
+
+
+def spatial_route(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, backend="auto", *,
+                  mesh: Mesh, batch_axis: AxisNames = None, head_axis: AxisNames = None,
+                  spatial_axis: str | None = None, spatial_dim: int = 0,
+                  method: str = "auto") -> str | None:
+    """The route `neighborhood_attention` takes for these arguments: ``"offset"``, ``"slab"``,
+    ``"ulysses"``, or None (no spatial sharding: a plain call per shard).
+
+    ``q, k, v`` may be arrays or `jax.ShapeDtypeStruct` s (global shapes); the other arguments
+    are `neighborhood_attention`'s. Raises what that call would raise for them.
+    """
+    _, _, route = _setup(q, k, v, kernel_size, stride, dilation, is_causal, None, None, None,
+                         backend, mesh, batch_axis, head_axis, spatial_axis, spatial_dim, method)
+    return None if route is None else route[1]
 
 
 def neighborhood_attention(
@@ -468,8 +707,9 @@ def neighborhood_attention(
       head_axis: mesh axis name(s) that shard the heads (q heads and kv heads alike), or None.
       spatial_axis: a mesh axis name that shards spatial axis ``spatial_dim``, or None.
       spatial_dim: which spatial axis to shard (0: the first).
-      method: how a spatial shard computes its queries: ``"auto"``, ``"offset"`` or ``"slab"``
-        (see the module docstring).
+      method: the spatial route: ``"auto"``, ``"offset"``, ``"slab"`` (halo exchange) or
+        ``"ulysses"`` (all-to-all to head sharding and back); see the module docstring.
+        `spatial_route` says which one ``"auto"`` takes.
 
     The inputs are laid out as `partition_spec` says (jit re-shards them if they are not), the
     outputs come back with that sharding. Usable inside and outside `jax.jit`, differentiable.
@@ -479,48 +719,34 @@ def neighborhood_attention(
 
     Raises:
       ValueError: bad arguments, mesh axes, sizes not divisible by the mesh, or shards smaller
-        than the halo.
-      NotImplementedError: a backend that can run neither spatial route (see ``method``).
+        than the halo (halo routes; ``auto`` takes Ulysses then if the heads divide).
+      NotImplementedError: a backend that can run neither halo route (see ``method``), or
+        ``method="ulysses"`` with heads or kv heads not divisible by the spatial mesh axis size.
     """
-    backends.check_backend_name(backend)
-    problem = check_call(q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-                         additional_values, None)
+    problem, _, chosen = _setup(
+        q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys,
+        additional_values, backend, mesh, batch_axis, head_axis, spatial_axis, spatial_dim, method)
     rank = problem.rank
-    spatial_dim = _check_dim(problem.params, spatial_dim)
-    nb = _mesh_size(mesh, batch_axis, "batch_axis")
-    nh = _mesh_size(mesh, head_axis, "head_axis")
-    if spatial_axis is not None and not isinstance(spatial_axis, str):
-        raise ValueError(f"spatial_axis must be one mesh axis name, got {spatial_axis!r}.")
-    ns = _mesh_size(mesh, spatial_axis, "spatial_axis")
-    used = _names(batch_axis) + _names(head_axis) + _names(spatial_axis)
-    if len(set(used)) != len(used):
-        raise ValueError(f"a mesh axis is used twice among batch_axis, head_axis, spatial_axis: {used}.")
-    if problem.batch % nb:
-        raise ValueError(f"batch {problem.batch} is not divisible by the {nb} shards of "
-                         f"batch_axis={batch_axis!r}.")
-    for what, count in (("q heads", problem.heads), ("kv heads", problem.kv_heads)):
-        if count % nh:
-            raise ValueError(f"{what} ({count}) are not divisible by the {nh} shards of "
-                             f"head_axis={head_axis!r}.")
+    spatial_dim = int(spatial_dim)
 
     spec = partition_spec(rank, batch_axis, head_axis, spatial_axis, spatial_dim)
     lse_spec = partition_spec(rank, batch_axis, head_axis, spatial_axis, spatial_dim, trailing=False)
     extra_spec = P(_spec_entry(batch_axis), None, _spec_entry(head_axis), None)
     has_extra = problem.num_extra > 0
 
-    if spatial_axis is not None and ns > 1:
-        h = halo(problem.params, ns, spatial_dim)
-        module, route = _spatial_route(backend, problem, h, method)
+    if chosen is not None:
+        module, route, h = chosen
 
         def local(q, k, v, ek, ev):
-            out, lse = _local_spatial(q, k, v, problem, h, route, module, spatial_axis)
+            if route == "ulysses":
+                out, lse = _local_ulysses(q, k, v, problem, module, spatial_axis, spatial_dim)
+            else:
+                out, lse = _local_spatial(q, k, v, problem, h, route, module, spatial_axis)
             if has_extra:
                 extra_out, extra_lse = dense_attention(q, ek, ev, problem.scale)
                 out, lse = merge_attentions([out, extra_out], [lse, extra_lse])
             return out, lse
     else:
-        if method not in METHODS:
-            raise ValueError(f"method={method!r} is not one of {METHODS}.")
 
         def local(q, k, v, ek, ev):
             from jna.functional import neighborhood_attention as na

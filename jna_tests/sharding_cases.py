@@ -48,6 +48,7 @@ class Case:
     backend: str = "reference"
     grads: bool = True
     expect_error: str = None  # "ValueError" / "NotImplementedError": the call must raise it
+    expect_route: str = None  # the spatial route the call must take (`jna.sharding.spatial_route`)
 
     def per_axis(self, value, default):
         return tuple(default for _ in self.shape) if value is None else value
@@ -118,11 +119,51 @@ CASES = {
 }
 
 
+# Ulysses (all-to-all) cases, run by `test_ulysses.py` (same worker, their own checks).
+ULYSSES_CASES = {
+    # 2-D, GQA (8 q heads, 4 kv heads over 4 shards), dilation, stride and causal on the sharded axis.
+    "ulysses-2d-gqa-dilated-strided-causal": Case(
+        (16, 6), (5, 3), (2, 1), (2, 1), (True, False), heads=8, heads_kv=4, dim_v=12,
+        mesh=(("sp", 4),), spatial_axis="sp", method="ulysses", expect_route="ulysses"),
+    # auto: 8 shards of 4 rows cannot hold the 6/5-row halo of K=12, Ulysses needs none.
+    "ulysses-1d-auto-halo-too-wide": Case((32,), (12,), heads=8, heads_kv=8, spatial_axis="sp",
+                                          expect_route="ulysses"),
+    # 3-D on axis 1, batch x spatial mesh, every option on the sharded axis.
+    "ulysses-3d-axis1-batch-x-spatial": Case(
+        (4, 8, 6), (3, 5, 2), (1, 2, 2), (1, 1, 1), (False, True, False), batch=2, heads=4,
+        heads_kv=4, mesh=(("data", 2), ("sp", 4)), batch_axis="data", spatial_axis="sp",
+        spatial_dim=1, method="ulysses", expect_route="ulysses"),
+    # head x spatial: 8 q / 4 kv heads, 2 head shards, then 2 Ulysses shards of 4 / 2 heads.
+    "ulysses-head-x-spatial-gqa": Case(
+        (12, 8), (3, 4), (1, 2), (2, 1), (False, False), heads=8, heads_kv=4,
+        mesh=(("model", 2), ("sp", 2)), head_axis="model", spatial_axis="sp", method="ulysses",
+        expect_route="ulysses"),
+    "ulysses-1d-extra-kv": Case((32,), (5,), (1,), (3,), heads=4, heads_kv=4, n_extra=3,
+                                mesh=(("sp", 4),), spatial_axis="sp", method="ulysses",
+                                expect_route="ulysses"),
+    # Blocked attention over 8 shards (the whole grid per shard: no border effects at all).
+    "ulysses-1d-blocked-8shards": Case((64,), (8,), (8,), heads=8, heads_kv=8, spatial_axis="sp",
+                                       method="ulysses", expect_route="ulysses"),
+    # fused-triton (Pallas interpret mode): the backend's ordinary call on the whole grid.
+    "ulysses-fused-triton-2d-gqa": Case(
+        (8, 8), (3, 5), (1, 2), (2, 1), (False, True), heads=4, heads_kv=2, mesh=(("sp", 2),),
+        spatial_axis="sp", method="ulysses", backend="fused-triton", expect_route="ulysses"),
+    # Errors: heads / kv heads not divisible by the spatial mesh axis size.
+    "ulysses-heads-not-divisible": Case((16,), (5,), heads=6, heads_kv=6, mesh=(("sp", 4),),
+                                        spatial_axis="sp", method="ulysses",
+                                        expect_error="NotImplementedError"),
+    "ulysses-kv-heads-not-divisible": Case((16,), (5,), heads=8, heads_kv=2, mesh=(("sp", 4),),
+                                           spatial_axis="sp", method="ulysses",
+                                           expect_error="NotImplementedError"),
+}
+
+
 def _collectives(hlo: str) -> dict:
-    """Collective ops of a compiled HLO module and the shapes they produce."""
+    """Collective ops of a compiled HLO module and the shapes they produce (a tuple-shaped op,
+    e.g. the CPU's all-to-all of one operand per device, reports its first element)."""
     found = {}
     for line in hlo.splitlines():
-        m = re.search(r"=\s*(\S+)\s+(all-gather|collective-permute|all-reduce|all-to-all|"
+        m = re.search(r"=\s*\(?(\w+\[[^\]]*\](?:\{[^}]*\})?).*?\s(all-gather|collective-permute|all-reduce|all-to-all|"
                       r"reduce-scatter)(-start)?\(", line)
         if m:
             found.setdefault(m.group(2), []).append(m.group(1))
@@ -138,7 +179,7 @@ def run_case(name: str) -> dict:
     import jna
     import jna.sharding as js
 
-    c = CASES[name]
+    c = CASES[name] if name in CASES else ULYSSES_CASES[name]
     rank = len(c.shape)
     kw = dict(kernel_size=c.kernel_size, stride=c.per_axis(c.stride, 1),
               dilation=c.per_axis(c.dilation, 1), is_causal=c.per_axis(c.is_causal, False))
@@ -220,7 +261,8 @@ def run_case(name: str) -> dict:
         loss = lambda q, k, v, ek, ev: jnp.sum(sharded(q, k, v, ek, ev)[0] * dout)
         bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         result["hlo_fwd_bwd"] = _collectives(bwd.lower(qs, ks, vs, ek, ev).compile().as_text())
-    if c.spatial_axis:
+    result["route"] = js.spatial_route(q, k, v, **kw, backend=c.backend, **shard_kw)
+    if result["route"] in ("offset", "slab"):
         params = jna.semantics.normalize_params(c.shape, **kw)
         h = js.halo(params, dict(c.mesh)[c.spatial_axis], c.spatial_dim)
         # fused-triton's offset route widens the left halo to a multiple of the dilation
