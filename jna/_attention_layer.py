@@ -14,7 +14,6 @@ import jax.numpy as jnp
 
 from jna import semantics
 from jna.functional import neighborhood_attention
-from jna.qk_av import neighborhood_attention_av, neighborhood_attention_qk
 
 
 def rpb_init(key, shape, dtype=jnp.float32):
@@ -62,10 +61,10 @@ def check_heads(channels: int, num_heads: int, what: str) -> int:
 def attend(layer: LayerFields, x, qkv: Callable, proj: Callable, rpb=None):
     """Fused QKV projection -> neighborhood attention -> output projection (no dropout).
 
-    NATTEN's layer: ``qkv(x)`` is split as ``[..., 3, num_heads, head_dim]`` into q, k, v. Without
-    ``rpb`` the attention is `jna.neighborhood_attention` on ``layer.backend``; with it, NATTEN
-    0.17's biased path through the unfused ops (logits + bias -> float32 softmax -> weighted
-    sum), which ignores the backend.
+    NATTEN's layer: ``qkv(x)`` is split as ``[..., 3, num_heads, head_dim]`` into q, k, v, and the
+    attention is `jna.neighborhood_attention` on ``layer.backend``, with NATTEN 0.17's relative
+    positional bias when ``rpb`` is given (``auto`` then picks a backend that supports it; an
+    explicit backend without it raises NotImplementedError naming ``rpb``).
 
     Args:
       layer: the module, for its window fields (`LayerFields`) and its name in errors.
@@ -89,8 +88,9 @@ def attend(layer: LayerFields, x, qkv: Callable, proj: Callable, rpb=None):
     window = dict(kernel_size=layer.kernel_size, stride=layer.stride, dilation=layer.dilation,
                   is_causal=layer.is_causal)
     if rpb is not None:
-        logits = neighborhood_attention_qk(q, k, **window, rpb=rpb, scale=layer.qk_scale)
-        out = neighborhood_attention_av(jax.nn.softmax(logits, axis=-1), v, **window)
-    else:
-        out = neighborhood_attention(q, k, v, **window, scale=layer.qk_scale, backend=layer.backend)
+        # The bias is added in float32 whatever the parameter and compute dtypes (NATTEN adds it
+        # to float32 logits); as float32 it is accepted with q of any dtype (`check_rpb`).
+        rpb = jnp.asarray(rpb).astype(jnp.float32)
+    out = neighborhood_attention(q, k, v, **window, scale=layer.qk_scale, backend=layer.backend,
+                                 rpb=rpb)
     return proj(out.reshape(*x.shape[:-1], channels))

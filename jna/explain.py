@@ -56,17 +56,17 @@ class Explanation:
         lines.append(f"problem: shape {p.spatial_shape}, kernel {p.params.kernel_size}, stride "
                      f"{p.params.stride}, dilation {p.params.dilation}, causal {p.params.is_causal}, "
                      f"B {p.batch}, H {p.heads}/{p.kv_heads}, D {p.head_dim}/{p.value_dim}, "
-                     f"{p.dtype.name}")
+                     f"{p.dtype.name}" + (", rpb" if p.has_rpb else ""))
         return "\n".join(lines)
 
 
 def explain(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
             additional_keys=None, additional_values=None,
-            backend: "str | backends.base.Backend" = "auto") -> Explanation:
+            backend: "str | backends.base.Backend" = "auto", rpb=None) -> Explanation:
     """Says which backend and tile config `jna.neighborhood_attention` would use for this call.
 
-    Args: as `jna.neighborhood_attention` (q, k, v may be arrays or ``jax.ShapeDtypeStruct``:
-      only shapes and dtypes are read).
+    Args: as `jna.neighborhood_attention` (q, k, v and rpb may be arrays or
+      ``jax.ShapeDtypeStruct``: only shapes and dtypes are read).
 
     Returns:
       An `Explanation` (``print`` it for a summary).
@@ -76,7 +76,7 @@ def explain(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=N
     """
     backends.check_backend_name(backend)
     problem = check_call(q, k, v, kernel_size, stride, dilation, is_causal, scale,
-                         additional_keys, additional_values, None)
+                         additional_keys, additional_values, None, rpb=rpb)
     choice = backends.choose(backend, problem)
     return Explanation(choice.name, backend if isinstance(backend, str) else repr(backend),
                        choice.backend.config_for(problem), choice.backend.config_source(problem),

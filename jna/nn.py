@@ -2,8 +2,8 @@
 
 Thin over the functional core: a fused QKV projection, `jna.neighborhood_attention`, and an
 output projection with dropout. With ``rel_pos_bias=True`` the layer has NATTEN 0.17's relative
-positional bias ``rpb`` and attends through the unfused ops instead (`jna.qk_av`: logits with
-bias -> float32 softmax -> weighted sum). The computation is shared with the NNX modules of
+positional bias ``rpb``, passed to `jna.neighborhood_attention` (``rpb=``) on the layer's
+``backend``. The computation is shared with the NNX modules of
 `jna.nnx` (same weights, same outputs); `jna.natten_weights` loads NATTEN's PyTorch weights.
 
 Parameters (``C`` channels, ``K`` the kernel size per axis)::
@@ -45,9 +45,10 @@ class _NeighborhoodAttention(nn.Module):
       proj_drop: dropout rate after the output projection. When > 0, the mode must be given
         through ``deterministic`` (here or at call time, as in flax's attention modules).
       rel_pos_bias: add NATTEN 0.17's relative positional bias, a parameter ``rpb`` of shape
-        ``[num_heads, 2K_1 - 1, ..., 2K_n - 1]`` initialized by ``rpb_init``; the layer then runs
-        the unfused ops (`jna.qk_av`) and ignores ``backend``. Non-causal, stride 1 only
-        (otherwise NotImplementedError).
+        ``[num_heads, 2K_1 - 1, ..., 2K_n - 1]`` initialized by ``rpb_init``, added in float32 to
+        the logits (`jna.neighborhood_attention`'s ``rpb``). Non-causal, stride 1 only, on a
+        backend that supports it (``auto`` picks one; otherwise NotImplementedError naming
+        ``rpb``).
       backend: jna backend (``"auto"`` by default).
       dtype: computation dtype (None: inferred from inputs and params).
       param_dtype: parameter dtype.

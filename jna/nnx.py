@@ -52,9 +52,10 @@ class _NeighborhoodAttention(nnx.Module):
         through ``deterministic`` (here, at call time, ``.train()``/``.eval()`` or `nnx.view`;
         as `flax.nnx.MultiHeadAttention`).
       rel_pos_bias: add NATTEN 0.17's relative positional bias, a parameter ``rpb`` of shape
-        ``[num_heads, 2K_1 - 1, ..., 2K_n - 1]`` initialized by ``rpb_init``; the layer then runs
-        the unfused ops (`jna.qk_av`) and ignores ``backend``. Non-causal, stride 1 only
-        (otherwise NotImplementedError at call time).
+        ``[num_heads, 2K_1 - 1, ..., 2K_n - 1]`` initialized by ``rpb_init``, added in float32 to
+        the logits (`jna.neighborhood_attention`'s ``rpb``). Non-causal, stride 1 only, on a
+        backend that supports it (``auto`` picks one; otherwise NotImplementedError naming
+        ``rpb`` at call time).
       backend: jna backend (``"auto"`` by default).
       dtype: computation dtype (None: inferred from inputs and params).
       param_dtype: parameter dtype.

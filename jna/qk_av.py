@@ -17,15 +17,13 @@ query ``x`` and key ``y`` gains ``rpb[h, (y'_1 - x'_1) + K_1 - 1, ...]`` (group 
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from jna import backends, semantics
+from jna import backends
 from jna._src.arguments import check_av_call, check_qk_call, check_rpb
+from jna._src.rpb import relative_position_bias
 from jna.functional import BoolOrTuple, IntOrTuple
 
 __all__ = [
@@ -34,33 +32,6 @@ __all__ = [
 ]
 
 _BACKEND = "unfused"
-
-
-@functools.lru_cache(maxsize=64)
-def _bias_index(params: semantics.NAParams) -> np.ndarray:
-    """``[*X, prod(K)]`` int32: flat index into ``rpb[h]`` of each (query, slot)."""
-    index = np.zeros((*params.spatial_shape, params.window_size), np.int64)
-    slots = np.indices(params.kernel_size).reshape(params.rank, -1)  # row-major slot order
-    for axis in range(params.rank):
-        length, k, s, d, causal = params.axis(axis)
-        x = np.arange(length)[:, None]
-        idx = semantics.relative_position_index(x, slots[axis][None, :], length, k, s, d, causal)
-        shape = [1] * params.rank + [params.window_size]
-        shape[axis] = length
-        index = index * (2 * k - 1) + idx.reshape(shape)
-    return index.astype(np.int32)
-
-
-def relative_position_bias(rpb, params: semantics.NAParams):
-    """The bias of every (query, slot): ``[*X, H, prod(K)]`` float32 from ``rpb [H, 2K-1, ...]``.
-
-    Differentiable in ``rpb`` (its gradient sums the logits' gradient over the batch and over
-    the (query, slot) pairs of each relative offset).
-    """
-    heads = rpb.shape[0]
-    index = _bias_index(params)
-    bias = rpb.astype(jnp.float32).reshape(heads, -1)[:, index]  # [H, *X, prod(K)]
-    return jnp.moveaxis(bias, 0, -2)
 
 
 def neighborhood_attention_qk(q: jax.Array, k: jax.Array, kernel_size: IntOrTuple,

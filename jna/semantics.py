@@ -7,7 +7,11 @@ Everything that decides *which keys a query may attend* lives here:
 * the per-axis window functions (`window_start`, `window_stop`, `neighbor`, `key_allowed`),
   written once and usable on Python ints, numpy arrays and traced jax values alike (pass
   ``xp=jnp`` inside jax code, including Pallas kernels). The reference backend, the tile planner
-  and in-kernel edge masks all call these; nobody re-derives the rules.
+  and in-kernel edge masks all call these; nobody re-derives the rules;
+* the relative positional bias index (NATTEN 0.17's ``rpb``): per (query, key) pair
+  (`relative_position_index_of_key`, for kernels that know both coordinates), per (query, window
+  slot) (`relative_position_index`), flattened over axes (`flat_relative_position_index`), and
+  as host tables (`axis_relative_position_table`, `relative_position_table`).
 
 Per axis (length ``L``, kernel ``K``, stride ``s``, dilation ``d``) a query at coordinate ``x``
 may attend a key at ``y`` iff ``x % d == y % d`` and, in group coordinates
@@ -24,6 +28,7 @@ The multi-dimensional rule is the AND over axes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Any, Sequence
@@ -41,6 +46,10 @@ __all__ = [
     "key_allowed",
     "axis_neighbor_table",
     "relative_position_index",
+    "relative_position_index_of_key",
+    "flat_relative_position_index",
+    "axis_relative_position_table",
+    "relative_position_table",
 ]
 
 _AXIS_PARAMS = ("kernel_size", "stride", "dilation")
@@ -232,17 +241,64 @@ def neighbor(x, j, length: int, kernel_size: int, stride: int, dilation: int, is
     return g + dilation * yg, valid
 
 
+def relative_position_index_of_key(x, y, kernel_size: int, dilation: int):
+    """Relative-positional-bias index of (query ``x``, key ``y``) on one axis: ``(y' - x') + K - 1``.
+
+    NATTEN 0.17's rule in group coordinates (``x' = x // d``, ``y' = y // d``). For a key that
+    the query may attend with a non-causal, stride-1 window, ``|y' - x'| <= K - 1``, so the index
+    lies in ``[0, 2K - 2]``: a bias table has ``2K - 1`` entries per axis. Only ``//``, ``-`` and
+    ``+``: works on Python ints, numpy arrays and traced jax values (inside kernels too). The
+    result for a pair the query may not attend is meaningless (mask such pairs first).
+    """
+    return y // dilation - x // dilation + kernel_size - 1
+
+
 def relative_position_index(x, j, length: int, kernel_size: int, stride: int, dilation: int,
                             is_causal: bool, xp=np):
     """Relative-positional-bias index of window slot ``j`` of query ``x`` on one axis.
 
-    NATTEN 0.17's rule: the bias of (query ``x``, key ``y``) is ``rpb[(y' - x') + K - 1]`` in
-    group coordinates (``x' = x // d``, ``y' = y // d``), an index in ``[0, 2K - 2]``; a bias
-    table has ``2K - 1`` entries per axis. Defined for non-causal windows (NATTEN never had
-    causal bias); with stride 1 every window holds its query, so ``|y' - x'| <= K - 1``.
+    `relative_position_index_of_key` of the slot's key (`neighbor`). Defined for non-causal
+    windows (NATTEN never had causal bias); with stride 1 every window holds its query, so the
+    index is in ``[0, 2K - 2]``.
     """
     y, _ = neighbor(x, j, length, kernel_size, stride, dilation, is_causal, xp)
-    return y // dilation - x // dilation + kernel_size - 1
+    return relative_position_index_of_key(x, y, kernel_size, dilation)
+
+
+def flat_relative_position_index(per_axis: Sequence[Any], kernel_size: Sequence[int]):
+    """Row-major flat index into ``rpb[h].reshape(-1)`` (``rpb[h]``: ``[2K_1 - 1, ..., 2K_n - 1]``)
+    from the per-axis indices (ints or broadcastable arrays, numpy or jax)."""
+    flat = per_axis[0]
+    for index, k in zip(per_axis[1:], kernel_size[1:]):
+        flat = flat * (2 * k - 1) + index
+    return flat
+
+
+def axis_relative_position_table(params: NAParams, axis: int) -> np.ndarray:
+    """Host-side ``[length, kernel_size]`` int32: the bias index of slot ``j`` of query ``x`` on
+    one axis (`relative_position_index`; the layout of `axis_neighbor_table`)."""
+    length, k, s, d, causal = params.axis(axis)
+    x = np.arange(length, dtype=np.int64)[:, None]
+    j = np.arange(k, dtype=np.int64)[None, :]
+    return relative_position_index(x, j, length, k, s, d, causal, xp=np).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def relative_position_table(params: NAParams) -> np.ndarray:
+    """Host-side ``[*X, prod(K)]`` int32 (cached; read-only): the flat bias index
+    (`flat_relative_position_index`) of every (query, window slot), slots in row-major window
+    order. ``rpb[h].reshape(-1)[table]`` is head ``h``'s bias of every logit of `na*d_qk`."""
+    slots = np.indices(params.kernel_size).reshape(params.rank, -1)  # [rank, prod(K)], row-major
+    per_axis = []
+    for axis in range(params.rank):
+        table = axis_relative_position_table(params, axis)[:, slots[axis]]  # [L_axis, prod(K)]
+        shape = [1] * params.rank + [params.window_size]
+        shape[axis] = params.spatial_shape[axis]
+        per_axis.append(table.astype(np.int64).reshape(shape))
+    flat = flat_relative_position_index(per_axis, params.kernel_size)
+    flat = np.broadcast_to(flat, (*params.spatial_shape, params.window_size)).astype(np.int32)
+    flat.setflags(write=False)  # shared by every caller of the cache
+    return flat
 
 
 def key_allowed(x, y, length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool, xp=np):

@@ -82,18 +82,27 @@ def _keys(k, v, mask, extra_k, extra_v):
     return np.concatenate([k, extra_k], 1), np.concatenate([v, extra_v], 1), wide
 
 
-def _probs(q, k, mask, scale):
+def _wide_bias(bias, n_keys):
+    """A ``[H, N, N_local]`` bias widened with zero columns for the additional keys."""
+    bias = np.asarray(bias, np.float64)
+    extra = n_keys - bias.shape[2]
+    return np.concatenate([bias, np.zeros((*bias.shape[:2], extra))], axis=2) if extra else bias
+
+
+def _probs(q, k, mask, scale, bias=None):
     """Per query head: logits, lse ``[B, H, N]`` and probabilities ``[B, H, N, Nk]``."""
     group = q.shape[2] // k.shape[2]
     kh = np.repeat(k, group, axis=2)  # query head h -> kv head h // group
     logits = scale * np.einsum("bqhd,bkhd->bhqk", q, kh)
+    if bias is not None:  # after scaling; the additional keys get none
+        logits = logits + _wide_bias(bias, k.shape[1])[None]
     logits = np.where(mask[None, None], logits, -np.inf)
     m = logits.max(-1, keepdims=True)
     lse = np.log(np.exp(logits - m).sum(-1)) + m[..., 0]
     return lse, np.exp(logits - lse[..., None]), group
 
 
-def attention(q, k, v, mask, scale=None, extra_k=None, extra_v=None):
+def attention(q, k, v, mask, scale=None, extra_k=None, extra_v=None, bias=None):
     """Masked softmax attention in float64 with GQA and optional additional keys/values.
 
     Args:
@@ -102,6 +111,8 @@ def attention(q, k, v, mask, scale=None, extra_k=None, extra_v=None):
         keys may form a different map than the queries (``k``: ``[B, *Y, H_kv, D]``).
       scale: defaults to ``D ** -0.5``.
       extra_k, extra_v: optional additional keys/values every query attends.
+      bias: optional ``[H, N, N_k]`` added to the scaled logits of the map's keys (e.g. `rpb_dense`);
+        the additional keys get no bias.
 
     Returns:
       ``(out [B, *X, H, D_v], lse [B, *X, H])`` in float64.
@@ -110,27 +121,29 @@ def attention(q, k, v, mask, scale=None, extra_k=None, extra_v=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = _flatten(q, k, v)
     k, v, mask = _keys(k, v, mask, extra_k, extra_v)
-    lse, p, group = _probs(q, k, mask, scale)
+    lse, p, group = _probs(q, k, mask, scale, bias)
     out = np.einsum("bhqk,bkhd->bqhd", p, np.repeat(v, group, axis=2))
     b, h = q.shape[0], q.shape[2]
     return out.reshape(b, *spatial, h, -1), lse.transpose(0, 2, 1).reshape(b, *spatial, h)
 
 
-def attention_bwd(q, k, v, mask, dout, dlse, scale=None, extra_k=None, extra_v=None):
+def attention_bwd(q, k, v, mask, dout, dlse, scale=None, extra_k=None, extra_v=None, bias=None):
     """Hand-written float64 backward of `attention` for cotangents ``dout`` and ``dlse``.
 
     ``dS = P * (dP - rowsum(dO * O)) + dlse * P``, ``dQ = scale * dS K``,
-    ``dK = scale * dS^T Q``, ``dV = P^T dO``, dK/dV summed over the query heads of a GQA group.
+    ``dK = scale * dS^T Q``, ``dV = P^T dO``, dK/dV summed over the query heads of a GQA group;
+    with a ``bias``, ``dBias = sum over the batch of dS`` (the map's keys only).
 
     Returns:
-      ``(dq, dk, dv, d_extra_k, d_extra_v)`` (the last two ``None`` without additional keys).
+      ``(dq, dk, dv, d_extra_k, d_extra_v)`` (the last two ``None`` without additional keys),
+      and ``d_bias [H, N, N_local]`` as a sixth entry when ``bias`` is given.
     """
     spatial, k_spatial = q.shape[1:-2], k.shape[1:-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     n_local = math.prod(k_spatial)
     q, k, v = _flatten(q, k, v)
     k, v, mask = _keys(k, v, mask, extra_k, extra_v)
-    lse, p, group = _probs(q, k, mask, scale)
+    lse, p, group = _probs(q, k, mask, scale, bias)
     b, n, h, _ = q.shape
     h_kv = k.shape[2]
     vh, kh = np.repeat(v, group, axis=2), np.repeat(k, group, axis=2)
@@ -149,23 +162,34 @@ def attention_bwd(q, k, v, mask, dout, dlse, scale=None, extra_k=None, extra_v=N
     dq = dq.reshape(b, *spatial, h, -1)
     dk_local = dk[:, :n_local].reshape(b, *k_spatial, h_kv, -1)
     dv_local = dv[:, :n_local].reshape(b, *k_spatial, h_kv, -1)
-    if extra_k is None:
-        return dq, dk_local, dv_local, None, None
-    return dq, dk_local, dv_local, dk[:, n_local:], dv[:, n_local:]
+    grads = (dq, dk_local, dv_local, None, None) if extra_k is None else (
+        dq, dk_local, dv_local, dk[:, n_local:], dv[:, n_local:])
+    if bias is None:
+        return grads
+    return (*grads, ds.sum(0)[:, :, :n_local])
 
 
 def na(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-       extra_k=None, extra_v=None):
-    """Oracle NA forward: ``(out, lse)`` in float64 for q/k/v ``[B, *X, H, D]``."""
-    mask = na_mask(q.shape[1:-2], kernel_size, stride, dilation, is_causal)
-    return attention(q, k, v, mask, scale, extra_k, extra_v)
+       extra_k=None, extra_v=None, rpb=None):
+    """Oracle NA forward: ``(out, lse)`` in float64 for q/k/v ``[B, *X, H, D]``; with ``rpb``
+    ``[H, 2K_1 - 1, ...]`` (non-causal, stride 1) the relative positional bias of `rpb_dense`."""
+    shape = q.shape[1:-2]
+    mask = na_mask(shape, kernel_size, stride, dilation, is_causal)
+    bias = None if rpb is None else rpb_dense(rpb, shape, kernel_size, dilation)
+    return attention(q, k, v, mask, scale, extra_k, extra_v, bias)
 
 
 def na_bwd(q, k, v, dout, dlse, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-           extra_k=None, extra_v=None):
-    """Oracle NA backward: ``(dq, dk, dv, d_extra_k, d_extra_v)`` in float64."""
-    mask = na_mask(q.shape[1:-2], kernel_size, stride, dilation, is_causal)
-    return attention_bwd(q, k, v, mask, dout, dlse, scale, extra_k, extra_v)
+           extra_k=None, extra_v=None, rpb=None):
+    """Oracle NA backward: ``(dq, dk, dv, d_extra_k, d_extra_v)`` in float64, and ``d_rpb``
+    (``rpb``'s shape) as a sixth entry when ``rpb`` is given."""
+    shape = q.shape[1:-2]
+    mask = na_mask(shape, kernel_size, stride, dilation, is_causal)
+    if rpb is None:
+        return attention_bwd(q, k, v, mask, dout, dlse, scale, extra_k, extra_v)
+    bias = rpb_dense(rpb, shape, kernel_size, dilation)
+    *grads, dbias = attention_bwd(q, k, v, mask, dout, dlse, scale, extra_k, extra_v, bias)
+    return (*grads, rpb_dense_grad(dbias, np.shape(rpb), shape, kernel_size, dilation))
 
 
 def rel_l2(got, want) -> float:
@@ -218,6 +242,31 @@ def rpb_table(shape, kernel_size, dilation=1):
         rel = [(ys[:, a] // dl[a]) - (x[a] // dl[a]) + ks[a] - 1 for a in range(rank)]
         out[qi] = np.ravel_multi_index(rel, [2 * k - 1 for k in ks])
     return out
+
+
+def rpb_dense(rpb, shape, kernel_size, dilation=1):
+    """``[H, N, N]`` float64: the bias of each (query, key) pair, ``rpb[h]`` at `rpb_table`'s index
+    for the keys of the query's window (non-causal, stride 1), 0 for every other key."""
+    table = slot_table(shape, kernel_size, 1, dilation, False)
+    index = rpb_table(shape, kernel_size, dilation)
+    flat = np.asarray(rpb, np.float64).reshape(np.shape(rpb)[0], -1)
+    n = table.shape[0]
+    dense = np.zeros((flat.shape[0], n, n))
+    rows = np.repeat(np.arange(n), table.shape[1])
+    dense[:, rows, table.ravel()] = flat[:, index.ravel()]  # window keys are distinct per query
+    return dense
+
+
+def rpb_dense_grad(dbias, rpb_shape, shape, kernel_size, dilation=1):
+    """Adjoint of `rpb_dense`: ``d_rpb`` of shape ``rpb_shape`` from ``d_bias [H, N, N]`` (each
+    table entry sums the cotangents of the (query, key) pairs at its relative offset)."""
+    table = slot_table(shape, kernel_size, 1, dilation, False)
+    index = rpb_table(shape, kernel_size, dilation)
+    n = table.shape[0]
+    rows = np.repeat(np.arange(n), table.shape[1])
+    drpb = np.zeros((rpb_shape[0], math.prod(rpb_shape[1:])))
+    np.add.at(drpb, (slice(None), index.ravel()), np.asarray(dbias)[:, rows, table.ravel()])
+    return drpb.reshape(rpb_shape)
 
 
 def qk(q, k, table, scale=None, rpb=None, rpb_index=None):

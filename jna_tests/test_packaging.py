@@ -28,3 +28,10 @@ def test_every_data_file_is_matched(setuptools_table):
     for path in (ROOT / "configs").rglob("*.json"):
         package = ".".join(("jna", *path.parent.relative_to(ROOT).parts))
         assert any(path.match(pattern) for pattern in data.get(package, ())), path
+
+
+def test_only_jna_is_packaged(setuptools_table):
+    """The examples, benchmarks and tests live in the checkout, not in the wheel."""
+    listed = setuptools_table["packages"]
+    assert all(name == "jna" or name.startswith("jna.") for name in listed), listed
+    assert (ROOT / "examples" / "nat_classifier" / "train.py").exists()

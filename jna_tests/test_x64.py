@@ -332,7 +332,7 @@ def test_modules(dtype, rel_pos_bias):
     x32 = jax.random.normal(jax.random.key(0), (2, 6, 7, 16), jnp.float32)
     x = x32.astype(dtype)
     kwargs = dict(num_heads=2, kernel_size=3, dilation=(1, 2), rel_pos_bias=rel_pos_bias,
-                  backend="reference")  # the backends are covered above; rpb runs the unfused ops
+                  backend="reference")  # the backends are covered above; rpb too (test_rpb.py)
     linen = jna.NeighborhoodAttention2D(**kwargs, dtype=dtype)
     variables = linen.init(jax.random.key(1), x)
     y = linen.apply(variables, x)

@@ -7,6 +7,7 @@
   dense: dense attention, the reference's building block and the benchmarks' baseline.
   finite: the all-finite check that picks a fused kernel's fast path.
   forward_mode: `jax.jvp` through the fused ops (custom JVP; reverse mode by transposition).
+  rpb: the relative positional bias table expanded to every (query, window slot).
 
 The public API is what ``jna``, ``jna.backends``, ``jna.nn``, ``jna.nnx``, ``jna.semantics``,
 ``jna.sharding``, ``jna.qk_av``, ``jna.merge``, ``jna.natten_weights``, ``jna.explain`` and

@@ -41,6 +41,10 @@ class NAProblem:
     dtype: Any
     scale: float
     num_extra: int  # additional key/value tokens (0 when none)
+    # A relative positional bias ``rpb`` comes with the call (validated by `check_rpb`). Part of
+    # the static description so that backends can decline it (`Backend.supports_rpb`) and
+    # ``auto`` never picks a backend that would drop it.
+    has_rpb: bool = False
 
     @property
     def rank(self) -> int:
@@ -91,6 +95,7 @@ def check_call(
     additional_keys,
     additional_values,
     rank: int | None,
+    rpb=None,
 ) -> NAProblem:
     """Validates one NA call and returns its static description.
 
@@ -101,9 +106,12 @@ def check_call(
       additional_keys: None or ``[B, N_extra, H_kv, D]``; additional_values likewise with ``D_v``.
       rank: the number of spatial axes the caller expects (na1d: 1, ...), or None to take it
         from ``q.ndim - 3`` (1, 2 or 3).
+      rpb: None or a relative positional bias ``[H, 2K_1 - 1, ..., 2K_n - 1]`` (`check_rpb`);
+        sets ``has_rpb`` of the result.
 
     Raises:
       ValueError: naming the argument, axis and value of the first problem found.
+      NotImplementedError: ``rpb`` with causal masking or stride > 1 (`check_rpb`).
     """
     q, k, v = _array_like("q", q), _array_like("k", k), _array_like("v", v)
     for name, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation),
@@ -191,7 +199,7 @@ def check_call(
             raise ValueError("additional_keys/additional_values have no tokens; pass None instead.")
         num_extra = int(ak.shape[1])
 
-    return NAProblem(
+    problem = NAProblem(
         params=params,
         batch=int(batch),
         heads=int(heads),
@@ -202,6 +210,10 @@ def check_call(
         scale=scale,
         num_extra=num_extra,
     )
+    if rpb is None:
+        return problem
+    check_rpb(rpb, problem)
+    return dataclasses.replace(problem, has_rpb=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,12 +234,15 @@ def check_qk_call(q, k, kernel_size, stride, dilation, is_causal, scale, rank: i
 
 
 def check_rpb(rpb, problem: NAProblem) -> None:
-    """Validates a relative positional bias ``rpb: [H, 2K_1 - 1, ..., 2K_n - 1]`` for a qk call.
+    """Validates a relative positional bias ``rpb: [H, 2K_1 - 1, ..., 2K_n - 1]`` for a call.
+
+    ``H`` is the number of *query* heads (with GQA too). The dtype is float32 or q's dtype (the
+    bias is added in float32 either way; another half type would be a silent conversion).
 
     Raises:
       NotImplementedError: with causal masking or stride > 1 on any axis (NATTEN 0.17 defines
         the bias for non-causal, stride-1 windows only).
-      ValueError: naming ``rpb`` when it is not a float array of that shape.
+      ValueError: naming ``rpb`` when it is not an array of that shape and dtype.
     """
     rpb = _array_like("rpb", rpb)
     params = problem.params
@@ -248,10 +263,11 @@ def check_rpb(rpb, problem: NAProblem) -> None:
             f"rpb has shape {tuple(rpb.shape)}, expected [heads, 2*kernel_size - 1 per axis] = "
             f"{list(want)}."
         )
-    if jnp.dtype(rpb.dtype) not in SUPPORTED_DTYPES:
+    allowed = (jnp.dtype(jnp.float32), jnp.dtype(problem.dtype))
+    if jnp.dtype(rpb.dtype) not in allowed:
         raise ValueError(
-            f"rpb has dtype {jnp.dtype(rpb.dtype).name}; supported dtypes are float32, float16 and "
-            f"bfloat16."
+            f"rpb has dtype {jnp.dtype(rpb.dtype).name}; it must be float32 or q's dtype "
+            f"({jnp.dtype(problem.dtype).name})."
         )
 
 

@@ -9,8 +9,10 @@ takes a name (``"auto"``, ``"reference"``, ``"fused-triton"``, ``"fused-mosaic"`
         q_tile=(8, 8), kv_tile=(8, 8))))
 
 An explicitly named backend never falls back silently: if it cannot run the call, that is an
-error that says why. ``"auto"`` takes the first backend of `AUTO_ORDER` that runs natively on the
-current device, supports the call and does not decline it (``auto_declines``: measured slower).
+error that says why. ``"auto"`` takes the first backend of `AUTO_ORDER` that has the call's
+optional features (capability flags such as ``supports_rpb``: a relative positional bias is never
+dropped), runs natively on the current device, supports the call and does not decline it
+(``auto_declines``: measured slower).
 
 The backend classes are imported on first use (``jna.backends.FusedTriton`` loads the Pallas
 Triton backend then, not at ``import jna``).
@@ -23,14 +25,14 @@ import importlib
 from jna.backends import device  # noqa: F401  (tests patch jna.backends.device)
 from jna.backends.base import Backend
 from jna.backends.registry import (  # noqa: F401
-    AUTO_ORDER, KNOWN_BACKENDS, Choice, _CLASSES, _warn_reference_on_gpu, built_backends,
-    check_backend, check_backend_name, choose, get, native_backends, resolve,
+    AUTO_ORDER, KNOWN_BACKENDS, Choice, _CLASSES, _warn_reference_on_gpu, backend_class,
+    built_backends, check_backend, check_backend_name, choose, get, native_backends, resolve,
 )
 
 __all__ = [
     "Backend", "Reference", "FusedTriton", "FusedMosaic", "Unfused", "TritonConfig", "MosaicConfig",
-    "KNOWN_BACKENDS", "AUTO_ORDER", "built_backends", "native_backends", "get", "choose", "resolve",
-    "check_backend",
+    "KNOWN_BACKENDS", "AUTO_ORDER", "built_backends", "native_backends", "backend_class", "get",
+    "choose", "resolve", "check_backend",
 ]
 
 # Names importable from here, loaded on first use (PEP 562): the backend classes and configs.

@@ -11,6 +11,16 @@ instance is hashable and a `jax.jit` static argument, a changed config is a diff
 An explicit config's tiles are fitted to each call (`tiling.fit_tile`: a tile extent larger than
 the map, rounded up to a power of two, shrinks), so one config serves several problem sizes.
 
+Optional features are class-level capability flags, checked for every backend in one place
+(`unsupported_feature`, called by the registry before the backend's own ``supports``), so that an
+explicit backend without a feature raises and ``auto`` passes it over, never dropping the feature:
+
+* ``supports_rpb``: the backend's ``attention`` takes ``rpb=`` (NATTEN 0.17's relative positional
+  bias, ``[H, 2K_1 - 1, ..., 2K_n - 1]``; the call's `NAProblem` says ``has_rpb``). A backend
+  gains it by setting the flag and adding the argument (see `Backend.attention`).
+
+Callers run a backend through `Backend.run`, which hands ``rpb`` only to backends with the flag.
+
 The name table, ``"auto"`` and the choice between backends are in `jna.backends` (the registry).
 """
 
@@ -39,6 +49,7 @@ class Backend(abc.ABC):
     config_type: ClassVar[type | None] = None  # None: the backend has no tile config
     launch_config_file: ClassVar[str | None] = None  # its launch classes, in configs/ (jna.configs)
     min_tile_tokens: ClassVar[int] = 1  # smallest Q/KV tile an explicit config is fitted down to
+    supports_rpb: ClassVar[bool] = False  # `attention` takes rpb= (relative positional bias)
 
     def __post_init__(self):
         if self.config is not None and (self.config_type is None
@@ -58,7 +69,16 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def supports(self, problem: NAProblem) -> str | None:
-        """None if the backend runs ``problem``, else the reason it does not."""
+        """None if the backend runs ``problem``, else the reason it does not (shapes, dtypes,
+        parameters; the optional features are `unsupported_feature`'s, checked before this)."""
+
+    def unsupported_feature(self, problem: NAProblem) -> str | None:
+        """The first optional feature ``problem`` uses that this backend lacks (its capability
+        flags), in words naming the feature and the backend; None if it has them all."""
+        if problem.has_rpb and not self.supports_rpb:
+            return (f"rpb (relative positional bias) is not implemented in backend {self.name!r}; "
+                    f"backends with it: {', '.join(map(repr, _rpb_backends()))}")
+        return None
 
     def auto_declines(self, problem: NAProblem) -> str | None:
         """A reason for ``auto`` to prefer the next backend (measured slower here), or None."""
@@ -107,4 +127,33 @@ class Backend(abc.ABC):
     def attention(self, q, k, v, problem: NAProblem):
         """``(out, lse)`` for the validated call ``problem``, differentiable in q, k, v and in
         both outputs: q ``[B, *X, H, D]``, k/v ``[B, *X, H_kv, D/D_v]`` -> out ``[B, *X, H, D_v]``
-        in q's dtype, lse ``[B, *X, H]`` float32."""
+        in q's dtype, lse ``[B, *X, H]`` float32.
+
+        A backend with ``supports_rpb`` also takes ``rpb=None``: ``[H, 2K_1 - 1, ..., 2K_n - 1]``
+        in float32 or q's dtype, added (in float32) after scaling to the logit of every
+        (query ``x``, key ``y``) at ``rpb[h, (y'_a - x'_a) + K_a - 1 per axis]``
+        (`jna.semantics.relative_position_index_of_key`), differentiable in ``rpb`` too (its
+        cotangent in rpb's dtype). lse includes the bias. Calls with it are non-causal, stride 1
+        (`jna._src.arguments.check_rpb`); any dilation, GQA (``H`` = query heads)."""
+
+    def run(self, q, k, v, problem: NAProblem, rpb=None):
+        """`attention`, with ``rpb`` (None or the bias table) passed only to a backend that
+        declares ``supports_rpb``; for any other backend a bias is a NotImplementedError (never
+        dropped)."""
+        if rpb is None:
+            return self.attention(q, k, v, problem)
+        if not self.supports_rpb:
+            raise NotImplementedError(
+                f"backend={self.name!r} does not support this call: rpb (relative positional bias) "
+                f"is not implemented in it.")
+        if not problem.has_rpb:
+            raise ValueError("rpb was given but the problem was validated without it; pass it to "
+                             "check_call(..., rpb=rpb).")
+        return self.attention(q, k, v, problem, rpb=rpb)
+
+
+def _rpb_backends() -> tuple[str, ...]:
+    """Names of the built backends that declare ``supports_rpb`` (imports each backend class)."""
+    from jna.backends import registry
+
+    return tuple(name for name in registry.built_backends() if registry.backend_class(name).supports_rpb)

@@ -6,6 +6,11 @@ windows within memory, the window slots are visited in chunks with an online (fl
 softmax carried in float32; each chunk's gather is rematerialized in the backward pass
 (`jax.checkpoint`), so autodiff stores only the per-chunk carries.
 
+Relative positional bias (``rpb``, `supports_rpb`): each chunk also gathers the bias of its
+(query, slot) pairs from the table (indices from `jna.semantics.relative_position_index_of_key`
+on the same coordinates), added in float32 after scaling; its gradient (a scatter-add into the
+table) and forward-mode derivatives come from JAX autodiff like everything else here.
+
 This is the portable fallback (any device, jit/vmap/grad by JAX autodiff) and the "naive"
 baseline of the benchmarks.
 """
@@ -54,7 +59,7 @@ def slots_per_chunk(problem: NAProblem, budget: int = GATHER_BUDGET_ELEMENTS) ->
 
 
 def _chunk_neighbors(params: semantics.NAParams, first_slot, chunk: int, query_coords=None,
-                     key_offsets=None):
+                     key_offsets=None, bias_index: bool = False):
     """Key positions of window slots ``first_slot .. first_slot + chunk - 1`` of every query.
 
     Args:
@@ -64,11 +69,14 @@ def _chunk_neighbors(params: semantics.NAParams, first_slot, chunk: int, query_c
         traced), or None for every axis: ``arange(length)``.
       key_offsets: per axis, the global coordinate of local key index 0 (may be traced), or None:
         0. Returned indices are local: ``global key - key_offsets[axis]``.
+      bias_index: also return the flat relative-positional-bias index of each (query, slot).
 
     Returns:
       ``(indices, valid)``: ``indices`` is a tuple (one per axis) of int32 arrays that broadcast
       to ``[*Xq, chunk]``, ready for advanced indexing; ``valid`` is bool ``[*Xq, chunk]``. Slots
       past ``prod(K)`` (padding of the last chunk) are invalid and point at slot ``prod(K) - 1``.
+      With ``bias_index``, a third entry: int32 ``[*Xq, chunk]``, the row-major flat index into
+      ``rpb[h]`` (`jna.semantics.flat_relative_position_index`; global coordinates).
     """
     rank = params.rank
     if query_coords is None:
@@ -87,35 +95,43 @@ def _chunk_neighbors(params: semantics.NAParams, first_slot, chunk: int, query_c
         rest = rest // params.kernel_size[axis]
     per_axis_slot.reverse()
 
-    indices, valid = [], in_window
+    indices, valid, bias = [], in_window, []
     for axis in range(rank):
         length, k, s, d, causal = params.axis(axis)
         n = local_shape[axis]
         x = query_coords[axis][:, None]
         y, ok = semantics.neighbor(x, per_axis_slot[axis][None, :], length, k, s, d, causal, xp=jnp)
-        y = y - key_offsets[axis]
         # Put this axis's length at position `axis` of [*Xq, chunk].
         shape = [1] * rank + [chunk]
         shape[axis] = n
+        if bias_index:  # from global coordinates, before the key offset makes y local
+            bias.append(semantics.relative_position_index_of_key(x, y, k, d).reshape(shape))
+        y = y - key_offsets[axis]
         indices.append(y.reshape(shape))
         valid = valid & jnp.broadcast_to(ok, (n, chunk)).reshape(shape)
-    return tuple(indices), jnp.broadcast_to(valid, (*local_shape, chunk))
+    valid = jnp.broadcast_to(valid, (*local_shape, chunk))
+    if not bias_index:
+        return tuple(indices), valid
+    flat = semantics.flat_relative_position_index(bias, params.kernel_size)
+    return tuple(indices), valid, jnp.broadcast_to(flat, (*local_shape, chunk))
 
 
-def attention(q, k, v, problem: NAProblem):
+def attention(q, k, v, problem: NAProblem, rpb=None):
     """Neighborhood attention of ``q`` over ``k``/``v``.
 
     Args:
       q: ``[B, *X, H, D]``; k: ``[B, *X, H_kv, D]``; v: ``[B, *X, H_kv, D_v]``.
       problem: the validated call (`jna._src.arguments.check_call`).
+      rpb: None or the relative positional bias ``[H, 2K_1 - 1, ..., 2K_n - 1]`` (float32 or q's
+        dtype; validated by `jna._src.arguments.check_rpb`).
 
     Returns:
       ``(out, lse)``: ``[B, *X, H, D_v]`` in q's dtype and ``[B, *X, H]`` float32.
     """
-    return attention_window(q, k, v, problem)
+    return attention_window(q, k, v, problem, rpb=rpb)
 
 
-def attention_window(q, k, v, problem: NAProblem, query_coords=None, key_offsets=None):
+def attention_window(q, k, v, problem: NAProblem, query_coords=None, key_offsets=None, rpb=None):
     """Neighborhood attention of some queries of a larger problem over a slab of its keys.
 
     This is the reference backend's *query offset into a larger key extent*, used by spatial
@@ -131,6 +147,8 @@ def attention_window(q, k, v, problem: NAProblem, query_coords=None, key_offsets
       query_coords: per axis, int32 ``[Xq[a]]`` global coordinates of the local queries (traced
         values allowed); None means the whole axis (``arange``).
       key_offsets: per axis, the global coordinate of local key 0 (traced allowed); None: 0.
+      rpb: None or the bias table ``[H, 2K_1 - 1, ..., 2K_n - 1]`` of the local heads, indexed
+        by global coordinates.
 
     Returns:
       ``(out, lse)``: ``[B, *Xq, H, D_v]`` in q's dtype and ``[B, *Xq, H]`` float32.
@@ -148,13 +166,19 @@ def attention_window(q, k, v, problem: NAProblem, query_coords=None, key_offsets
     num_chunks = math.ceil(params.window_size / chunk)
 
     qg = (jnp.asarray(q).astype(jnp.float32) * problem.scale).reshape(batch, n, kv_heads, group, head_dim)
+    # Query head h = kv head h // group, member h % group: the bias table in the logits' layout.
+    table = None if rpb is None else jnp.asarray(rpb).astype(jnp.float32).reshape(kv_heads, group, -1)
 
     def step(carry, chunk_index):
         m, l, acc = carry
-        indices, valid = _chunk_neighbors(params, chunk_index * chunk, chunk, query_coords, key_offsets)
+        found = _chunk_neighbors(params, chunk_index * chunk, chunk, query_coords, key_offsets,
+                                 bias_index=table is not None)
+        indices, valid = found[:2]
         kj = k[(slice(None), *indices)].reshape(batch, n, chunk, kv_heads, -1)
         vj = v[(slice(None), *indices)].reshape(batch, n, chunk, kv_heads, -1)
         s = jnp.einsum("bnhgd,bnchd->bnhgc", qg, kj, precision=_HIGHEST)
+        if table is not None:  # after scaling, as NATTEN: [h_kv, g, n, chunk] -> [n, h_kv, g, chunk]
+            s = s + jnp.moveaxis(table[:, :, found[2].reshape(n, chunk)], 2, 0)[None]
         # `where`, not a multiply: a masked slot must not let a NaN/inf key leak in.
         s = jnp.where(valid.reshape(1, n, 1, 1, chunk), s, -jnp.inf)
         m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(s, axis=-1)))
@@ -187,10 +211,11 @@ class Reference(Backend):
     """reference: pure jax.numpy over each query's gathered window (any device; no tile config)."""
 
     name: ClassVar[str] = NAME
+    supports_rpb: ClassVar[bool] = True
 
     is_available = staticmethod(is_available)
     runs_natively = staticmethod(runs_natively)
     supports = staticmethod(unsupported_reason)
 
-    def attention(self, q, k, v, problem: NAProblem):
-        return attention(q, k, v, problem)
+    def attention(self, q, k, v, problem: NAProblem, rpb=None):
+        return attention(q, k, v, problem, rpb)

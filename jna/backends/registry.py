@@ -14,8 +14,8 @@ from jna.backends import device
 from jna.backends.base import Backend
 
 __all__ = [
-    "KNOWN_BACKENDS", "AUTO_ORDER", "Choice", "built_backends", "native_backends", "get", "choose",
-    "resolve", "check_backend", "check_backend_name",
+    "KNOWN_BACKENDS", "AUTO_ORDER", "Choice", "built_backends", "native_backends", "backend_class",
+    "get", "choose", "resolve", "check_backend", "check_backend_name",
 ]
 
 # Every backend name jna knows: the module and class that implement it.
@@ -37,13 +37,20 @@ def built_backends() -> tuple[str, ...]:
     return tuple(_CLASSES)
 
 
+def backend_class(name: str) -> type[Backend]:
+    """The class of the backend named ``name`` (its capability flags, e.g. ``supports_rpb``,
+    are class attributes)."""
+    if check_backend(name) == "auto" or not isinstance(name, str):
+        raise ValueError(f"jna.backends.get/backend_class take a backend name "
+                         f"({', '.join(map(repr, _CLASSES))}), got {name!r}; 'auto' depends on the "
+                         f"call: use choose(backend, problem).")
+    module, cls = _CLASSES[name]
+    return getattr(importlib.import_module(module), cls)
+
+
 def get(name: str) -> Backend:
     """The backend named ``name`` with its default config (``get("fused-triton")``)."""
-    if check_backend(name) == "auto" or not isinstance(name, str):
-        raise ValueError(f"jna.backends.get takes a backend name ({', '.join(map(repr, _CLASSES))}), "
-                         f"got {name!r}; 'auto' depends on the call: use choose(backend, problem).")
-    module, cls = _CLASSES[name]
-    return getattr(importlib.import_module(module), cls)()
+    return backend_class(name)()
 
 
 def native_backends() -> tuple[str, ...]:
@@ -103,14 +110,20 @@ def choose(backend: str | Backend, problem: NAProblem) -> Choice:
         for name in AUTO_ORDER:
             candidate = get(name)
             available, reason = candidate.is_available()
-            why = (None if candidate.runs_natively()
-                   else reason if not available else f"only emulated here ({reason})") \
+            # A feature the backend lacks (rpb) disqualifies it outright: auto never drops one.
+            why = candidate.unsupported_feature(problem) or (
+                None if candidate.runs_natively()
+                else reason if not available else f"only emulated here ({reason})") \
                 or candidate.supports(problem) or candidate.auto_declines(problem)
             if why is None:
                 return Choice(candidate, tuple(passed_over))
             passed_over.append((name, why))
         raise NotImplementedError("no jna backend supports this call")  # reference takes all
     instance = get(backend) if isinstance(backend, str) else backend
+    # A missing feature first: it holds on every machine, so it is the reason worth reading.
+    reason = instance.unsupported_feature(problem)
+    if reason is not None:
+        raise NotImplementedError(f"backend={instance.name!r} does not support this call: {reason}")
     available, why = instance.is_available()
     if not available:
         raise NotImplementedError(f"backend={instance.name!r} cannot run on this machine: {why}")

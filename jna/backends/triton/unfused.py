@@ -25,8 +25,9 @@ Data flow:
      (``s = attn``, ``a = dO``) and dK of QK (``s = dLogits``, ``a = q``). Deterministic, no
      atomics.
 
-3. ``attention`` (``backend="unfused"`` of `jna.na*d`): QK -> softmax in float32 -> AV, with the
-   logsumexp of the logits.
+3. ``attention`` (``backend="unfused"`` of `jna.na*d`): QK (+ relative positional bias, added to
+   the float32 logits in the permuted layout) -> softmax in float32 -> AV, with the logsumexp of
+   the logits.
 
 Logits are float32 (accumulated in float32 whatever the input dtype; masked causal slots are
 ``-inf``). AV accepts float32 or half-precision weights; they are rounded to v's dtype for the
@@ -48,6 +49,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from jna._src import plan as planning
 from jna._src import finite, forward_mode
+from jna._src.rpb import relative_position_bias
 from jna.tuning import tables as jna_tuned
 from jna._src.arguments import NAProblem
 from jna.backends import tiling
@@ -513,13 +515,16 @@ def av(attn, v, problem: NAProblem, config: fused_triton.TritonConfig | None = N
     return planning.unpermute(out, st.plan, "q", problem.spatial_shape, problem.value_dim)
 
 
-def attention(q, k, v, problem: NAProblem, config: fused_triton.TritonConfig | None = None):
-    """Unfused neighborhood attention: QK -> softmax (float32) -> AV.
+def attention(q, k, v, problem: NAProblem, config: fused_triton.TritonConfig | None = None,
+              rpb=None):
+    """Unfused neighborhood attention: QK (+ bias) -> softmax (float32) -> AV.
 
     Args:
       q: ``[B, *X, H, D]``; k: ``[B, *X, H_kv, D]``; v: ``[B, *X, H_kv, D_v]``.
       problem: the validated call (`jna._src.arguments.check_call`).
       config: tiles and launch parameters; default `default_config(problem)`.
+      rpb: None or the relative positional bias ``[H, 2K_1 - 1, ..., 2K_n - 1]`` (validated;
+        non-causal, stride 1), added to the float32 logits.
 
     Returns:
       ``(out, lse)``: ``[B, *X, H, D_v]`` in q's dtype and ``[B, *X, H]`` float32.
@@ -531,6 +536,12 @@ def attention(q, k, v, problem: NAProblem, config: fused_triton.TritonConfig | N
     # Stays in the permuted layout between the kernels. Rows of padding queries hold unspecified
     # values; every kernel masks them out.
     logits = _qk_p(qp, kp, st)
+    if rpb is not None:
+        # [*X, H, KK] -> the logits' permuted layout [B * G, Nq, H, KK]; the same for every batch
+        # entry, so permute one copy and broadcast over the batch (padding rows get 0).
+        bias = planning.permute(relative_position_bias(rpb, problem.params)[None], st.plan, "q")
+        bias = jnp.broadcast_to(bias[None], (problem.batch, *bias.shape))  # [B, G, Nq, H, KK]
+        logits = logits + bias.reshape(logits.shape)
     lse = jax.nn.logsumexp(logits, axis=-1)
     attn = jnp.exp(logits - lse[..., None])
     out = _av_p(attn, vp, st)
@@ -555,14 +566,15 @@ class Unfused(TritonBackend):
 
     name: ClassVar[str] = NAME
     config_type: ClassVar[type] = fused_triton.TritonConfig
+    supports_rpb: ClassVar[bool] = True
     default_config = staticmethod(default_config)
     default_config_source = staticmethod(config_source)
 
     def candidate_configs(self, problem: NAProblem, shapes_per_class: int = 2) -> list:
         return tune_candidates(problem.params, problem.head_dim, shapes_per_class)
 
-    def attention(self, q, k, v, problem: NAProblem):
-        return attention(q, k, v, problem, self.config_for(problem))
+    def attention(self, q, k, v, problem: NAProblem, rpb=None):
+        return attention(q, k, v, problem, self.config_for(problem), rpb)
 
     def qk(self, q, k, problem: NAProblem):
         return qk(q, k, problem, self.config_for(problem))
