@@ -65,8 +65,9 @@ def run_problem(problem, top: int) -> list[dict]:
             ref = flat
         err = max(float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
                   for a, b in zip(flat, ref))
-        fwd_ms = median_ms(fwd, q, k, v, warmup=3, repeats=30)
-        bwd_ms = median_ms(grads, q, k, v, dout, warmup=3, repeats=30)
+        # batched samples (calls of ~0.1 ms are otherwise all host dispatch and sync)
+        fwd_ms = median_ms(fwd, q, k, v, warmup=3, repeats=30, inner=20)
+        bwd_ms = median_ms(grads, q, k, v, dout, warmup=3, repeats=30, inner=20)
         region = cfg.kv_region and ft.region_applies(na, cfg)
         rows.append(dict(
             problem=problem.name, config=_describe(cfg), kv_region=cfg.kv_region,

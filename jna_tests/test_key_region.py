@@ -93,9 +93,11 @@ CASES = {
                          dim_v=16), (4, 4), (4, 8)),
     # DiNAT-like: dilation, ragged group length 6 (grouped layout, masked chunk loads), GQA
     "2d-dilated-ragged": (Config((12, 12), (5, 5), (1, 1), (2, 2), (False, False), heads=4, heads_kv=2,
-                                 dim=16, dim_v=16), (4, 4), (4, 2)),
-    "1d-dilated-causal": (Config((30,), (5,), (1,), (3,), (True,), batch=2, heads=2, heads_kv=2, dim=32,
-                                 dim_v=16), (4,), (4,)),
+                                 dim=16, dim_v=16), (4, 4), (8, 2)),
+    # tiles of >= 16 tokens (Triton's dot; `fused_triton.MIN_TILE_TOKENS`): group length 40,
+    # ragged in its last tile, several chunks per Q tile
+    "1d-dilated-causal": (Config((120,), (13,), (1,), (3,), (True,), batch=2, heads=2, heads_kv=2, dim=32,
+                                 dim_v=16), (16,), (16,)),
     "2d-strided-causal": (Config((14, 10), (7, 3), (2, 1), (1, 1), (False, True), heads=2, heads_kv=1,
                                  dim=16, dim_v=32), (4, 4), (8, 2)),
     "3d-mixed": (Config((6, 8, 8), (3, 3, 5), (1, 2, 1), (2, 1, 1), (True, False, False), heads=2,
@@ -217,3 +219,15 @@ def test_candidates_include_the_region_walk_only_where_it_applies():
         assert bool(region) == expect, (shape, dilation)
         assert all(fused_triton.region_applies(problem(shape, dilation), c) for c in region)
         assert any(not c.kv_region for _, c, _ in cands)
+
+
+def test_tiles_under_16_tokens_are_an_error():
+    """Triton's dot needs 16 rows and columns; 4-token 1-D tiles silently doubled the output on
+    an H200, so a direct call with such a config is refused on every device."""
+    cfg = Config((30,), (5,), (1,), (3,), (True,), heads=2, heads_kv=2, dim=16, dim_v=16)
+    inp = make_inputs(cfg, jnp.float32)
+    problem = _problem(cfg, inp)
+    for q_tile, kv_tile, name in (((4,), (16,), "q_tile"), ((16,), (8,), "kv_tile")):
+        config = dataclasses.replace(fused_triton.default_config(problem), q_tile=q_tile, kv_tile=kv_tile)
+        with pytest.raises(ValueError, match=rf"config\.{name} = .* tokens; a tile needs >= 16"):
+            fused_triton.attention(inp.q, inp.k, inp.v, problem, config)

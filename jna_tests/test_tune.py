@@ -165,8 +165,8 @@ def test_a_candidate_computing_something_else_is_rejected_not_timed(table_dir, m
     cands = tune.candidates("unfused", PROBLEM, 1)[:2]
     real = unfused.attention
 
-    def broken_first(q, k, v, problem, config=None):
-        out, lse = real(q, k, v, problem, config)
+    def broken_first(q, k, v, problem, config=None, rpb=None):
+        out, lse = real(q, k, v, problem, config, rpb)
         return (out * 2 if config == cands[0].config else out), lse
 
     monkeypatch.setattr(unfused, "attention", broken_first)

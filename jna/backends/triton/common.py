@@ -41,11 +41,14 @@ def unsupported_reason(problem: NAProblem) -> str | None:
     return None
 
 
+MIN_TILE_TOKENS = 16  # Triton's dot needs 16 rows/columns (smaller tiles ran wrong on an H200)
+
+
 @dataclasses.dataclass(frozen=True)
 class TritonBackend(Backend):
     """Where a Pallas Triton backend runs and what it takes (the rest is the subclass's)."""
 
-    min_tile_tokens: ClassVar[int] = 16  # Triton's dot needs 16 rows/columns
+    min_tile_tokens: ClassVar[int] = MIN_TILE_TOKENS
 
     def is_available(self) -> tuple[bool, str]:
         return is_available()

@@ -37,6 +37,7 @@ from jna._src.arguments import NAProblem
 from jna.backends import launch, tiling
 from jna.backends.launch import LaunchClass
 from jna.backends.triton.common import (
+    MIN_TILE_TOKENS,
     TritonBackend,
     F32_MAX as _F32_MAX,
     ONE as _ONE,
@@ -914,6 +915,15 @@ def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None,
       ``(out, lse)``: ``[B, *X, H, D_v]`` in q's dtype and ``[B, *X, H]`` float32.
     """
     config = config or default_config(problem)
+    for name in ("q_tile", "kv_tile"):
+        # Triton's dot needs >= 16 rows and columns: on an H200, 4-token 1-D tiles returned
+        # exactly twice the output (lse right, P @ V doubled), silently. The backend fits explicit
+        # configs up to this (`tiling.fit_config`); direct callers get an error, on every device.
+        tokens = math.prod(getattr(config, name))
+        if tokens < MIN_TILE_TOKENS:
+            raise ValueError(f"fused-triton: config.{name} = {getattr(config, name)} holds {tokens} tokens; "
+                             f"a tile needs >= {MIN_TILE_TOKENS} (Triton's dot), e.g. "
+                             f"`jna.backends.tiling.fit_config(config, params, {MIN_TILE_TOKENS})`")
     plan = planning.make_plan(problem.params, config.q_tile, config.kv_tile, spans)
     for kind, x in (("q", q), ("kv", k), ("kv", v)):
         if tuple(x.shape[1:-2]) != plan.local_shape(kind):
