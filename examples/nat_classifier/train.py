@@ -232,13 +232,22 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     return TrainConfig(**args)
 
 
+def _peak_memory_gib() -> float | None:
+    """The device's peak bytes in use so far (GiB; run one configuration per process to read one
+    model's peak), or None where the backend keeps no memory statistics (the CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else round(peak / 2**30, 3)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {cfg}", flush=True)
     result = train(cfg)
     summary = {k: v for k, v in dataclasses.asdict(cfg).items()}
     summary.update(final_loss=float(np.mean(result["losses"][-cfg.log_every or -1:])),
-                   images_per_s=result["images_per_s"], ms_per_step=result["ms_per_step"])
+                   images_per_s=result["images_per_s"], ms_per_step=result["ms_per_step"],
+                   peak_memory_gib=_peak_memory_gib())
     print(json.dumps(summary), flush=True)
     return result
 
