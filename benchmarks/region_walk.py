@@ -35,11 +35,13 @@ def _describe(cfg) -> str:
 
 
 def variants(na, top: int) -> list:
-    """The default config, it with the region walk, and the ``top`` best region candidates."""
+    """The default config (on an H200 a tuned region config for the small-window problems), it
+    with the other walk (region <-> aligned), and the ``top`` best region candidates."""
     default = ft.default_config(na)
     out = [default]
-    if ft.region_applies(na, dataclasses.replace(default, kv_region=True)):
-        out.append(dataclasses.replace(default, kv_region=True))
+    other = dataclasses.replace(default, kv_region=not default.kv_region)
+    if default.kv_region or ft.region_applies(na, other):
+        out.append(other)
     classes = {tuple(sorted(c.fields.items())): c.speed for c in ft.launch_classes()}
     scored = [(eff * classes.get(tuple(sorted(fields.items())), 1.0), cfg)
               for fields, cfg, eff in ft.FusedTriton().candidate_configs(na, 2) if cfg.kv_region]
