@@ -32,10 +32,13 @@ Q tiles of padding only are skipped (their ``dO`` is zero).
 
 Memory: the partials take ``nDelta * B * G * H * TQ * TK * 4`` bytes; ``nDelta`` is the product
 over axes of the distinct tile offsets, about ``(K_a + TQ_a + TK_a) / min(TQ_a, TK_a)`` per axis.
-E.g. 2d-nat (B 16, H 4, 56x56, K 7, tiles 8x8/8x8): 9 x 16 x 4 x 64 x 64 x 4 B = 9.4 MiB;
-2d-flux (B 1, H 24, 256x256, K 80, tiles 8x16/8x16): about 13 x 8 = 104 offsets x 24 x 128 x
-128 x 4 B = 160 MiB. Time: the pass recomputes two of the backward's seven tile products per
-visited pair (about +30% of the backward's matrix work; the bias gather as in the forward).
+At the H200's tuned tiles (bf16): 1d-long 31 MiB (62 offsets), 2d-flux 257 MiB (19 x 18),
+3d-hunyuan 1.2 GiB (15 x 10 x 11), 2d-nat 30 MiB, 2d-dinat 32 MiB (B * G = 256). To bound it,
+the offsets are split along the first axis into launches of at most `PARTIALS_BUDGET_BYTES`
+each (one offset of the first axis at least), each binned on its own and the binned tables
+summed in order: 3d-hunyuan runs 5 launches of 3 first-axis offsets. Time: the pass recomputes
+two of the backward's seven tile products per visited pair (about +30% of the backward's matrix
+work) plus the bias gathers.
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ from jna.backends.triton.fused import (
     _masked_probs, _params, _tables,
 )
 
-__all__ = ["DeltaWalk", "delta_walk", "bias_gradient"]
+__all__ = ["DeltaWalk", "delta_walk", "bias_gradient", "PARTIALS_BUDGET_BYTES"]
+
+# Most bytes of partials one d_rpb launch writes (module docstring): 256 MiB.
+PARTIALS_BUDGET_BYTES = 2**28
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -142,14 +148,16 @@ def _walk_operand(walk: DeltaWalk):
 
 
 def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, walk_ref, rpb_ref, acc_ref, *,
-            st: _Static, walk: DeltaWalk):
+            st: _Static, walk: DeltaWalk, first: int):
     """One program: the sum of ``dS`` over the pairs at one tile offset of one (batch entry,
-    group) and query head (grid: offset, batch*group, head), written as a ``[TQ, TK]`` tile."""
+    group) and query head (grid: offset, batch*group, head), written as a ``[TQ, TK]`` tile.
+    ``first``: the launch's first offset id on axis 0 (`_chunks`)."""
     plan, cfg, lay = st.plan, st.config, st.layout
     f32 = _f32_products(st)
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
     geo = Geometry(plan, tab_ref, pl.program_id(1))
     ids = unravel(pl.program_id(0), [len(d) for d in walk.deltas])
+    ids[0] = ids[0] + first
     q_local = geo.local_coords(cfg.q_tile)
     k_local = geo.local_coords(cfg.kv_tile)
     qk_scale = st.scale * _LOG2E
@@ -197,8 +205,18 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, walk_ref, 
     acc_ref[...] = jax.lax.fori_loop(0, total, body, jnp.zeros((tq, tk), jnp.float32))
 
 
-def _partials(qp, kp, vp, dop, lse, delta, rpb, st: _Static, walk: DeltaWalk):
-    """``[nDelta, B*G, H, TQ, TK]`` float32: `_kernel`'s per-offset sums of dS."""
+def _chunks(st: _Static, walk: DeltaWalk, batch_groups: int) -> list[tuple[int, int]]:
+    """``[(first, count)]``: the launches' ranges of offset ids on axis 0, each writing at most
+    `PARTIALS_BUDGET_BYTES` of partials (at least one offset)."""
+    n0 = len(walk.deltas[0])
+    per_offset = (walk.num_deltas // n0) * batch_groups * st.heads * st.plan.q_tile_tokens * st.plan.kv_tile_tokens * 4
+    step = max(1, min(n0, PARTIALS_BUDGET_BYTES // per_offset))
+    return [(first, min(step, n0 - first)) for first in range(0, n0, step)]
+
+
+def _partials(qp, kp, vp, dop, lse, delta, rpb, st: _Static, walk: DeltaWalk, first: int, count: int):
+    """``[count * nDelta / nD_0, B*G, H, TQ, TK]`` float32: `_kernel`'s per-offset sums of dS
+    for the offsets ``first .. first + count - 1`` of axis 0 (every offset of the others)."""
     lay, plan = st.layout, st.plan
     spec = _Specs(st)
     tables, walk_tables = _tables(st), _walk_operand(walk)
@@ -211,9 +229,12 @@ def _partials(qp, kp, vp, dop, lse, delta, rpb, st: _Static, walk: DeltaWalk):
                             lambda t, b, h: (b, *lay.zeros("q"), h, *(0,) * len(trailing)))
 
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
+    num = count * (walk.num_deltas // len(walk.deltas[0]))
+    # The kernel unravels its offset id over the full per-axis counts; with `first` added on
+    # axis 0, a launch of `count` axis-0 offsets covers program ids [0, num).
     return pl.pallas_call(
-        functools.partial(_kernel, st=st, walk=walk),
-        grid=(walk.num_deltas, bg, st.heads),
+        functools.partial(_kernel, st=st, walk=walk, first=first),
+        grid=(num, bg, st.heads),
         in_specs=[
             whole_q(st.head_dim),
             spec.whole("kv", None, st.head_dim),
@@ -226,7 +247,7 @@ def _partials(qp, kp, vp, dop, lse, delta, rpb, st: _Static, walk: DeltaWalk):
             spec.bias(),
         ],
         out_specs=pl.BlockSpec((None, None, None, tq, tk), lambda t, b, h: (t, b, h, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((walk.num_deltas, bg, st.heads, tq, tk), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((num, bg, st.heads, tq, tk), jnp.float32),
         compiler_params=_params(st, backward=True),
         interpret=st.interpret,
         name="jna_fused_na_drpb",
@@ -264,12 +285,13 @@ def _place(x, deltas, n: int, kernel_size: int):
     return total
 
 
-def _bin(partials, st: _Static, walk: DeltaWalk):
-    """``[nDelta, B*G, H, TQ, TK]`` partials -> d_rpb ``[H, 2K_1 - 1, ..., 2K_n - 1]`` float32."""
+def _bin(partials, st: _Static, deltas):
+    """``[nDelta, B*G, H, TQ, TK]`` partials of the per-axis offsets ``deltas`` -> their part of
+    d_rpb ``[H, 2K_1 - 1, ..., 2K_n - 1]`` float32."""
     plan, rank, heads = st.plan, st.plan.rank, st.heads
     q_tile, kv_tile = st.config.q_tile, st.config.kv_tile
     x = partials.sum(axis=1)  # over batch entries and dilation groups: [nDelta, H, TQ, TK]
-    x = x.reshape(*(len(d) for d in walk.deltas), heads, *q_tile, *kv_tile)
+    x = x.reshape(*(len(d) for d in deltas), heads, *q_tile, *kv_tile)
     # -> [H, (nD_a, TQ_a, TK_a) per axis]
     order = [rank] + [i for a in range(rank) for i in (a, rank + 1 + a, 2 * rank + 1 + a)]
     x = x.transpose(order)
@@ -279,7 +301,7 @@ def _bin(partials, st: _Static, walk: DeltaWalk):
         rest = x.ndim - (p + 3)
         x = jnp.moveaxis(x, (p, p + 1, p + 2), (-3, -2, -1))
         x = _diagonal_sums(x, q_tile[a], kv_tile[a])  # [..., nD_a, U_a]
-        x = _place(x, walk.deltas[a], q_tile[a], ax.kernel_size)  # [..., 2K_a - 1]
+        x = _place(x, deltas[a], q_tile[a], ax.kernel_size)  # [..., 2K_a - 1]
         x = jnp.moveaxis(x, -1, p)
         assert x.ndim == p + 1 + rest
     return x
@@ -291,6 +313,10 @@ def bias_gradient(qp, kp, vp, dop, lse, delta, rpb, st: _Static):
     O) - dlse``) and the bias table ``rpb`` (`fused._bias_table`). Deterministic: fixed-order
     sums in the kernel and fixed-shape reductions and additions in XLA (module docstring)."""
     walk = delta_walk(st.plan)
-    table = _bin(_partials(qp, kp, vp, dop, lse, delta, rpb, st, walk), st, walk)
+    table = None
+    for first, count in _chunks(st, walk, _grid_batch(qp, st)):
+        partials = _partials(qp, kp, vp, dop, lse, delta, rpb, st, walk, first, count)
+        part = _bin(partials, st, (walk.deltas[0][first:first + count], *walk.deltas[1:]))
+        table = part if table is None else table + part
     table = table.reshape(st.heads, st.bias_size)
     return jnp.pad(table, ((0, 0), (0, st.bias_padded - st.bias_size)))
