@@ -12,6 +12,8 @@ Data flow (docs/fused_triton.md):
 4. Backward: ``delta = rowsum(dO * O) - dlse`` in XLA; a dQ kernel over the same visit lists;
    a dK/dV kernel per KV tile over the transposed lists, summing over the query heads of a GQA
    group inside the program (deterministic, no atomics).
+5. A relative positional bias (``rpb=``) is gathered per tile pair inside every kernel
+   (`_bias`), and its gradient comes from `jna.backends.triton.bias_grad` (deterministic).
 
 On a machine without a GPU the same kernels run in Pallas interpret mode (slow; for tests).
 """
