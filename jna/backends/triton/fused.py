@@ -659,9 +659,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, *refs,
         lse2 = _load(lse_ref, st, "q", qo, (*tile, head)).reshape(tq) * _LOG2E
         delta = _load(delta_ref, st, "q", qo, (*tile, head)).reshape(tq)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
-        x = [qo[a] + q_local[a] for a in range(plan.rank)]
-        windows = [geo.window(a, x[a]) for a in range(plan.rank)]
-        if rpb_ref is not None:
+        windows = [geo.window(a, qo[a] + q_local[a]) for a in range(plan.rank)]
+        if rpb_ref is not None:  # (after the windows: without a bias the kernel lowers as before)
+            x = [qo[a] + q_local[a] for a in range(plan.rank)]
             s = s + _bias(rpb_ref, st, _bias_part(st, x), k_part, head) * _LOG2E
         p = _masked_probs(geo, full, windows, y, s, lse2)
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, f32=f32)
