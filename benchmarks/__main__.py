@@ -26,8 +26,9 @@ COMMANDS = {
     "lowered": "lowered_kernels",       # every kernel lowered for CUDA here, fingerprinted
     "matmul-probe": "matmul_precision_probe",  # small float32 matmuls vs float64, per precision
     "finite-probe": "finite_probe",     # the all-finite guard of the fused kernels: variants, end to end
-    "profile-call": "call_profile",
-    "region-walk": "region_walk",       # fused-triton's key-region walk vs aligned KV tiles     # every kernel of one compiled call, with its time (CUPTI trace)
+    "profile-call": "call_profile",     # every kernel of one compiled call, with its time (CUPTI trace)
+    "region-walk": "region_walk",       # fused-triton's key-region walk vs aligned KV tiles
+    "rpb": "rpb_bench",                 # relative positional bias in the fused kernels vs without, vs unfused
 }
 
 

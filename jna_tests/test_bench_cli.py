@@ -81,3 +81,21 @@ def test_memory_floor_counts_each_tensor_once():
     assert p.floor_ms("fwd", bandwidth=4.2e12) == pytest.approx(0.0124, rel=0.01)  # issue 16's ~0.013
     with pytest.raises(ValueError, match="mode 'bwd'"):
         p.memory_bytes("bwd")
+
+
+@pytest.mark.slow
+def test_rpb_bench_smoke(tmp_path):
+    """``python -m benchmarks rpb`` on a tiny problem (interpret mode): every variant timed or
+    skipped with its reason, the derived columns filled, the variants agreeing."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "rpb", "--names", "tiny-2d-k3", "--repeats", "1",
+                           "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "rpb_bench.json").read_text())["rows"]}
+    assert set(rows) == {"fused-triton", "fused-triton+rpb", "fused-mosaic", "fused-mosaic+rpb", "unfused+rpb"}
+    for name in ("fused-triton", "fused-triton+rpb", "unfused+rpb"):
+        assert rows[name]["fwd_ms"] > 0 and rows[name]["fwd_bwd_ms"] > 0 and rows[name]["fwd_bwd_peak_bytes"] > 0
+    assert rows["fused-mosaic"].get("skipped")  # the simulator is not timed
+    assert rows["fused-triton+rpb"]["rpb_overhead_fwd"] > 0 and rows["fused-triton+rpb"]["speedup_vs_unfused_fwd"] > 0
+    assert max(rows["unfused+rpb"]["rel_l2_vs_baseline"].values()) < 2e-2
+    assert "| tiny-2d-k3 | fused-triton+rpb |" in (tmp_path / "rpb_bench.md").read_text()

@@ -26,6 +26,12 @@ any function: linearize, then transpose the linear part. The composition, for a 
 
 A backend opts in with `register` (its tangent kernel, backward kernels and
 second-order functions); `fused_op` wraps its forward.
+
+Extra differentiable inputs. The op may take more inputs than ``(q, k, v)``: fused-triton's op
+with a relative positional bias is ``f(q, k, v, rpb)`` (``rpb`` ``[H, T]``, heads at axis -2
+like the others). Everything above then runs on the ``n`` inputs: the tangent primitive takes
+``(*inputs, out, lse, *tangents)``, the backward returns ``n`` cotangents and the second-order
+rule takes ``(*inputs, *tangents, *directions)``. The three-input form is unchanged.
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ class Rules:
     backward(st, (q, k, v, out, lse), (dout, dlse)) -> (dq, dk, dv): the backward kernels.
     second_order(st, q, k, v, tq, tk, tv, dq, dk, dv) -> (tout', tlse'): the derivative of the
       tangent in (q, k, v) along (dq, dk, dv), in pure JAX.
+    (With ``n`` inputs, e.g. ``(q, k, v, rpb)``, each rule takes and returns ``n`` of them in the
+    same places: ``tangent(st, *inputs, out, lse, *tangents)``, ``backward(st, (*inputs, out,
+    lse), cts) -> n cotangents``, ``second_order(st, *inputs, *tangents, *directions)``.)
     lse_head_axis: the head axis of the backend's lse (``[BG, *tokens, H]``: -1; fused-mosaic's
       ``[BG, H, tokens]``: -2). The other operands have theirs at -2 (``[..., H, D]``).
     """
@@ -80,7 +89,9 @@ def register(backend: str, rules: Rules) -> None:
 tangent_p = jex_core.Primitive("jna_na_tangent")
 tangent_p.multiple_results = True
 
-_RESIDUALS = 5  # q, k, v, out, lse; then the linear inputs tq, tk, tv
+def _num_inputs(args) -> int:
+    """``n`` for the tangent primitive's operands ``(*inputs, out, lse, *tangents)``."""
+    return (len(args) - 2) // 2
 
 
 def _evaluate(*args, backend, st):
@@ -92,20 +103,23 @@ mlir.register_lowering(tangent_p, mlir.lower_fun(_evaluate, multiple_results=Tru
 
 
 @tangent_p.def_abstract_eval
-def _abstract(q, k, v, out, lse, tq, tk, tv, *, backend, st):
-    del q, k, v, tq, tk, tv, backend, st
+def _abstract(*args, backend, st):
+    del backend, st
+    n = _num_inputs(args)
+    out, lse = args[n], args[n + 1]
     return (jax.core.ShapedArray(out.shape, out.dtype), jax.core.ShapedArray(lse.shape, jnp.float32))
 
 
-def _transpose(cts, q, k, v, out, lse, tq, tk, tv, *, backend, st):
-    residuals = (q, k, v, out, lse)
+def _transpose(cts, *args, backend, st):
+    n = _num_inputs(args)
+    residuals, linear = args[:n + 2], args[n + 2:]  # (*inputs, out, lse), the tangents
     if any(ad.is_undefined_primal(x) for x in residuals):
         raise NotImplementedError("jna: the tangent of NA is linear in the tangents only")
+    out, lse = residuals[n:]
     ct_out, ct_lse = (jnp.zeros(a.shape, a.dtype) if type(c) is ad.Zero else c
                       for c, a in zip(cts, (out, lse)))
     grads = _RULES[backend].backward(st, residuals, (ct_out, ct_lse))
-    linear = (tq, tk, tv)
-    return [None] * _RESIDUALS + [g if ad.is_undefined_primal(x) else None for g, x in zip(grads, linear)]
+    return [None] * (n + 2) + [g if ad.is_undefined_primal(x) else None for g, x in zip(grads, linear)]
 
 
 ad.primitive_transposes[tangent_p] = _transpose
@@ -125,7 +139,9 @@ def _fold(x, bdim, size, head_axis):
 def _batch(args, dims, *, backend, st):
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     rules = _RULES[backend]
-    heads_axis = (-2, -2, -2, -2, rules.lse_head_axis, -2, -2, -2)  # of q, k, v, out, lse, tq, tk, tv
+    n = _num_inputs(args)
+    # of (*inputs, out, lse, *tangents): every operand has its heads at -2 except the lse
+    heads_axis = (-2,) * (n + 1) + (rules.lse_head_axis,) + (-2,) * n
     folded = [_fold(a, d, size, h) for a, d, h in zip(args, dims, heads_axis)]
     wide = with_heads(st, st.heads * size, st.kv_heads * size)
     tout, tlse = tangent_p.bind(*folded, backend=backend, st=wide)
@@ -143,34 +159,37 @@ batching.primitive_batchers[tangent_p] = _batch
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _tangent(backend, st, q, k, v, out, lse, tq, tk, tv):
-    return tuple(tangent_p.bind(q, k, v, out, lse, tq, tk, tv, backend=backend, st=st))
+def _tangent(backend, st, *args):
+    """``tangent_p`` on ``(*inputs, out, lse, *tangents)`` (e.g. q, k, v, out, lse, tq, tk, tv)."""
+    return tuple(tangent_p.bind(*args, backend=backend, st=st))
 
 
 @_tangent.defjvp
 def _tangent_jvp(backend, st, primals, tangents):
-    q, k, v, out, lse, tq, tk, tv = primals
-    dq, dk, dv, _, _, dtq, dtk, dtv = tangents  # out/lse tangents follow from (dq, dk, dv)
+    n = _num_inputs(primals)
+    inputs, (out, lse), lin = primals[:n], primals[n:n + 2], primals[n + 2:]
+    # out/lse tangents follow from the inputs' (the directions d_inputs)
+    d_inputs, d_lin = tangents[:n], tangents[n + 2:]
     y = _tangent(backend, st, *primals)
-    linear = _tangent(backend, st, q, k, v, out, lse, dtq, dtk, dtv)
-    second = _RULES[backend].second_order(st, q, k, v, tq, tk, tv, dq, dk, dv)
+    linear = _tangent(backend, st, *inputs, out, lse, *d_lin)
+    second = _RULES[backend].second_order(st, *inputs, *lin, *d_inputs)
     return y, tuple(a + b.astype(a.dtype) for a, b in zip(linear, second))
 
 
 def fused_op(backend: str, forward: Callable) -> Callable:
     """``op(st, q, k, v) -> (out, lse)``: ``forward(q, k, v, st)`` (a backend's `jax.custom_vjp`
-    op on kernel-layout tensors) made differentiable in forward mode too (module docstring)."""
+    op on kernel-layout tensors) made differentiable in forward mode too (module docstring).
+    With more inputs (``forward(q, k, v, rpb, st)``), ``op(st, q, k, v, rpb)``."""
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-    def op(st, q, k, v):
-        return tuple(forward(q, k, v, st))
+    def op(st, *inputs):
+        return tuple(forward(*inputs, st))
 
     @op.defjvp
     def op_jvp(st, primals, tangents):
-        q, k, v = primals
-        out, lse = forward(q, k, v, st)
-        tq, tk, tv = (t.astype(x.dtype) for t, x in zip(tangents, primals))
-        return (out, lse), _tangent(backend, st, q, k, v, out, lse, tq, tk, tv)
+        out, lse = forward(*primals, st)
+        lin = tuple(t.astype(x.dtype) for t, x in zip(tangents, primals))
+        return (out, lse), _tangent(backend, st, *primals, out, lse, *lin)
 
     return op
 

@@ -12,6 +12,8 @@ Data flow (docs/fused_triton.md):
 4. Backward: ``delta = rowsum(dO * O) - dlse`` in XLA; a dQ kernel over the same visit lists;
    a dK/dV kernel per KV tile over the transposed lists, summing over the query heads of a GQA
    group inside the program (deterministic, no atomics).
+5. A relative positional bias (``rpb=``) is gathered per tile pair inside every kernel
+   (`_bias`), and its gradient comes from `jna.backends.triton.bias_grad` (deterministic).
 
 On a machine without a GPU the same kernels run in Pallas interpret mode (slow; for tests).
 """
@@ -167,10 +169,21 @@ class _Static:
     interpret: bool
     layout: "_Layout"
     problem: NAProblem | None = None  # the call (forward mode's second-order term needs it)
+    bias: bool = False  # the kernels take a relative positional bias table (`_bias_table`)
 
     @property
     def group(self) -> int:
         return self.heads // self.kv_heads
+
+    @property
+    def bias_size(self) -> int:
+        """Entries of one head's flat bias table, ``prod(2K - 1)``."""
+        return math.prod(2 * a.kernel_size - 1 for a in self.plan.axes)
+
+    @property
+    def bias_padded(self) -> int:
+        """The kernel-layout table's row length: `bias_size` rounded up to a power of two."""
+        return pl.next_power_of_2(self.bias_size)
 
 
 def _f32_products(st: "_Static"):
@@ -351,6 +364,75 @@ def _put(ref, st: "_Static", kind: str, tile, value):
 
 
 # ----------------------------------------------------------------------------------------------
+# Relative positional bias (``rpb``): the table operand and its in-kernel gather
+# ----------------------------------------------------------------------------------------------
+#
+# The kernels take the bias as ``[H, bias_padded]`` float32: head h's table ``rpb[h]``
+# (``[2K_1 - 1, ..., 2K_n - 1]``) flattened row-major and zero-padded to a power of two
+# (`_bias_table`). A program reads its head's row only. The bias of (query x, key y) is
+# ``rpb[h, flat(y' - x' + K - 1)]``; row-major flattening makes that index separable,
+#
+#     flat = sum_a (y'_a - x'_a + K_a - 1) * stride_a = key_part(y) - query_part(x) + const,
+#
+# so per tile pair it is one [TQ, TK] subtraction of two vectors, clamped into the table (pairs
+# outside every window may fall outside; they are masked like their logits), followed by an
+# indexed load from global memory (`_bias`). Why a load from memory rather than a gather from
+# registers: Pallas Triton lowers no gather of a value (`jnp.take` on a loaded block), but it
+# lowers a load through an integer index array (a tensor of pointers), and a head's table
+# (676 B at K = 7 in 2-D, 300 KiB for 3d-hunyuan's K = 18x24x24) stays in L1/L2, where every
+# program of the head reads it. The consecutive keys of a tile row have consecutive indices, so
+# the loads of a warp coalesce.
+
+
+def _bias_table(rpb, st: "_Static"):
+    """The kernel-layout bias ``[H, bias_padded]`` float32 of the user's ``rpb``
+    ``[H, 2K_1 - 1, ..., 2K_n - 1]`` (float32 or q's dtype): differentiable, so the table's
+    cotangent flows back to ``rpb`` in its own dtype."""
+    table = jnp.asarray(rpb).astype(jnp.float32).reshape(rpb.shape[0], st.bias_size)
+    return jnp.pad(table, ((0, 0), (0, st.bias_padded - st.bias_size)))
+
+
+def _user_bias(table, st: "_Static"):
+    """Inverse of `_bias_table` (float32): ``[H, bias_padded]`` -> ``[H, 2K_1 - 1, ...]``."""
+    return table[:, : st.bias_size].reshape(table.shape[0], *(2 * a.kernel_size - 1 for a in st.plan.axes))
+
+
+def _bias_strides(st: "_Static") -> tuple[list[int], int]:
+    """Per axis the row-major stride of the flat table, and ``sum_a (K_a - 1) * stride_a``."""
+    sizes = [2 * a.kernel_size - 1 for a in st.plan.axes]
+    strides = [math.prod(sizes[a + 1:]) for a in range(len(sizes))]
+    return strides, sum((a.kernel_size - 1) * s for a, s in zip(st.plan.axes, strides))
+
+
+def _bias_part(st: "_Static", coords):
+    """``sum_a coords[a] * stride_a`` (int32 ``[tokens]``) for per-axis group coordinates of the
+    tokens of a tile (queries or keys): one side of the separable flat index."""
+    strides, _ = _bias_strides(st)
+    part = None
+    for c, s in zip(coords, strides):
+        term = c * s if s != 1 else c
+        part = term if part is None else part + term
+    return part
+
+
+def _bias(rpb_ref, st: "_Static", q_part, k_part, head=None):
+    """``[TQ, TK]`` float32 bias of a tile pair from `_bias_part` of its queries and keys:
+    ``rpb[h, flat(y' - x' + K - 1)]`` (``head``: the row of a multi-head block, dK/dV's GQA
+    group; None: the program's only row). Exact for every pair a window allows; the others read
+    a clamped entry and must be masked (they are: every kernel masks their logits)."""
+    _, const = _bias_strides(st)
+    idx = k_part[None, :] - q_part[:, None] + const
+    idx = jnp.minimum(jnp.maximum(idx, 0), st.bias_size - 1)
+    return rpb_ref[idx] if head is None else rpb_ref[head, idx]
+
+
+def _split_bias(st: "_Static", refs):
+    """``(rpb_ref or None, the remaining refs)``: a kernel's refs after the plan tables, which
+    start with the bias table when the launch has one (`_Static.bias`)."""
+    return (refs[0], refs[1:]) if st.bias else (None, refs)
+
+
+# ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
 
@@ -404,32 +486,52 @@ def _q_tile_program(st: _Static, tab_ref):
     return geo, qt, k_local, windows, _Walk(st, geo, qt, "kv")
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, *, st: _Static):
-    """One program's forward (every value finite: `_forward_call`)."""
-    _forward_loop(q_ref, k_ref, v_ref, o_ref, lse_ref, _q_tile_program(st, tab_ref), st=st, contain=False)
+def _q_bias_part(st: _Static, geo: Geometry, qt):
+    """`_bias_part` of the queries of Q tile ``qt`` (per-axis ids; group coordinates)."""
+    q_local = geo.local_coords(st.config.q_tile)
+    return _bias_part(st, [qt[a] * st.config.q_tile[a] + q_local[a] for a in range(st.plan.rank)])
 
 
-def _contained_kernel(q_ref, k_ref, v_ref, tab_ref, o_in, lse_in, o_ref, lse_ref, *, st: _Static):
+def _add_bias(s, rpb_ref, st: _Static, q_part, y, head=None):
+    """Base-2 logits ``s`` (``q.k * scale * log2(e)``) plus the bias of the pair in the same
+    units (the bias is added after scaling, in the natural-log domain: ``b * log2(e)``);
+    ``s`` unchanged without a bias. ``y``: the keys' per-axis group coordinates."""
+    if rpb_ref is None:
+        return s
+    return s + _bias(rpb_ref, st, q_part, _bias_part(st, y), head) * _LOG2E
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, *refs, st: _Static):
+    """One program's forward (every value finite: `_forward_call`). ``refs``: the bias table
+    when the launch has one, then out and lse."""
+    rpb_ref, (o_ref, lse_ref) = _split_bias(st, refs)
+    _forward_loop(q_ref, k_ref, v_ref, rpb_ref, o_ref, lse_ref, _q_tile_program(st, tab_ref), st=st,
+                  contain=False)
+
+
+def _contained_kernel(q_ref, k_ref, v_ref, tab_ref, *refs, st: _Static):
     """The forward again with non-finite values contained, over the fast kernel's outputs
     (aliased: ``o_in``/``lse_in`` are ``o_ref``/``lse_ref``), only where ``v`` holds a
     non-finite value: the all-finite flag is stored after the plan tables, and when it is set
-    every program returns at once (`_forward_call`)."""
+    every program returns at once (`_forward_call`). ``refs``: [bias,] o_in, lse_in, o, lse."""
+    rpb_ref, (o_in, lse_in, o_ref, lse_ref) = _split_bias(st, refs)
     del o_in, lse_in
     program = _q_tile_program(st, tab_ref)  # outside the branch (interpret mode needs program ids here)
 
     @pl.when(tab_ref[len(st.plan.tables)] == 0)
     def _():
-        _forward_loop(q_ref, k_ref, v_ref, o_ref, lse_ref, program, st=st, contain=True)
+        _forward_loop(q_ref, k_ref, v_ref, rpb_ref, o_ref, lse_ref, program, st=st, contain=True)
 
 
-def _forward_loop(q_ref, k_ref, v_ref, o_ref, lse_ref, program, *, st: _Static, contain: bool):
+def _forward_loop(q_ref, k_ref, v_ref, rpb_ref, o_ref, lse_ref, program, *, st: _Static, contain: bool):
     """The online-softmax loop of one Q tile; ``contain``: the variant that keeps non-finite
-    values inside the windows that hold them."""
+    values inside the windows that hold them; ``rpb_ref``: the head's bias row, or None."""
     plan = st.plan
     f32 = _f32_products(st)
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
     geo, qt, k_local, windows, walk = program
     qk_scale = st.scale * _LOG2E
+    q_part = None if rpb_ref is None else _q_bias_part(st, geo, qt)
 
     q = _own(q_ref, st, "q", qt).reshape(tq, st.head_dim)
 
@@ -440,6 +542,7 @@ def _forward_loop(q_ref, k_ref, v_ref, o_ref, lse_ref, program, *, st: _Static, 
         load_v = lambda: _load(v_ref, st, "kv", ko, (*tile, slice(None))).reshape(tk, st.value_dim)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         y = [ko[a] + k_local[a] for a in range(plan.rank)]
+        s = _add_bias(s, rpb_ref, st, q_part, y)
 
         full = full > 0
         if contain:
@@ -502,12 +605,14 @@ def _masked_probs(geo: Geometry, full, windows, y, s, lse2):
     )
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref, *, st: _Static):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, *refs, st: _Static):
+    rpb_ref, (dq_ref,) = _split_bias(st, refs)
     plan = st.plan
     f32 = _f32_products(st)
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
     geo, qt, k_local, windows, walk = _q_tile_program(st, tab_ref)
     qk_scale = st.scale * _LOG2E
+    q_part = None if rpb_ref is None else _q_bias_part(st, geo, qt)
 
     q = _own(q_ref, st, "q", qt).reshape(tq, st.head_dim)
     do = _own(do_ref, st, "q", qt).reshape(tq, st.value_dim)
@@ -520,6 +625,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
         v = _load(v_ref, st, "kv", ko, (*tile, slice(None))).reshape(tk, st.value_dim)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         y = [ko[a] + k_local[a] for a in range(plan.rank)]
+        s = _add_bias(s, rpb_ref, st, q_part, y)
         p = _masked_probs(geo, full, windows, y, s, lse2)
         dp = _dot(do, v, trans_b=True, f32=f32)
         ds = p * (dp - delta[:, None])
@@ -529,7 +635,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
     _put(dq_ref, st, "q", qt, (dq * st.scale).astype(dq_ref.dtype))
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref, dv_ref, *, st: _Static):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, *refs, st: _Static):
+    rpb_ref, (dk_ref, dv_ref) = _split_bias(st, refs)  # rpb_ref: the G query heads' rows
     cfg, plan = st.config, st.plan
     f32 = _f32_products(st)
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
@@ -540,6 +647,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
     y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
     walk = _Walk(st, geo, kt, "q")
     qk_scale = st.scale * _LOG2E
+    k_part = None if rpb_ref is None else _bias_part(st, y)
 
     k = _own(k_ref, st, "kv", kt).reshape(tk, st.head_dim)
     v = _own(v_ref, st, "kv", kt).reshape(tk, st.value_dim)
@@ -553,6 +661,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
         delta = _load(delta_ref, st, "q", qo, (*tile, head)).reshape(tq)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         windows = [geo.window(a, qo[a] + q_local[a]) for a in range(plan.rank)]
+        if rpb_ref is not None:  # (after the windows: without a bias the kernel lowers as before)
+            x = [qo[a] + q_local[a] for a in range(plan.rank)]
+            s = s + _bias(rpb_ref, st, _bias_part(st, x), k_part, head) * _LOG2E
         p = _masked_probs(geo, full, windows, y, s, lse2)
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, f32=f32)
         dp = _dot(do, v, trans_b=True, f32=f32)
@@ -600,7 +711,7 @@ class _Specs:
     """BlockSpecs of the kernel operands for a layout (grid: (tile, batch*group, head))."""
 
     def __init__(self, st: _Static):
-        self.lay, self.group = st.layout, st.group
+        self.st, self.lay, self.group = st, st.layout, st.group
 
     def _grouped(self, kind, head_block, trailing, head_of):
         """The grouped layout's spec of every operand: the whole dilation group of one batch
@@ -646,6 +757,12 @@ class _Specs:
     def table(tables):
         return pl.BlockSpec(tables.shape, lambda t, b, h: (0,))
 
+    def bias(self, rows: int | None = None):
+        """The bias table ``[H, bias_padded]``: the grid head's row (``rows`` None, squeezed),
+        or ``rows`` consecutive rows, block ``h`` (dK/dV: the query heads of kv head h)."""
+        padded = self.st.bias_padded
+        return pl.BlockSpec((rows, padded), lambda t, b, h: (h, 0))
+
 
 def _grid_batch(qp, st: _Static) -> int:
     """The grid's batch axis: batch entries times dilation groups (the permuted and direct
@@ -653,7 +770,7 @@ def _grid_batch(qp, st: _Static) -> int:
     return qp.shape[0] * st.plan.num_groups if st.layout.grouped else qp.shape[0]
 
 
-def _forward_call(qp, kp, vp, st: _Static):
+def _forward_call(qp, kp, vp, st: _Static, rpb=None):
     """The forward: the fast kernel, then the containing kernel over its outputs, told whether
     every value is finite. The fast kernel's ``P V`` sums ``0 * v`` over masked keys, so a
     non-finite value would leak into queries that never see it; then the second kernel rewrites
@@ -661,12 +778,21 @@ def _forward_call(qp, kp, vp, st: _Static):
     XLA copies a cond's predicate to the host, a round trip that cost small calls 10-20 us
     (issue 16's profile), and a branch inside one kernel slowed its loop (H200: 2d-nat's
     forward kernel 117 vs 111 us). When every value is finite the second launch's programs
-    return at once."""
-    out, lse = _forward_launch(qp, kp, vp, st)
-    return _forward_launch(qp, kp, vp, st, finite.all_finite(vp), (out, lse))
+    return at once. ``rpb``: the bias table (`_bias_table`) when ``st.bias``; a non-finite bias
+    needs no containing (it enters only the logits of the pairs that use it, and masked logits
+    are replaced, not multiplied)."""
+    out, lse = _forward_launch(qp, kp, vp, st, rpb=rpb)
+    return _forward_launch(qp, kp, vp, st, finite.all_finite(vp), (out, lse), rpb=rpb)
 
 
-def _forward_launch(qp, kp, vp, st: _Static, finite_v=None, fast_outputs=None):
+def _bias_operands(st: _Static, rpb, spec: "_Specs", rows=None):
+    """``(in_specs, operands)`` of the bias table: empty without one (`_Static.bias`)."""
+    if st.bias != (rpb is not None):
+        raise ValueError(f"launch planned with bias={st.bias} but given rpb={rpb is not None}")
+    return ([spec.bias(rows)], [rpb]) if st.bias else ([], [])
+
+
+def _forward_launch(qp, kp, vp, st: _Static, finite_v=None, fast_outputs=None, rpb=None):
     """The fast forward kernel; with ``finite_v`` and ``fast_outputs``, the containing one."""
     plan, lay = st.plan, st.layout
     bg = _grid_batch(qp, st)
@@ -676,6 +802,8 @@ def _forward_launch(qp, kp, vp, st: _Static, finite_v=None, fast_outputs=None):
     contained = fast_outputs is not None
     kernel = _contained_kernel if contained else _forward_kernel
     outs = [spec.tile("q", st.value_dim), spec.tile("q")]
+    bias_specs, bias = _bias_operands(st, rpb, spec)
+    first_out = 4 + len(bias)  # operand index of the aliased fast outputs
     return pl.pallas_call(
         functools.partial(kernel, st=st),
         grid=(plan.num_q_tiles, bg, st.heads),
@@ -684,6 +812,7 @@ def _forward_launch(qp, kp, vp, st: _Static, finite_v=None, fast_outputs=None):
             spec.whole("kv", None, st.head_dim),
             spec.whole("kv", None, st.value_dim),
             spec.table(tables),
+            *bias_specs,
             *(outs if contained else []),
         ],
         out_specs=outs,
@@ -691,16 +820,17 @@ def _forward_launch(qp, kp, vp, st: _Static, finite_v=None, fast_outputs=None):
             jax.ShapeDtypeStruct((*q_shape, st.value_dim), qp.dtype),
             jax.ShapeDtypeStruct(q_shape, jnp.float32),
         ],
-        input_output_aliases={4: 0, 5: 1} if contained else {},
+        input_output_aliases={first_out: 0, first_out + 1: 1} if contained else {},
         compiler_params=_params(st, backward=False),
         interpret=st.interpret,
         name="jna_fused_na_fwd_contained" if contained else "jna_fused_na_fwd",
-    )(qp, kp, vp, tables, *(fast_outputs or ()))
+    )(qp, kp, vp, tables, *bias, *(fast_outputs or ()))
 
 
-def _dq_call(qp, kp, vp, dop, lse, delta, st: _Static):
+def _dq_call(qp, kp, vp, dop, lse, delta, st: _Static, rpb=None):
     tables = _tables(st)
     spec = _Specs(st)
+    bias_specs, bias = _bias_operands(st, rpb, spec)
     return pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
         grid=(st.plan.num_q_tiles, _grid_batch(qp, st), st.heads),
@@ -712,19 +842,21 @@ def _dq_call(qp, kp, vp, dop, lse, delta, st: _Static):
             spec.tile("q"),
             spec.tile("q"),
             spec.table(tables),
+            *bias_specs,
         ],
         out_specs=spec.tile("q", st.head_dim),
         out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),
         compiler_params=_params(st, backward=True),
         interpret=st.interpret,
         name="jna_fused_na_dq",
-    )(qp, kp, vp, dop, lse, delta, tables)
+    )(qp, kp, vp, dop, lse, delta, tables, *bias)
 
 
-def _dkv_call(qp, kp, vp, dop, lse, delta, st: _Static):
+def _dkv_call(qp, kp, vp, dop, lse, delta, st: _Static, rpb=None):
     tables = _tables(st)
     spec = _Specs(st)
     group = st.group
+    bias_specs, bias = _bias_operands(st, rpb, spec, rows=group)
 
     def whole_q(*trailing):  # all query tokens of the G query heads of kv head h
         lay = st.layout
@@ -744,13 +876,14 @@ def _dkv_call(qp, kp, vp, dop, lse, delta, st: _Static):
             whole_q(),
             whole_q(),
             spec.table(tables),
+            *bias_specs,
         ],
         out_specs=[spec.tile("kv", st.head_dim), spec.tile("kv", st.value_dim)],
         out_shape=[jax.ShapeDtypeStruct(kp.shape, kp.dtype), jax.ShapeDtypeStruct(vp.shape, vp.dtype)],
         compiler_params=_params(st, backward=True),
         interpret=st.interpret,
         name="jna_fused_na_dkv",
-    )(qp, kp, vp, dop, lse, delta, tables)
+    )(qp, kp, vp, dop, lse, delta, tables, *bias)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -764,18 +897,39 @@ def _fused_fwd(qp, kp, vp, st):
     return (out, lse), (qp, kp, vp, out, lse)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_rpb(qp, kp, vp, rpb, st: _Static):
+    """`_fused` with a relative positional bias ``rpb`` (`_bias_table`: ``[H, bias_padded]``
+    float32), differentiable in it too."""
+    return tuple(_forward_call(qp, kp, vp, st, rpb))
+
+
+def _fused_rpb_fwd(qp, kp, vp, rpb, st):
+    out, lse = _forward_call(qp, kp, vp, st, rpb)
+    return (out, lse), (qp, kp, vp, rpb, out, lse)
+
+
 def _fused_bwd(st, residuals, cotangents):
-    qp, kp, vp, out, lse = residuals
+    """``(dq, dk, dv)``, or with a bias (residuals ``(q, k, v, rpb, out, lse)``) ``(dq, dk, dv,
+    d_rpb)``: d_rpb from `jna.backends.triton.bias_grad` (deterministic, no atomics)."""
+    *inputs, out, lse = residuals
+    qp, kp, vp = inputs[:3]
+    rpb = inputs[3] if len(inputs) == 4 else None
     dout, dlse = cotangents
     # d lse_i / d s_ij = P_ij, so an lse cotangent enters as a shift of delta.
     delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1) - dlse
     dout = dout.astype(qp.dtype)
-    dq = _dq_call(qp, kp, vp, dout, lse, delta, st)
-    dk, dv = _dkv_call(qp, kp, vp, dout, lse, delta, st)
-    return dq, dk, dv
+    dq = _dq_call(qp, kp, vp, dout, lse, delta, st, rpb)
+    dk, dv = _dkv_call(qp, kp, vp, dout, lse, delta, st, rpb)
+    if rpb is None:
+        return dq, dk, dv
+    from jna.backends.triton import bias_grad
+
+    return dq, dk, dv, bias_grad.bias_gradient(qp, kp, vp, dout, lse, delta, rpb, st)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+_fused_rpb.defvjp(_fused_rpb_fwd, _fused_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -783,9 +937,11 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 # ----------------------------------------------------------------------------------------------
 
 
-def _second_order(st: _Static, qp, kp, vp, tq, tk, tv, dq, dk, dv):
+def _second_order(st: _Static, qp, kp, vp, tq, tk, tv, dq, dk, dv, rpb=None, trpb=None, drpb=None):
     """The derivative of the tangent in (q, k, v) along (dq, dk, dv), in kernel layout: the
-    reference backend's attention differentiated twice (float32, on the user layout)."""
+    reference backend's attention differentiated twice (float32, on the user layout). With a
+    bias: ``rpb``, its tangent ``trpb`` and direction ``drpb`` (kernel-layout tables
+    ``[H, bias_padded]``), the derivative in (q, k, v, rpb)."""
     from jna.backends import reference
 
     problem = dataclasses.replace(st.problem, dtype=jnp.dtype(jnp.float32))
@@ -805,12 +961,18 @@ def _second_order(st: _Static, qp, kp, vp, tq, tk, tv, dq, dk, dv):
     primals = tuple(user(x, n) for x, n in zip((qp, kp, vp), names))
     first_dir = tuple(user(x, n) for x, n in zip((tq, tk, tv), names))
     second_dir = tuple(user(x, n) for x, n in zip((dq, dk, dv), names))
+    if rpb is not None:  # the bias as a fourth input, in the user's layout
+        bias = lambda t: _user_bias(t.astype(jnp.float32), st)
+        primals, first_dir, second_dir = ((*x, bias(b)) for x, b in
+                                          ((primals, rpb), (first_dir, trpb), (second_dir, drpb)))
     if plan.has_spans:  # query offsets: the reference's windowed form, same global windows
+        if rpb is not None:
+            raise NotImplementedError("fused-triton: rpb with query offsets (spans)")
         coords = [a.q_origin * a.dilation + jnp.arange(a.q_length, dtype=jnp.int32) for a in plan.axes]
         offsets = [a.kv_origin * a.dilation for a in plan.axes]
         na = lambda q, k, v: reference.attention_window(q, k, v, problem, coords, offsets)
     else:
-        na = lambda q, k, v: reference.attention(q, k, v, problem)
+        na = lambda q, k, v, *b: reference.attention(q, k, v, problem, *b)
 
     def first(*qkv):
         return jax.jvp(na, qkv, first_dir)[1]
@@ -825,15 +987,30 @@ def _second_order(st: _Static, qp, kp, vp, tq, tk, tv, dq, dk, dv):
     return d_out, d_lse
 
 
+def _second_order_rule(st, *args):
+    """`_second_order` on forward mode's operands: ``(q, k, v, tq, tk, tv, dq, dk, dv)``, or with
+    the bias ``(q, k, v, rpb, tq, tk, tv, trpb, dq, dk, dv, drpb)``."""
+    if len(args) == 9:
+        return _second_order(st, *args)
+    q, k, v, rpb, tq, tk, tv, trpb, dq, dk, dv, drpb = args
+    return _second_order(st, q, k, v, tq, tk, tv, dq, dk, dv, rpb=rpb, trpb=trpb, drpb=drpb)
+
+
 def _tangent_rule(st, *args):
+    """The tangent kernel on ``(q, k, v, out, lse, tq, tk, tv)``, or with the bias ``(q, k, v,
+    rpb, out, lse, tq, tk, tv, trpb)``."""
     from jna.backends.triton import tangent
 
-    return tangent.tangent_call(*args, st)
+    if len(args) == 8:
+        return tangent.tangent_call(*args, st)
+    q, k, v, rpb, out, lse, tq, tk, tv, trpb = args
+    return tangent.tangent_call(q, k, v, out, lse, tq, tk, tv, st, rpb=rpb, trpb=trpb)
 
 
 forward_mode.register(NAME, forward_mode.Rules(
-    tangent=_tangent_rule, backward=_fused_bwd, second_order=_second_order))
+    tangent=_tangent_rule, backward=_fused_bwd, second_order=_second_order_rule))
 _op = forward_mode.fused_op(NAME, _fused)
+_op_rpb = forward_mode.fused_op(NAME, _fused_rpb)  # op(st, q, k, v, rpb table)
 
 
 def _padded_dim(dim: int) -> int:
@@ -899,8 +1076,8 @@ def region_applies(problem: NAProblem, config: TritonConfig) -> bool:
 
 
 def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None,
-              spans: tuple[planning.AxisSpan | None, ...] | None = None):
-    """Fused neighborhood attention (differentiable in q, k, v and through both outputs).
+              spans: tuple[planning.AxisSpan | None, ...] | None = None, rpb=None):
+    """Fused neighborhood attention (differentiable in q, k, v, rpb and through both outputs).
 
     Args:
       q: ``[B, *X, H, D]``; k: ``[B, *X, H_kv, D]``; v: ``[B, *X, H_kv, D_v]``.
@@ -910,9 +1087,16 @@ def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None,
         `jna._src.plan.AxisSpan` saying which global rows the local queries and keys are. Then
         ``X`` above is the local queries' shape for q and the local keys' for k and v, and the
         windows are ``problem``'s (global); every window must lie in the local keys.
+      rpb: None or a relative positional bias ``[H, 2K_1 - 1, ..., 2K_n - 1]`` (float32 or q's
+        dtype; non-causal, stride 1: `jna._src.arguments.check_rpb`), added in float32 after
+        scaling to the logit of (query x, key y) at ``(y' - x') + K - 1`` per axis (group
+        coordinates), inside every kernel (forward, dQ, dK/dV, tangent); its gradient comes from
+        a deterministic kernel (`jna.backends.triton.bias_grad`). Every layout and walk takes it;
+        query offsets (``spans``) do not (NotImplementedError).
 
     Returns:
-      ``(out, lse)``: ``[B, *X, H, D_v]`` in q's dtype and ``[B, *X, H]`` float32.
+      ``(out, lse)``: ``[B, *X, H, D_v]`` in q's dtype and ``[B, *X, H]`` float32 (lse with the
+      bias).
     """
     config = config or default_config(problem)
     for name in ("q_tile", "kv_tile"):
@@ -924,6 +1108,18 @@ def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None,
             raise ValueError(f"fused-triton: config.{name} = {getattr(config, name)} holds {tokens} tokens; "
                              f"a tile needs >= {MIN_TILE_TOKENS} (Triton's dot), e.g. "
                              f"`jna.backends.tiling.fit_config(config, params, {MIN_TILE_TOKENS})`")
+    if rpb is not None:
+        rpb = jnp.asarray(rpb)
+        if spans is not None and any(sp is not None for sp in spans):
+            raise NotImplementedError("fused-triton: rpb (relative positional bias) with query offsets "
+                                      "(spans, spatial sharding) is not implemented")
+        # check_rpb's rules, for callers that bypass the public API (the kernels rely on them)
+        params = problem.params
+        want = (problem.heads, *(2 * kk - 1 for kk in params.kernel_size))
+        if any(params.is_causal) or any(s_ != 1 for s_ in params.stride) or tuple(rpb.shape) != want:
+            raise ValueError(f"fused-triton: rpb of shape {tuple(rpb.shape)} needs shape {want}, "
+                             f"stride 1 and no causal axis (got stride={params.stride}, "
+                             f"is_causal={params.is_causal})")
     plan = planning.make_plan(problem.params, config.q_tile, config.kv_tile, spans)
     for kind, x in (("q", q), ("kv", k), ("kv", v)):
         if tuple(x.shape[1:-2]) != plan.local_shape(kind):
@@ -945,17 +1141,23 @@ def attention(q, k, v, problem: NAProblem, config: TritonConfig | None = None,
         interpret=_interpret(),
         layout=_Layout(direct, plan, grouped),
         problem=problem,
+        bias=rpb is not None,
     )
+    if rpb is None:
+        op = _op
+    else:
+        table = _bias_table(rpb, st)
+        op = lambda st, *qkv: _op_rpb(st, *qkv, table)
     if direct:
         q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-        return _op(st, q, k, v)
+        return op(st, q, k, v)
     if grouped:
-        out, lse = _op(st, *(st.layout.view(jnp.asarray(x)) for x in (q, k, v)))
+        out, lse = op(st, *(st.layout.view(jnp.asarray(x)) for x in (q, k, v)))
         return st.layout.unview(out), st.layout.unview(lse)
     qp = planning.permute(q, plan, "q", st.head_dim)
     kp = planning.permute(k, plan, "kv", st.head_dim)
     vp = planning.permute(v, plan, "kv", st.value_dim)
-    out, lse = _op(st, qp, kp, vp)
+    out, lse = op(st, qp, kp, vp)
     spatial = plan.local_shape("q")
     out = planning.unpermute(out, plan, "q", spatial, problem.value_dim)
     lse = planning.unpermute(lse, plan, "q", spatial)
@@ -980,6 +1182,7 @@ class FusedTriton(TritonBackend):
     name: ClassVar[str] = NAME
     config_type: ClassVar[type] = TritonConfig
     launch_config_file: ClassVar[str] = "fused_triton.json"
+    supports_rpb: ClassVar[bool] = True  # in every kernel and layout (`attention`)
     launch_classes = staticmethod(launch_classes)
     default_config = staticmethod(default_config)
     default_config_source = staticmethod(config_source)
@@ -1003,6 +1206,7 @@ class FusedTriton(TritonBackend):
                     out.append((c.fields, config, eff))
         return out
 
-    def attention(self, q, k, v, problem: NAProblem, spans=None):
-        """``spans``: query offsets (`attention`), for spatial sharding's offset route."""
-        return attention(q, k, v, problem, self.config_for(problem), spans)
+    def attention(self, q, k, v, problem: NAProblem, spans=None, rpb=None):
+        """``spans``: query offsets (`attention`), for spatial sharding's offset route; ``rpb``:
+        the relative positional bias (`attention`)."""
+        return attention(q, k, v, problem, self.config_for(problem), spans, rpb=rpb)
