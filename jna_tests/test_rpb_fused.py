@@ -45,14 +45,14 @@ def _cfg(shape, kernel_size, dilation=1, **kw):
 
 
 # name: (case, config, expected (direct, grouped, region))
-LAYOUTS = {
+LAYOUTS = {  # tiles of >= 16 tokens (`fused_triton.MIN_TILE_TOKENS`)
     "permuted": (_cfg((16, 16), 5), TC((4, 4), (4, 8), direct_layout=False), (False, False, False)),
     "direct": (_cfg((16, 16), 5), TC((4, 4), (4, 8)), (True, False, False)),
     "direct-region": (_cfg((16, 16), 5, dim_v=32), TC((4, 4), (4, 8), kv_region=True), (True, False, True)),
-    "grouped-ragged": (_cfg((12, 12), 5, 2), TC((4, 4), (4, 2)), (False, True, False)),
-    "grouped-region": (_cfg((12, 12), (5, 3), 2, heads_kv=1), TC((4, 4), (4, 2), kv_region=True),
+    "grouped-ragged": (_cfg((12, 12), 5, 2), TC((4, 4), (4, 4)), (False, True, False)),
+    "grouped-region": (_cfg((12, 12), (5, 3), 2, heads_kv=1), TC((4, 4), (4, 4), kv_region=True),
                        (False, True, True)),
-    "permuted-dilated-1d": (_cfg((19,), 4, 2, batch=2), TC((4,), (8,), direct_layout=False), (False, False, False)),
+    "permuted-dilated-1d": (_cfg((39,), 4, 2, batch=2), TC((16,), (16,), direct_layout=False), (False, False, False)),
     "3d-grouped-region": (_cfg((6, 8, 8), (3, 3, 5), (2, 1, 1)), TC((2, 2, 4), (2, 4, 4), kv_region=True),
                           (False, True, True)),
 }
