@@ -5,7 +5,11 @@
    run forward and backward in the Mosaic GPU simulator (`plgpu.InterpretGPUParams`, race
    detection on) and are compared with the float64 oracle (out, lse, dq, dk, dv for random
    cotangents of out and lse) and the reference backend. The simulator runs the same kernels
-   except for how register operands of wgmma are fed (see the backend's docstring).
+   except for how register operands of wgmma are fed (see the backend's docstring). The
+   ``rpb-*`` cases add a relative positional bias (float32 or the inputs' dtype; non-causal,
+   stride 1) and also check ``d_rpb`` (the class-sum kernel, with two batch chunks where the
+   batch*groups allow it), and in one case that a bias left out of the differentiation gives
+   the same dq/dk/dv without running that kernel.
 2. Lowering: the GPU variant of the kernels (operands from registers, in-place accumulation),
    forward and backward, is lowered
    for CUDA on this CPU machine for every public problem with head_dim 64/128 and for every
@@ -29,6 +33,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -97,10 +102,40 @@ SIM_CASES = {
         Config((4, 8, 16), (3, 5, 7), (1, 1, 2), (1, 1, 1), (True, False, False), heads=1,
                heads_kv=1, dim=64, dim_v=64), (2, 4, 8), (1, 8, 16), 2, "float16",
         {"direct_layout": True, "backward": "fused"}),
+    # Relative positional bias (flag "rpb": its dtype; "frozen": also differentiate with the
+    # bias held constant, which skips the d_rpb kernel). Non-causal, stride 1.
+    "rpb-1d-dilated-gqa-padded": (
+        Config((200,), (13,), (1,), (2,), (False,), heads=2, heads_kv=1, dim=64, dim_v=64),
+        (64,), (64,), 2, "bfloat16", {"rpb": "float32", "frozen": True}),
+    "rpb-2d-2wg-dilated-ring-wrap": (
+        Config((20, 24), (5, 7), (1, 1), (2, 1), (False, False), heads=1, heads_kv=1, dim=64,
+               dim_v=64), (8, 16), (8, 8), 2, "bfloat16", {"rpb": "bfloat16"}),
+    "rpb-3d-dilated": (
+        Config((6, 8, 16), (3, 4, 5), (1, 1, 1), (1, 2, 1), (False, False, False), heads=1,
+               heads_kv=1, dim=64, dim_v=64), (4, 4, 8), (4, 4, 4), 2, "bfloat16", {"rpb": "float32"}),
+    "rpb-2d-fused-bwd-fp16-gqa": (
+        Config((20, 24), (5, 7), (1, 1), (2, 1), (False, False), heads=4, heads_kv=2, dim=64,
+               dim_v=64), (8, 16), (8, 16), 2, "float16", {"backward": "fused", "rpb": "float32"}),
+    "rpb-2d-direct-persistent": (
+        Config((16, 32), (5, 9), (1, 1), (1, 1), (False, False), heads=2, heads_kv=1, dim=64,
+               dim_v=64), (4, 32), (4, 16), 2, "bfloat16",
+        {"direct_layout": True, "persistent": True, "rpb": "float32"}),
+    # Head dim 256: the d_rpb kernel's ring has one stage (two do not fit SMEM).
+    "rpb-1d-d256": (
+        Config((100,), (9,), (1,), (1,), (False,), heads=2, heads_kv=1, dim=256, dim_v=256),
+        (64,), (64,), 2, "bfloat16", {"rpb": "float32"}),
 }
 
 RTOL = 1e-2  # bf16/fp16 relative L2 (the suite's half-type tolerance, jna_tests/backends.py)
 LSE_ATOL = 2e-2
+
+
+def _flags(case) -> tuple[dict, dict]:
+    """A case's ``(MosaicConfig flags, rpb flags)``: the rpb flags are ``rpb`` (the bias dtype)
+    and ``frozen`` (see `SIM_CASES`); the rest go to the config."""
+    flags = dict(case[5]) if len(case) > 5 else {}
+    bias = {k: flags.pop(k) for k in ("rpb", "frozen") if k in flags}
+    return flags, bias
 
 
 def _simulate(name: str) -> dict:
@@ -114,25 +149,46 @@ def _simulate(name: str) -> dict:
     from jna_tests import oracle
     from jna_tests.common import make_inputs, oracle_bwd, oracle_fwd
 
-    cfg, q_tile, kv_tile, stages, dtype, *flags = SIM_CASES[name]
+    cfg, q_tile, kv_tile, stages, dtype = SIM_CASES[name][:5]
+    flags, bias_flags = _flags(SIM_CASES[name])
     inp = make_inputs(cfg, jnp.dtype(dtype), seed=len(name))
+    rpb = None
+    if bias_flags:  # order 1, so that dropping or misplacing it fails the oracle check
+        rng = np.random.default_rng(len(name))
+        rpb = jnp.asarray(rng.standard_normal((cfg.heads, *(2 * k - 1 for k in cfg.kernel_size)),
+                                              dtype=np.float32)).astype(bias_flags["rpb"])
     problem = check_call(inp.q, inp.k, inp.v, cfg.kernel_size, cfg.stride, cfg.dilation,
-                         cfg.is_causal, None, None, None, None)
-    config = fused_mosaic.MosaicConfig(q_tile, kv_tile, stages, **(flags[0] if flags else {}))
+                         cfg.is_causal, None, None, None, None, rpb=rpb)
+    config = fused_mosaic.MosaicConfig(q_tile, kv_tile, stages, **flags)
     start = time.perf_counter()
     sim = compat.mosaic_simulator(detect_races=True)
-    (out, lse), vjp = jax.vjp(lambda q, k, v: fused_mosaic._run(q, k, v, problem, config, sim),
-                              inp.q, inp.k, inp.v)
+    run = lambda q, k, v, *b: fused_mosaic._run(q, k, v, problem, config, sim, rpb=b[0] if b else None)
+    (out, lse), vjp = jax.vjp(run, inp.q, inp.k, inp.v, *(() if rpb is None else (rpb,)))
     grads = vjp((inp.dout.astype(out.dtype), inp.dlse))
+    frozen_equal = None
+    if bias_flags.get("frozen"):  # rpb held constant: no d_rpb kernel, the same dq/dk/dv bits
+        _, vjp_frozen = jax.vjp(lambda q, k, v: run(q, k, v, rpb), inp.q, inp.k, inp.v)
+        frozen = vjp_frozen((inp.dout.astype(out.dtype), inp.dlse))
+        frozen_equal = all(bool(jnp.array_equal(a, b)) for a, b in zip(frozen, grads[:3]))
+    if rpb is not None:
+        assert grads[3].dtype == rpb.dtype and grads[3].shape == rpb.shape, (grads[3].dtype, rpb.dtype)
     out, lse = np.asarray(out.astype(jnp.float32), np.float64), np.asarray(lse, np.float64)
     grads = [np.asarray(g.astype(jnp.float32), np.float64) for g in grads]
     seconds = time.perf_counter() - start
     races = compat.simulator_races_found()
-    o_out, o_lse = oracle_fwd(cfg, inp)
-    o_grads = oracle_bwd(cfg, inp)[:3]
+    if rpb is None:
+        o_out, o_lse = oracle_fwd(cfg, inp)
+        o_grads = oracle_bwd(cfg, inp)[:3]
+    else:
+        f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+        kwargs = dict(kernel_size=cfg.kernel_size, dilation=cfg.dilation, rpb=f64(rpb))
+        o_out, o_lse = oracle.na(f64(inp.q), f64(inp.k), f64(inp.v), **kwargs)
+        o_all = oracle.na_bwd(f64(inp.q), f64(inp.k), f64(inp.v), f64(inp.dout), f64(inp.dlse), **kwargs)
+        o_grads = (*o_all[:3], o_all[5])
     up = lambda x: x.astype(jnp.float32)
     r_out, r_lse = jna.neighborhood_attention(up(inp.q), up(inp.k), up(inp.v), **cfg.na_kwargs(),
-                                              return_lse=True, backend="reference")
+                                              return_lse=True, backend="reference",
+                                              rpb=None if rpb is None else up(rpb))
     nan_inf = lambda e: float("inf") if not np.isfinite(e) else float(e)
     return dict(
         name=name,
@@ -140,6 +196,7 @@ def _simulate(name: str) -> dict:
         races=races,
         finite=bool(all(np.all(np.isfinite(x)) for x in (out, lse, *grads))),
         grad_rel_l2=[nan_inf(oracle.rel_l2(g, w)) for g, w in zip(grads, o_grads)],
+        frozen_equal=frozen_equal,
         out_rel_l2=nan_inf(oracle.rel_l2(out, o_out)),
         lse_abs=nan_inf(np.max(np.abs(lse - o_lse))),
         ref_out_rel_l2=nan_inf(oracle.rel_l2(out, np.asarray(r_out, np.float64))),
@@ -188,8 +245,8 @@ def _unexplained_races(stdout: str, case) -> list[str]:
     """
     from jna.backends.mosaic.common import MosaicConfig
 
-    cfg, q_tile, kv_tile, stages, dtype, *flags = case
-    fused = MosaicConfig(q_tile, kv_tile, stages, **(flags[0] if flags else {})).backward == "fused"
+    cfg, q_tile, kv_tile, stages, dtype = case[:5]
+    fused = MosaicConfig(q_tile, kv_tile, stages, **_flags(case)[0]).backward == "fused"
     writer = str(math.prod(kv_tile) // 64 + 1)
     unexplained = []
     for report in stdout.split("RACE DETECTED")[1:]:
@@ -204,7 +261,11 @@ def _unexplained_races(stdout: str, case) -> list[str]:
 # backward's cases; `make test` keeps its 1-D one-warpgroup GQA case and its 1-D two-warpgroup
 # case with two 64-query sub-tiles per Q tile (the 2-D one takes 33 s).
 SLOW_SIM_CASES = ("2d-fused-bwd-2wg-strided-dilated-causal-gqa", "1d-fused-bwd-d32-causal",
-                  "3d-fused-bwd-direct")
+                  "3d-fused-bwd-direct",
+                  # The bias: `make test` keeps the 1-D case (padding, dilation, GQA, two batch
+                  # chunks, the frozen bias) and the 2-D two-warpgroup ring-wrap case (~30 s).
+                  "rpb-3d-dilated", "rpb-2d-fused-bwd-fp16-gqa", "rpb-2d-direct-persistent",
+                  "rpb-1d-d256")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_SIM_CASES else n
@@ -222,12 +283,16 @@ def test_simulated_kernel_matches_oracle(name):
     if r["out_rel_l2"] > RTOL or r["ref_out_rel_l2"] > RTOL:
         problems.append(f"out rel L2 {r['out_rel_l2']:.3g} (oracle), "
                         f"{r['ref_out_rel_l2']:.3g} (reference)")
-    for g, err in zip(("dq", "dk", "dv"), r["grad_rel_l2"]):
+    for g, err in zip(("dq", "dk", "dv", "d_rpb"), r["grad_rel_l2"]):
         if err > RTOL:
             problems.append(f"{g} rel L2 {err:.3g} (oracle)")
+    flags, bias_flags = _flags(SIM_CASES[name])
+    if len(r["grad_rel_l2"]) != 3 + bool(bias_flags):
+        problems.append(f"{len(r['grad_rel_l2'])} gradients")
+    if bias_flags.get("frozen") and not r["frozen_equal"]:
+        problems.append("dq/dk/dv with the bias held constant differ from those with d_rpb")
     if r["lse_abs"] > LSE_ATOL or r["ref_lse_abs"] > LSE_ATOL:
         problems.append(f"lse abs err {r['lse_abs']:.3g} (oracle), {r['ref_lse_abs']:.3g} (reference)")
-    flags = SIM_CASES[name][5] if len(SIM_CASES[name]) > 5 else {}
     if r["direct"] != flags.get("direct_layout", False):
         problems.append(f"direct layout {'not ' if not r['direct'] else ''}taken")
     if bool(r["ctas"]) != flags.get("persistent", False):
@@ -441,3 +506,71 @@ def test_head_dim_256_rejects_configs_that_do_not_fit():
         fused_mosaic._static(problem, fused_mosaic.MosaicConfig((8, 8), (8, 8), 3), None)
     with pytest.raises(NotImplementedError, match="backward='fused' at head_dim 256"):
         fused_mosaic._static(problem, fused_mosaic.MosaicConfig((8, 8), (8, 8), 2, backward="fused"), None)
+
+
+# ------------------------------------------------------------------------------------------
+# Relative positional bias: lowering of the GPU variant, forward mode
+# ------------------------------------------------------------------------------------------
+
+
+def _rpb_kernels(lowered, config) -> bool:
+    """`_kernels` plus the d_rpb kernel (`jna.backends.mosaic.rpb_grad`)."""
+    found = len(re.findall(r"custom_call @mosaic_gpu", lowered.as_text()))
+    return found == (3 if config.backward == "fused" else 4)
+
+
+_RPB_FAST_CLASSES = {(128, (128, 128, 2)), (256, (64, 64, 2))}
+
+
+@pytest.mark.parametrize("dim,tokens", [
+    pytest.param(d, t, marks=() if (d, t) in _RPB_FAST_CLASSES else pytest.mark.slow)
+    for d in (64, 128) for t in ((128, 128, 2), (128, 64, 3), (64, 128, 2), (64, 64, 3))
+] + [pytest.param(256, (64, 64, 2))])
+def test_rpb_tile_classes_lower_for_gpu(dim, tokens):
+    """With a bias, the forward, dQ, dK/dV (or the one-kernel backward) and the d_rpb kernel pass
+    Mosaic GPU's lowering checks for every tile class: the bias blocks' GMEM-to-register loads in
+    the WGMMA layout, and the d_rpb kernel's ring within the SMEM budget (one stage at D = 256)."""
+    from jna.backends.mosaic import op as fused_mosaic
+
+    q_tokens, kv_tokens, stages = tokens
+    problem = _problem((48, 40), (13, 9), 1, (1, 2), False, dim=dim, dtype=jnp.float16)
+    for backward in ("fused", "split") if dim <= 128 else ("split",):
+        config = fused_mosaic.MosaicConfig((8, q_tokens // 8), (8, kv_tokens // 8), stages,
+                                           backward=backward)
+        assert _rpb_kernels(fused_mosaic.lower_for_gpu(problem, config, backward=True, rpb=True), config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [p["name"] for p in _public_problems()
+                                  if not any(p["is_causal"]) and set(p["stride"]) == {1}])
+def test_rpb_public_problem_lowers_for_gpu(name):
+    from jna.backends.mosaic import op as fused_mosaic
+
+    p = next(p for p in _public_problems() if p["name"] == name)
+    problem = _problem(p["shape"], p["kernel_size"], 1, p["dilation"], False, heads=p["heads"],
+                       kv_heads=p["heads"], dim=p["head_dim"], batch=p["batch"])
+    config = fused_mosaic.default_config(problem)
+    assert _rpb_kernels(fused_mosaic.lower_for_gpu(problem, config, backward=True, rpb=True), config)
+
+
+def test_forward_mode_with_rpb_raises_naming_rpb():
+    """jax.jvp of a fused-mosaic call with a bias is a NotImplementedError naming rpb (its tangent
+    kernel is fused-triton's, without the bias), raised while lowering: nothing is simulated."""
+    from jna._src import compat
+    from jna._src.arguments import check_call
+    from jna.backends.mosaic import op as fused_mosaic
+
+    q = k = v = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+    rpb = jnp.zeros((2, 9), jnp.float32)
+    problem = check_call(q, k, v, 5, 1, 1, False, None, None, None, None, rpb=rpb)
+    config = fused_mosaic.MosaicConfig((64,), (64,), 2)
+    f = lambda q, k, v, b: fused_mosaic._run(q, k, v, problem, config, compat.mosaic_simulator(), rpb=b)
+    with pytest.raises(NotImplementedError) as e:
+        jax.jit(lambda p, t: jax.jvp(f, p, t)).lower((q, k, v, rpb), (q, k, v, rpb))
+    assert "rpb" in str(e.value) and "fused-mosaic" in str(e.value)
+
+
+def test_fused_mosaic_declares_rpb():
+    from jna import backends
+
+    assert backends.backend_class("fused-mosaic").supports_rpb

@@ -239,23 +239,28 @@ def _mosaic_problem(shape, kernel_size, stride, dilation, is_causal, heads, kv_h
     return NAProblem(params, 1, heads, kv_heads, dim, dim, jnp.dtype(dtype), dim ** -0.5, 0)
 
 
-@pytest.mark.parametrize("variant", ["default-gqa", "direct-persistent"])
+@pytest.mark.parametrize("variant", ["default-gqa", "direct-persistent", "rpb-dilated-gqa"])
 def test_fused_mosaic_lowers_for_gpu(variant):
     """The GPU kernels (forward, dQ, dK/dV) lower for CUDA with x64 on: a 2-D GQA problem with
     stride, dilation and a causal axis at its default config; the direct-layout persistent
-    forward on a problem the tiles divide."""
+    forward on a problem the tiles divide; a relative positional bias (its blocks' loads and the
+    d_rpb kernel) on a dilated GQA problem."""
     from jna.backends.mosaic import op as fused_mosaic
 
+    rpb = variant.startswith("rpb")
     if variant == "default-gqa":
         problem = _mosaic_problem((20, 24), (5, 7), (1, 3), (2, 1), (False, True), 4, 2, 64)
         config = None
+    elif rpb:
+        problem = _mosaic_problem((20, 24), (5, 7), 1, (2, 1), False, 4, 2, 64)
+        config = fused_mosaic.MosaicConfig((8, 16), (8, 8), 2)
     else:
         problem = _mosaic_problem((16, 48), (7, 9), (1, 2), (1, 1), (True, False), 2, 1, 64,
                                   jnp.float16)
         config = fused_mosaic.MosaicConfig((4, 16), (4, 16), 2, direct_layout=True,
                                            persistent=True)
-    text = fused_mosaic.lower_for_gpu(problem, config, backward=True).as_text()
-    assert text.count("mosaic_gpu") >= 3
+    text = fused_mosaic.lower_for_gpu(problem, config, backward=True, rpb=rpb).as_text()
+    assert text.count("mosaic_gpu") >= 3 + rpb
 
 
 SIM_CFG = Config((64,), (9,), (2,), (1,), (True,), heads=2, heads_kv=1, dim=64, dim_v=64)

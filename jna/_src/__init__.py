@@ -8,6 +8,8 @@
   finite: the all-finite check that picks a fused kernel's fast path.
   forward_mode: `jax.jvp` through the fused ops (custom JVP; reverse mode by transposition).
   rpb: the relative positional bias table expanded to every (query, window slot).
+  rpb_tiles: the bias as one block per tile-offset class of a plan (fused-mosaic), and its
+    deterministic adjoint.
 
 The public API is what ``jna``, ``jna.backends``, ``jna.nn``, ``jna.nnx``, ``jna.semantics``,
 ``jna.sharding``, ``jna.qk_av``, ``jna.merge``, ``jna.natten_weights``, ``jna.explain`` and

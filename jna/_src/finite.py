@@ -6,7 +6,9 @@ when every value is finite and otherwise take a kernel that contains non-finite 
 is one read of ``v``. fused-triton passes the flag to its containing kernel, which runs after the
 fast one over its (aliased) outputs and returns at once when the flag is set: no host round trip.
 fused-mosaic and unfused choose with `lax.cond`, whose predicate XLA copies to the host (10-20 us
-on a small call: issue 16's profile).
+on a small call: issue 16's profile). With a relative positional bias, fused-mosaic's containing
+branch is fused-triton if it declares ``supports_rpb``, else the reference backend; a non-finite
+bias needs no check (the kernels add the bias before the mask, so it reaches only its own pairs).
 
 Measured on an H200 (`python -m benchmarks finite-probe`,
 `benchmarks/results/h200_finite_probe_2026-12-01/`): written as ``all(isfinite(v))``, as

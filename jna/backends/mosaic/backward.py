@@ -11,6 +11,13 @@ consumer holds at most two ``[64, 64]`` float32 score blocks beside its ``[64, D
 With ``c = scale * log2(e)`` and the forward's logsumexp ``lse`` (natural log):
 ``P = exp2(S c - lse log2 e)``, ``dP = dO V^T``, ``dS = P (dP - delta)`` with
 ``delta = rowsum(dO * O) - dlse``; ``dQ = scale dS K``, ``dK = scale dS^T Q``, ``dV = P^T dO``.
+
+Relative positional bias (``st.rpb``): ``P`` is recomputed with the bias, ``P = exp2(S c + B log2 e
+- lse log2 e)``. The dQ kernel reads the class blocks ``[H, C, Tq, Tk]`` and the dK/dV kernels
+their transposes ``[H, C, Tk, Tq]`` (both from `jna._src.rpb_tiles.tile_bias`, base-2 units), a
+``[64, 64]`` sub-block per sub-tile, loaded from GMEM into registers before the sub-tile's wgmmas
+(`mosaic_common.load_bias`). ``d_rpb`` (a sum of ``dS`` per tile-offset class, which neither
+kernel's grid can reduce) is `jna.backends.mosaic.rpb_grad`'s.
 """
 
 from __future__ import annotations
@@ -26,8 +33,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jna.backends import tiling
 from jna.backends.mosaic.common import (
-    ROWS, WGMMA, WGMMA_COL, WGMMA_ROW, Static, iota, key_coords, kv_tile_visits, mask_logits,
-    launch, q_tile_visits, query_windows, smem,
+    ROWS, WGMMA, WGMMA_COL, WGMMA_ROW, Static, iota, key_coords, kv_tile_visits, load_bias,
+    mask_logits, launch, q_tile_visits, query_windows, smem,
 )
 
 _LOG2E = tiling.LOG2E
@@ -126,10 +133,12 @@ def load_kv_rows(k_ref, v_ref, k_slot, v_slot, row_bars, bg, rows, kv_head, wg, 
 
 
 def transposed_probs(st: Static, geo, qt, keys, full, k_slot, v_slot, q_sub, do_sub, lse_sub,
-                     delta_sub, sub_index):
+                     delta_sub, sub_index, bias_t=None):
     """``(P^T, dS^T)``, ``[64 keys, 64 queries]`` float32, of a consumer's keys and the 64 queries
     of sub-tile ``sub_index`` (static or traced) of Q tile ``qt`` (``lse_sub``/``delta_sub``:
-    their SMEM rows). The edge mask is applied unless the tile pair is ``full``."""
+    their SMEM rows). The edge mask is applied unless the tile pair is ``full``. ``bias_t``: the
+    pair's transposed bias sub-block ``[64 keys, 64 queries]`` in base-2 units (loaded by the
+    caller before this issues its wgmmas), or None."""
     lse2 = plgpu.load(lse_sub, layout=WGMMA_COL) * _LOG2E
     delta = plgpu.load(delta_sub, layout=WGMMA_COL)
     # Transposed scores: keys along the rows, queries along the columns.
@@ -144,8 +153,12 @@ def transposed_probs(st: Static, geo, qt, keys, full, k_slot, v_slot, q_sub, do_
         windows = query_windows(geo, qt, st.config.q_tile, iota(_SUB, WGMMA_COL, sub_index * _SUB))
         return mask_logits(s, windows, keys, 1)
 
-    s_t = lax.cond(full, lambda s: s, mask, s_t)
-    p_t = jnp.exp2(s_t * (st.scale * _LOG2E) - lax.broadcast_in_dim(lse2, s_t.shape, [1]))
+    if bias_t is None:
+        s_t = lax.cond(full, lambda s: s, mask, s_t)
+        p_t = jnp.exp2(s_t * (st.scale * _LOG2E) - lax.broadcast_in_dim(lse2, s_t.shape, [1]))
+    else:  # the bias before the mask, as in the forward
+        t = lax.cond(full, lambda t: t, mask, s_t * (st.scale * _LOG2E) + bias_t)
+        p_t = jnp.exp2(t - lax.broadcast_in_dim(lse2, t.shape, [1]))
     ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, s_t.shape, [1]))
     return p_t, ds_t
 
@@ -176,7 +189,8 @@ def issue_query_side(refs, rings, ring_bars, slot, bg, head, tokens, parts: int 
 # ----------------------------------------------------------------------------------------------
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref, scoped, *, st: Static):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, bias_ref, dq_ref, scoped, *,
+               st: Static):
     (q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring, staging), row_bars, ring_bars, free = scoped
     plan, cfg = st.plan, st.config
     nwg, tq, tk, dim = st.q_warpgroups, cfg.q_tokens, cfg.kv_tokens, st.head_dim
@@ -211,19 +225,26 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
             slot = lax.rem(step, np.int32(_STAGES))
             kt, _ = kv_tile(step)
             full = geo.full(qt, kt) > 0
+            cls = None if bias_ref is None else st.rpb.pair_class(qt, kt)
             plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
             for j in range(tk // _SUB):
                 k_sub = k_ring.at[slot, pl.ds(j * _SUB, _SUB)]
                 v_sub = v_ring.at[slot, pl.ds(j * _SUB, _SUB)]
+                bias = None if cls is None else load_bias(  # before the wgmmas: overlaps them
+                    bias_ref, head, cls, pl.ds(wg * ROWS, ROWS), pl.ds(j * _SUB, _SUB))
                 s, dp = _two_products(q_slot, k_sub.T, do_slot, v_sub.T, _SUB)
 
                 def mask(s, j=j):
                     keys = key_coords(kt, cfg.kv_tile, iota(_SUB, WGMMA_COL, j * _SUB))
                     return mask_logits(s, windows, keys, 0)
 
-                s = lax.cond(full, lambda s: s, mask, s)
-                p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse2, s.shape, [0]))
+                if bias is None:
+                    s = lax.cond(full, lambda s: s, mask, s)
+                    p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse2, s.shape, [0]))
+                else:  # the bias before the mask, as in the forward
+                    t = lax.cond(full, lambda t: t, mask, s * qk_scale + bias)
+                    p = jnp.exp2(t - lax.broadcast_in_dim(lse2, t.shape, [0]))
                 ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
                 dq = _accumulate(st, dq, ds.astype(st.dtype), k_sub,
                                  staging.at[wg] if st.simulated else None)
@@ -252,12 +273,16 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dq_ref,
         _producer(total, issue, free)
 
 
-def dq_call(qp, kp, vp, dop, lse, delta, st: Static):
-    """dQ ``[BG, Nq, H, D]`` (in q's dtype) from permuted q/k/v/dO, ``lse``/``delta`` ``[BG, H, Nq]``."""
+def dq_call(qp, kp, vp, dop, lse, delta, st: Static, bias=None):
+    """dQ ``[BG, Nq, H, D]`` (in q's dtype) from permuted q/k/v/dO, ``lse``/``delta`` ``[BG, H, Nq]``;
+    ``bias`` (with ``st.rpb``): the class blocks ``[H, C, Tq, Tk]`` (base 2, `forward_call`'s)."""
     plan, cfg = st.plan, st.config
     nwg, dim = st.q_warpgroups, st.head_dim
+    _check_bias(bias, st)
 
     def entry(*refs):
+        if bias is None:  # the kernel's bias_ref
+            refs = (*refs[:7], None, *refs[7:])
         scratch = (
             smem((nwg, ROWS, dim), st.dtype),
             smem((nwg, ROWS, dim), st.dtype),
@@ -275,7 +300,12 @@ def dq_call(qp, kp, vp, dop, lse, delta, st: Static):
 
     grid = dict(grid=(plan.num_q_tiles, qp.shape[0], st.heads), grid_names=("q", "bg", "h"))
     return launch(entry, st, jax.ShapeDtypeStruct(qp.shape, st.dtype), grid, nwg + 1)(
-        qp, kp, vp, dop, lse, delta, jnp.asarray(plan.tables))
+        qp, kp, vp, dop, lse, delta, jnp.asarray(plan.tables), *(() if bias is None else (bias,)))
+
+
+def _check_bias(bias, st: Static):
+    if (bias is None) != (st.rpb is None):
+        raise ValueError("bias blocks go with Static.rpb (both or neither)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,8 +313,8 @@ def dq_call(qp, kp, vp, dop, lse, delta, st: Static):
 # ----------------------------------------------------------------------------------------------
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref, dv_ref, scoped, *,
-                st: Static):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, bias_ref, dk_ref, dv_ref,
+                scoped, *, st: Static):
     (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, staging), row_bars, ring_bars, free = scoped
     cfg = st.config
     nwg, tq, tk, parts = st.kv_warpgroups, cfg.q_tokens, cfg.kv_tokens, st.column_parts
@@ -304,16 +334,19 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
         def body(step, carry):
             dk, dv = carry
             slot = lax.rem(step, np.int32(_STAGES))
-            _, qt, _ = q_tile(step)
+            jh, qt, _ = q_tile(step)
             full = geo.full(qt, kt) > 0
+            cls = None if bias_ref is None else st.rpb.pair_class(qt, kt)
             for bar in ring_bars:
                 plgpu.barrier_wait(bar.at[slot])
             for j in range(tq // _SUB):
                 cols = pl.ds(j * _SUB, _SUB)
                 rows_j = (slot, cols) if parts == 1 else (slot, slice(None), cols)
                 q_sub, do_sub = q_ring.at[rows_j], do_ring.at[rows_j]
+                bias_t = None if cls is None else load_bias(
+                    bias_ref, kv_head * st.group + jh, cls, pl.ds(wg * ROWS, ROWS), cols)
                 pt, dst = transposed_probs(st, geo, qt, keys, full, k_slot, v_slot, q_sub, do_sub,
-                                           lse_ring.at[slot, cols], delta_ring.at[slot, cols], j)
+                                           lse_ring.at[slot, cols], delta_ring.at[slot, cols], j, bias_t)
                 # With column blocks this CTA's block of dO and Q (a dynamic leading index).
                 do_mine, q_mine = (do_sub, q_sub) if parts == 1 else (do_sub.at[part], q_sub.at[part])
                 dv = _accumulate(st, dv, pt.astype(st.dtype), do_mine,
@@ -344,10 +377,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref
         _producer(total, issue, free)
 
 
-def dkv_call(qp, kp, vp, dop, lse, delta, st: Static):
-    """dK, dV ``[BG, Nk, H_kv, D]`` (in k's dtype) from the same operands as `dq_call`."""
+def dkv_call(qp, kp, vp, dop, lse, delta, st: Static, bias_t=None):
+    """dK, dV ``[BG, Nk, H_kv, D]`` (in k's dtype) from the same operands as `dq_call`;
+    ``bias_t`` (with ``st.rpb``): the transposed class blocks ``[H, C, Tk, Tq]`` (base 2)."""
     plan, cfg = st.plan, st.config
     nwg, parts = st.kv_warpgroups, st.column_parts
+    _check_bias(bias_t, st)
     # [rows, D], or [parts, rows, D / parts] column blocks (`Static.column_parts`).
     rows_of_dim = (lambda *lead: (*lead, st.head_dim)) if parts == 1 else (
         lambda *lead: (*lead[:-1], parts, lead[-1], st.head_dim // parts))
@@ -367,10 +402,12 @@ def dkv_call(qp, kp, vp, dop, lse, delta, st: Static):
         ring_bars = ((plgpu.Barrier(num_arrivals=parts, num_barriers=_STAGES),) * 2
                      + (plgpu.Barrier(num_barriers=_STAGES),) * 2)
         free = plgpu.Barrier(num_arrivals=nwg, num_barriers=_STAGES)
+        if bias_t is None:  # the kernel's bias_ref
+            refs = (*refs[:7], None, *refs[7:])
         pl.run_scoped(lambda *scoped: _dkv_kernel(*refs, scoped, st=st),
                       scratch, row_bars, ring_bars, free, collective_axes="wg")
 
     shape = jax.ShapeDtypeStruct(kp.shape, st.dtype)
     grid = dict(grid=(plan.num_kv_tiles, kp.shape[0], st.kv_heads * parts), grid_names=("kv", "bg", "h"))
     return launch(entry, st, [shape, shape], grid, nwg + 1)(
-        qp, kp, vp, dop, lse, delta, jnp.asarray(plan.tables))
+        qp, kp, vp, dop, lse, delta, jnp.asarray(plan.tables), *(() if bias_t is None else (bias_t,)))

@@ -27,6 +27,10 @@ once its additions are complete (FlashAttention's deterministic mode). Visitor `
 for KV tiles of the same (batch*group, kv head) with a lower flat index; CTAs are launched KV tile
 fastest, so those were launched before it and never wait for it: no deadlock.
 
+**Relative positional bias** (``st.rpb``): ``P^T`` is recomputed with the transposed class blocks
+(`transposed_probs`); ``d_rpb`` is `jna.backends.mosaic.rpb_grad`'s, as with the two-kernel
+backward.
+
 **Simulator.** The Mosaic GPU simulator (jax 0.11.2) has neither GMEM semaphores nor TMA
 reductions, and runs the grid sequentially (so the order is fixed already): there the writer
 adds by read-modify-write through SMEM and takes no semaphore. Everything else is the same code.
@@ -45,7 +49,7 @@ from jna.backends import tiling
 from jna.backends.mosaic.backward import (
     _accumulate, _producer, issue_query_side, kv_program, load_kv_rows, store_dkv, transposed_probs,
 )
-from jna.backends.mosaic.common import ROWS, Static, launch, smem, sync
+from jna.backends.mosaic.common import ROWS, Static, launch, load_bias, smem, sync
 
 _LOG2E = tiling.LOG2E
 _STAGES = 2  # depth of the Q/dO/lse/delta ring (64-query sub-tiles)
@@ -88,7 +92,7 @@ def _kv_rank(geo: tiling.Geometry, qt, kt):
     return tiling.ravel([k - f for k, f in zip(kt, walk.firsts)], walk.counts)
 
 
-def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref, dv_ref, dq_ref,
+def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, bias_ref, dk_ref, dv_ref, dq_ref,
             scratch, bars, *, st: Static, batch_groups: int):
     k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_stage, staging, dq_prev = scratch
     row_bars, ring_bars, free, ds_bar, dq_full, dq_empty, dq_loaded = bars
@@ -127,13 +131,16 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref, dv
             dk, dv = carry
             slot = lax.rem(n, np.int32(_STAGES))
             visit, sub = split(n)
-            _, qt, _ = q_tile(visit)
+            jh, qt, _ = q_tile(visit)
             full = geo.full(qt, kt) > 0
+            bias_t = None if bias_ref is None else load_bias(
+                bias_ref, kv_head * st.group + jh, st.rpb.pair_class(qt, kt), pl.ds(wg * ROWS, ROWS),
+                pl.ds(sub * _SUB, _SUB))
             for bar in ring_bars:
                 plgpu.barrier_wait(bar.at[slot])
             q_sub, do_sub = q_ring.at[slot], do_ring.at[slot]
             p_t, ds_t = transposed_probs(st, geo, qt, keys, full, k_slot, v_slot, q_sub, do_sub,
-                                         lse_ring.at[slot], delta_ring.at[slot], sub)
+                                         lse_ring.at[slot], delta_ring.at[slot], sub, bias_t)
             dv = _accumulate(st, dv, p_t.astype(st.dtype), do_sub,
                              staging.at[wg] if st.simulated else None)
             buf = lax.rem(n, np.int32(2))  # double-buffered: see the dQ step below
@@ -236,9 +243,12 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, dk_ref, dv
                 plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
 
 
-def dqkv_call(qp, kp, vp, dop, lse, delta, st: Static):
+def dqkv_call(qp, kp, vp, dop, lse, delta, st: Static, bias_t=None):
     """``(dq, dk, dv)`` from permuted q/k/v/dO ``[BG, N, H(_kv), D]`` and ``lse``/``delta``
-    ``[BG, H, Nq]``: dq ``[BG, Nq, H, D]`` in q's dtype, dk/dv ``[BG, Nk, H_kv, D]`` in k's."""
+    ``[BG, H, Nq]``: dq ``[BG, Nq, H, D]`` in q's dtype, dk/dv ``[BG, Nk, H_kv, D]`` in k's.
+    ``bias_t`` (with ``st.rpb``): the transposed class blocks ``[H, C, Tk, Tq]`` (base 2)."""
+    if (bias_t is None) != (st.rpb is None):
+        raise ValueError("bias blocks go with Static.rpb (both or neither)")
     plan, cfg = st.plan, st.config
     nwg, dim = st.kv_warpgroups, st.head_dim
     chunk = _chunk(dim)
@@ -246,6 +256,8 @@ def dqkv_call(qp, kp, vp, dop, lse, delta, st: Static):
         raise ValueError(f"{cfg}: the fused backward needs Q tiles of a multiple of {_SUB} tokens")
 
     def entry(*refs):
+        if bias_t is None:  # the kernel's bias_ref
+            refs = (*refs[:7], None, *refs[7:])
         scratch = (
             smem((nwg, ROWS, dim), st.dtype),  # K rows of each consumer
             smem((nwg, ROWS, dim), st.dtype),  # V rows
@@ -276,5 +288,6 @@ def dqkv_call(qp, kp, vp, dop, lse, delta, st: Static):
     shape = jax.ShapeDtypeStruct(kp.shape, st.dtype)
     grid = dict(grid=(plan.num_kv_tiles, kp.shape[0], st.kv_heads), grid_names=("kv", "bg", "h"))
     dk, dv, dq = launch(entry, st, [shape, shape, jax.ShapeDtypeStruct(qp.shape, jnp.float32)],
-                        grid, nwg + 2)(qp, kp, vp, dop, lse, delta, jnp.asarray(plan.tables))
+                        grid, nwg + 2)(qp, kp, vp, dop, lse, delta, jnp.asarray(plan.tables),
+                                       *(() if bias_t is None else (bias_t,)))
     return (dq * st.scale).astype(st.dtype), dk, dv

@@ -3,8 +3,9 @@
 `MosaicConfig` (tile shapes, pipeline depth), `Static` (everything static about one launch),
 the SMEM operand layout for wgmma, the wgmma register layouts, and the in-kernel helpers the
 kernels share: the visit lists read from the plan (`q_tile_visits`, `kv_tile_visits`, over
-`jna.backends.tiling.TileWalk`) and the
-edge mask built from the shared window functions (`mask_logits`).
+`jna.backends.tiling.TileWalk`), the
+edge mask built from the shared window functions (`mask_logits`), and the relative positional
+bias blocks' loads (`load_bias`; the blocks are `jna._src.rpb_tiles`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jna._src import plan as planning
+from jna._src import rpb_tiles
 from jna.backends import tiling
 
 BACKWARDS = ("fused", "split")  # `MosaicConfig.backward`
@@ -103,6 +105,9 @@ class Static:
     direct: bool = False  # the forward's tensors are [B, *X, H, D], not permuted (`direct_ok`)
     ctas: int = 0  # > 0: the forward is persistent with this many CTAs (at most)
     problem: object = None  # the call (`NAProblem`; forward mode's second-order term needs it)
+    # The relative positional bias's tile-offset classes (`rpb_tiles.make_rpb_plan`) when the
+    # kernels add a bias (their extra operand: the class blocks, `load_bias`); None without.
+    rpb: rpb_tiles.RpbPlan | None = None
 
     @property
     def simulated(self) -> bool:
@@ -265,6 +270,19 @@ def mask_logits(s, windows, keys, query_axis: int):
         ok = (lo <= yy) & (yy < hi)
         allowed = ok if allowed is None else allowed & ok
     return jnp.where(allowed, s, -jnp.inf)
+
+
+def load_bias(bias_ref, head, cls, rows, cols=None):
+    """Rows ``rows`` (and columns ``cols``) of head ``head``'s bias block of class ``cls``
+    (`rpb_tiles.tile_bias`: ``bias_ref`` ``[H, C, rows, cols]`` float32 in GMEM) as a ``[64, n]``
+    float32 array in the WGMMA layout, loaded straight from GMEM into registers.
+
+    No SMEM and no TMA: the blocks are shared by many CTAs and sit in L2, and the rings' SMEM is
+    full at the large tiles. Issue the load before the wgmma whose logits it is added to, so its
+    latency overlaps the matmul. (``optimized=False``: Mosaic GPU's optimized transfers are for
+    SMEM; a GMEM load is plain vectorized loads of the layout's 2-element vectors.)"""
+    view = bias_ref.at[head, cls, rows] if cols is None else bias_ref.at[head, cls, rows, cols]
+    return plgpu.load(view, layout=WGMMA, optimized=False)
 
 
 def iota(n: int, layout, offset=0):

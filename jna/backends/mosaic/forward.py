@@ -8,6 +8,11 @@ and ``O += P V`` with wgmma, online softmax in float32 registers (base 2), the e
 only on partial tile pairs (the plan's ``pair_full`` flags). Output through SMEM + TMA; the
 float32 logsumexp is written ``[B*G, H, tokens]`` so one warpgroup's 64 rows are one contiguous
 TMA box.
+
+Relative positional bias (``st.rpb``): the kernel takes the class blocks
+(`jna._src.rpb_tiles.tile_bias`, in base-2 units) as one more operand; per step a consumer loads
+its 64 rows of the pair's block from GMEM into registers (issued before the ``Q K^T`` wgmma) and
+adds them to the scaled logits before the mask and the row max.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jna.backends import tiling
 from jna.backends.mosaic.common import (
     ROWS, WGMMA, WGMMA_COL, WGMMA_ROW, Static, key_coords, kv_tile_visits,
-    launch, mask_logits, query_windows, rows_of, smem, sync, iota, tile_rows,
+    launch, load_bias, mask_logits, query_windows, rows_of, smem, sync, iota, tile_rows,
 )
 
 _LOG2E = tiling.LOG2E
@@ -33,8 +38,8 @@ _LN2 = tiling.LN2
 _MASK_VALUE = tiling.MASK_VALUE
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st: Static, bg_count: int,
-                    ctas: int):
+def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, bias_ref, o_ref, lse_ref, scoped, *, st: Static,
+                    bg_count: int, ctas: int):
     (q_smem, k_smem, v_smem, lse_smem, p_smem), (q_bars, k_bars, v_bars), (k_free, v_free), sched = scoped
     plan, cfg = st.plan, st.config
     stages, nwg = cfg.num_stages, st.q_warpgroups
@@ -86,6 +91,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
             slot = ring(step)
             kt = cursor.tiles(offs)
             full = geo.full(qt, kt) > 0  # table loads issued ahead of the wgmma wait
+            bias = None
+            if bias_ref is not None:  # this warpgroup's rows of the pair's bias block (base 2)
+                bias = load_bias(bias_ref, head, st.rpb.pair_class(qt, kt), pl.ds(wg * ROWS, ROWS))
 
             def qk(acc_ref):
                 plgpu.wgmma(acc_ref, q_slot, k_smem.at[slot].T)
@@ -95,16 +103,23 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
 
             s = pl.run_scoped(qk, plgpu.ACC((ROWS, tk), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
-            s = lax.cond(full, lambda s: s, lambda s: mask(s, kt), s)
 
             # Raw logits s, m in scaled base-2 units: p = exp2(s * c - m) is one FMA per logit.
             # Masked logits are -inf (p = 0 exactly) while m starts finite (_MASK_VALUE), so a
             # row whose keys are all masked in this tile keeps m and gets p = 0, never NaN.
             # (A finite mask value would be wrong here: the compiler contracts s * c - m into
             # an FMA, and the rounding error of a huge masked s * c reaches exp2 as +-1e30.)
-            m_new = jnp.maximum(m, s.max(axis=1) * qk_scale)
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            if bias is None:
+                s = lax.cond(full, lambda s: s, lambda s: mask(s, kt), s)
+                m_new = jnp.maximum(m, s.max(axis=1) * qk_scale)
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            else:
+                # The bias is added before the mask, so a masked pair is -inf whatever its bias.
+                t = lax.cond(full, lambda t: t, lambda t: mask(t, kt), s * qk_scale + bias)
+                m_new = jnp.maximum(m, t.max(axis=1))
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(t - lax.broadcast_in_dim(m_new, t.shape, [0]))
             l = l * alpha + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             p16 = p.astype(st.dtype)
@@ -249,12 +264,17 @@ def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, *, st:
         drain(lax.fori_loop(0, mine, item, jnp.int32(0)))
 
 
-def forward_call(qp, kp, vp, st: Static):
+def forward_call(qp, kp, vp, st: Static, bias=None):
     """``qp`` ``[BG, Nq, H, D]``, ``kp``/``vp`` ``[BG, Nk, H_kv, D]`` (permuted by ``st.plan``)
     -> ``out`` ``[BG, Nq, H, D]``, ``lse`` ``[BG, H, Nq]`` float32 (natural log).
 
     With ``st.direct``: ``qp`` ``[B, *X, H, D]``, ``kp``/``vp`` ``[B, *X, H_kv, D]`` as the user
-    passed them -> ``out`` ``[B, *X, H, D]``; ``lse`` stays in the plan's token order."""
+    passed them -> ``out`` ``[B, *X, H, D]``; ``lse`` stays in the plan's token order.
+
+    ``bias`` (with ``st.rpb``): the relative positional bias's class blocks ``[H, C, Tq, Tk]``
+    float32 in base-2 units (`jna._src.rpb_tiles.tile_bias` with ``scale=log2 e``)."""
+    if (bias is None) != (st.rpb is None):
+        raise ValueError("forward_call: bias blocks go with Static.rpb (both or neither)")
     plan, cfg = st.plan, st.config
     bg, nq = qp.shape[0], (math.prod(qp.shape[1:-2]) if st.direct else qp.shape[1])
     nwg, stages = st.q_warpgroups, cfg.num_stages
@@ -263,7 +283,8 @@ def forward_call(qp, kp, vp, st: Static):
     grid = dict(grid=(ctas,), grid_names=("cta",)) if ctas else dict(
         grid=(plan.num_q_tiles, bg, st.heads), grid_names=("q", "bg", "h"))
 
-    def entry(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref):
+    def entry(q_ref, k_ref, v_ref, tab_ref, *refs):
+        bias_ref, o_ref, lse_ref = refs if bias is not None else (None, *refs)
         scratch = (
             smem((nwg, ROWS, st.head_dim), st.dtype),
             smem((stages, cfg.kv_tokens, st.head_dim), st.dtype),
@@ -279,8 +300,8 @@ def forward_call(qp, kp, vp, st: Static):
         consumed = (plgpu.Barrier(num_arrivals=nwg, num_barriers=stages),) * 2
         sched = plgpu.Barrier(num_arrivals=nwg) if nwg > 1 else None
         pl.run_scoped(
-            lambda *scoped: _forward_kernel(q_ref, k_ref, v_ref, tab_ref, o_ref, lse_ref, scoped, st=st,
-                                            bg_count=bg, ctas=ctas),
+            lambda *scoped: _forward_kernel(q_ref, k_ref, v_ref, tab_ref, bias_ref, o_ref, lse_ref,
+                                            scoped, st=st, bg_count=bg, ctas=ctas),
             scratch,
             arrivals,
             consumed,
@@ -289,4 +310,5 @@ def forward_call(qp, kp, vp, st: Static):
         )
 
     out_type = [jax.ShapeDtypeStruct(qp.shape, qp.dtype), jax.ShapeDtypeStruct((bg, st.heads, nq), jnp.float32)]
-    return launch(entry, st, out_type, grid, nwg + 1)(qp, kp, vp, jnp.asarray(plan.tables))
+    operands = (qp, kp, vp, jnp.asarray(plan.tables)) + (() if bias is None else (bias,))
+    return launch(entry, st, out_type, grid, nwg + 1)(*operands)

@@ -32,6 +32,18 @@ got (64, 64)": it looks A up as an SMEM allocation). FA3 uses both. Simulated
 fresh accumulator; on the GPU they accumulate in place from registers. Everything else (plan
 lookups, TMA rings and barriers, masks, softmax, epilogues) is the same code.
 
+Relative positional bias (``rpb=``, `supports_rpb`; non-causal, stride 1): the bias of a tile
+pair depends only on the pair's tile offset, so XLA expands the ``[H, 2K_1 - 1, ...]`` table once
+per call into one dense float32 block per *tile-offset class* (`jna._src.rpb_tiles`), and the
+forward, dQ and dK/dV kernels load their pair's block rows from GMEM into registers and add them
+to the scaled logits (Mosaic GPU has no in-register gather; the SMEM rings are full at the large
+tiles). ``d_rpb``: a class-major kernel (`jna.backends.mosaic.rpb_grad`) sums ``dS`` per class,
+deterministically, and XLA maps the class sums back to the table with fixed-order gathers and
+sums (`rpb_tiles.tile_bias_grad`). Memory: the blocks are ``H * classes * Tq * Tk`` float32
+(`RpbPlan.block_bytes`: a few MB for NAT-sized windows, hundreds of MB for 2d-flux's K = 80).
+Forward mode (`jax.jvp`) with a bias is a NotImplementedError (the tangent kernel is fused-triton's,
+without the bias); reverse mode runs the kernels above (`_op_rpb`).
+
 ``python -m benchmarks check-mosaic`` on a Hopper GPU checks a few shapes against the reference
 backend; ``python -m benchmarks calibrate --backend fused-mosaic`` measures the launch classes.
 """
@@ -46,9 +58,11 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend import core as jex_core
+from jax.interpreters import ad, mlir
 
 from jna._src import plan as planning
-from jna._src import compat, finite, forward_mode, resources
+from jna._src import compat, finite, forward_mode, resources, rpb_tiles
 from jna import semantics
 from jna.tuning import tables as jna_tuned
 from jna._src.arguments import NAProblem
@@ -57,6 +71,7 @@ from jna.backends.launch import LaunchClass
 from jna.backends.mosaic import backward as mosaic_backward
 from jna.backends.mosaic import backward_fused as mosaic_backward_fused
 from jna.backends.mosaic import forward as mosaic_forward
+from jna.backends.mosaic import rpb_grad as mosaic_rpb_grad
 from jna.backends.base import Backend
 from jna.backends.mosaic.common import MosaicConfig, Static, direct_ok
 
@@ -200,7 +215,9 @@ def _fused_fwd(qp, kp, vp, st):
     return (out, lse), (qp, kp, vp, out, lse)
 
 
-def _fused_bwd(st, residuals, cotangents):
+def _fused_bwd(st, residuals, cotangents, rpb=None, rpb_grad=True):
+    """``(dq, dk, dv)``, and ``d_rpb`` (rpb's shape and dtype) when ``rpb`` is given and
+    ``rpb_grad``; ``rpb``: the bias the forward added (``st.rpb`` is set then)."""
     qp, kp, vp, out, lse = residuals
     dout, dlse = cotangents
     if st.direct:
@@ -208,16 +225,25 @@ def _fused_bwd(st, residuals, cotangents):
         permuted, pullback = jax.vjp(functools.partial(_permute_inputs, plan=plan), qp, kp, vp)
         grads = _fused_bwd(dataclasses.replace(st, direct=False),
                            (*permuted, planning.permute(out, plan, "q"), lse),
-                           (planning.permute(dout, plan, "q"), dlse))
-        return pullback(grads)
+                           (planning.permute(dout, plan, "q"), dlse), rpb, rpb_grad)
+        return (*pullback(tuple(grads[:3])), *grads[3:])
     # d lse_i / d s_ij = P_ij, so an lse cotangent enters as a shift of delta.
     delta = jnp.einsum("bnhd,bnhd->bhn", out.astype(jnp.float32), dout.astype(jnp.float32)) - dlse
     dout = dout.astype(qp.dtype)
+    bias = bias_t = None
+    if rpb is not None:  # the class blocks, and transposed for the KV-tile-major kernels
+        bias = _bias_blocks(rpb, st)
+        bias_t = jnp.swapaxes(bias, 2, 3)
     if st.config.backward == "fused":
-        return mosaic_backward_fused.dqkv_call(qp, kp, vp, dout, lse, delta, st)
-    dq = mosaic_backward.dq_call(qp, kp, vp, dout, lse, delta, st)
-    dk, dv = mosaic_backward.dkv_call(qp, kp, vp, dout, lse, delta, st)
-    return dq, dk, dv
+        grads = mosaic_backward_fused.dqkv_call(qp, kp, vp, dout, lse, delta, st, bias_t)
+    else:
+        dq = mosaic_backward.dq_call(qp, kp, vp, dout, lse, delta, st, bias)
+        dk, dv = mosaic_backward.dkv_call(qp, kp, vp, dout, lse, delta, st, bias_t)
+        grads = (dq, dk, dv)
+    if rpb is None or not rpb_grad:
+        return tuple(grads)
+    d_blocks = mosaic_rpb_grad.drpb_call(qp, kp, vp, dout, lse, delta, bias, st)
+    return (*grads, rpb_tiles.tile_bias_grad(d_blocks, st.rpb).astype(rpb.dtype))
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -280,6 +306,78 @@ forward_mode.register(NAME, forward_mode.Rules(
 _op = forward_mode.fused_op(NAME, _fused)
 
 
+# ----------------------------------------------------------------------------------------------
+# The op with a relative positional bias. Same composition as `forward_mode.fused_op` (a custom
+# JVP whose tangent is a primitive transposed into the backward kernels, so `jax.grad` runs the
+# kernels), with rpb as a fourth differentiable input; evaluating the tangent itself (forward
+# mode) raises, since the tangent kernel (fused-triton's) has no bias.
+# ----------------------------------------------------------------------------------------------
+
+
+def _bias_blocks(rpb, st: Static):
+    """The class blocks ``[H, C, Tq, Tk]`` float32 of ``rpb`` in base-2 units (the kernels keep
+    logits as ``s * scale * log2 e``), `rpb_tiles.tile_bias`."""
+    return rpb_tiles.tile_bias(rpb, st.rpb, tiling.LOG2E)
+
+
+def _rpb_forward(qp, kp, vp, rpb, st: Static):
+    return tuple(mosaic_forward.forward_call(qp, kp, vp, st, _bias_blocks(rpb, st)))
+
+
+_rpb_tangent_p = jex_core.Primitive("jna_mosaic_rpb_tangent")
+_rpb_tangent_p.multiple_results = True
+_RPB_RESIDUALS = 6  # q, k, v, rpb, out, lse; then the linear tq, tk, tv, trpb
+
+
+def _rpb_tangent_unsupported(*args, st):
+    del args, st
+    raise NotImplementedError(
+        f"backend='{NAME}' does not support forward-mode differentiation (jax.jvp, linearize, "
+        f"jacfwd) of a call with rpb (relative positional bias): its tangent kernel has no bias. "
+        f"Reverse mode (jax.grad, jax.vjp) is supported; for forward mode use backend='reference'.")
+
+
+_rpb_tangent_p.def_impl(_rpb_tangent_unsupported)
+mlir.register_lowering(_rpb_tangent_p, mlir.lower_fun(_rpb_tangent_unsupported, multiple_results=True))
+
+
+@_rpb_tangent_p.def_abstract_eval
+def _rpb_tangent_abstract(q, k, v, rpb, out, lse, tq, tk, tv, trpb, *, st):
+    del q, k, v, rpb, tq, tk, tv, trpb, st
+    return (jax.core.ShapedArray(out.shape, out.dtype), jax.core.ShapedArray(lse.shape, jnp.float32))
+
+
+def _rpb_tangent_transpose(cts, q, k, v, rpb, out, lse, tq, tk, tv, trpb, *, st):
+    residuals = (q, k, v, rpb, out, lse)
+    if any(ad.is_undefined_primal(x) for x in residuals):
+        raise NotImplementedError("jna: the tangent of NA is linear in the tangents only")
+    ct_out, ct_lse = (jnp.zeros(a.shape, a.dtype) if type(c) is ad.Zero else c
+                      for c, a in zip(cts, (out, lse)))
+    linear = (tq, tk, tv, trpb)
+    want_drpb = ad.is_undefined_primal(trpb)  # a bias that is not differentiated skips its kernel
+    grads = _fused_bwd(st, (q, k, v, out, lse), (ct_out, ct_lse), rpb, rpb_grad=want_drpb)
+    grads = (*grads, None) if not want_drpb else grads
+    return [None] * _RPB_RESIDUALS + [g if ad.is_undefined_primal(x) else None
+                                      for g, x in zip(grads, linear)]
+
+
+ad.primitive_transposes[_rpb_tangent_p] = _rpb_tangent_transpose
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _op_rpb(st: Static, qp, kp, vp, rpb):
+    """``(out, lse)`` as `_op`, with the relative positional bias ``rpb`` ``[H, 2K_1 - 1, ...]``
+    (differentiable in reverse mode, its cotangent in its dtype)."""
+    return _rpb_forward(qp, kp, vp, rpb, st)
+
+
+@_op_rpb.defjvp
+def _op_rpb_jvp(st, primals, tangents):
+    out, lse = _rpb_forward(*primals, st)
+    tangents = tuple(t.astype(x.dtype) for t, x in zip(tangents, primals))
+    return (out, lse), tuple(_rpb_tangent_p.bind(*primals, out, lse, *tangents, st=st))
+
+
 def _check_config(problem: NAProblem, config: MosaicConfig):
     """Rejects a config this problem cannot run with (`ValueError`, naming the field).
 
@@ -302,7 +400,8 @@ def _check_config(problem: NAProblem, config: MosaicConfig):
                 f"backward takes head dims up to {_WIDE_HEAD_DIM}; use backward='split'")
 
 
-def _static(problem: NAProblem, config: MosaicConfig, simulator) -> Static:
+def _static(problem: NAProblem, config: MosaicConfig, simulator, rpb: bool = False) -> Static:
+    """The launch description; ``rpb``: the kernels add a relative positional bias."""
     reason = unsupported_reason(problem)
     if reason is not None:
         raise NotImplementedError(f"backend='{NAME}' does not support this call: {reason}")
@@ -320,6 +419,7 @@ def _static(problem: NAProblem, config: MosaicConfig, simulator) -> Static:
         direct=config.direct_layout and direct_ok(plan),
         ctas=_persistent_ctas(simulator) if config.persistent else 0,
         problem=problem,
+        rpb=rpb_tiles.make_rpb_plan(plan) if rpb else None,
     )
 
 
@@ -331,28 +431,33 @@ def _persistent_ctas(simulator) -> int:
     return int(count) if count else 132  # an H100 SXM / H200 has 132 SMs
 
 
-def _run(q, k, v, problem: NAProblem, config: MosaicConfig, simulator=None):
-    """Permute, the fused op, unpermute: on the GPU (``simulator`` None) or in the simulator."""
-    st = _static(problem, config, simulator)
+def _run(q, k, v, problem: NAProblem, config: MosaicConfig, simulator=None, rpb=None):
+    """Permute, the fused op, unpermute: on the GPU (``simulator`` None) or in the simulator;
+    ``rpb``: None or the relative positional bias ``[H, 2K_1 - 1, ...]``."""
+    st = _static(problem, config, simulator, rpb=rpb is not None)
     plan = st.plan
     spatial = problem.spatial_shape
+    op = _op if rpb is None else (lambda st, q, k, v: _op_rpb(st, q, k, v, rpb))
     if st.direct:
-        out, lse = _op(st, q, k, v)
+        out, lse = op(st, q, k, v)
     else:
-        out, lse = _op(st, *_permute_inputs(q, k, v, plan))
+        out, lse = op(st, *_permute_inputs(q, k, v, plan))
         out = planning.unpermute(out, plan, "q", spatial)
     lse = planning.unpermute(jnp.swapaxes(lse, 1, 2), plan, "q", spatial)
     return out, lse
 
 
-def attention(q, k, v, problem: NAProblem, config: MosaicConfig | None = None):
-    """Fused neighborhood attention (differentiable in q, k, v and through both outputs).
+def attention(q, k, v, problem: NAProblem, config: MosaicConfig | None = None, rpb=None):
+    """Fused neighborhood attention (differentiable in q, k, v, rpb and through both outputs).
 
     Args:
       q: ``[B, *X, H, D]``; k, v: ``[B, *X, H_kv, D]`` (bfloat16/float16, D in {32, 64, 128,
         256}; at 256 only 64-token tiles: `_check_config`).
       problem: the validated call (`jna._src.arguments.check_call`).
       config: tile config; default `default_config(problem)`.
+      rpb: None or the relative positional bias ``[H, 2K_1 - 1, ..., 2K_n - 1]`` (float32 or q's
+        dtype; non-causal, stride 1: `jna._src.arguments.check_rpb`), added in float32 after
+        scaling; its gradient is deterministic. Reverse mode only (a jvp raises).
 
     Returns:
       ``(out, lse)``: ``[B, *X, H, D]`` in q's dtype and ``[B, *X, H]`` float32 (natural log).
@@ -360,38 +465,63 @@ def attention(q, k, v, problem: NAProblem, config: MosaicConfig | None = None):
     Non-finite values: ``P V`` sums ``0 * v`` over masked keys of a tile, so a NaN/inf value
     would leak into queries that do not see it. The kernel runs when every value is finite; if
     one is not, the call takes fused-triton's containing kernel instead (a run-time
-    ``lax.cond``), so queries off a non-finite value stay exact.
+    ``lax.cond``), so queries off a non-finite value stay exact. With ``rpb`` that is
+    fused-triton if it supports the bias, else the reference backend. (A non-finite bias needs
+    no switch: the kernels add the bias before the mask, so it reaches only the pairs whose
+    offset it is, as in the reference.)
     """
     simulator = compat.mosaic_simulator() if _interpret() else None
     config = config or default_config(problem)
     fast = functools.partial(_run, problem=problem, config=config, simulator=simulator)
     if simulator is not None:
-        return fast(q, k, v)
+        return fast(q, k, v, rpb=rpb)
+    if rpb is not None:
+        contained = _contained_with_rpb(problem)
+        return lax.cond(finite.all_finite(v), lambda q, k, v, b: fast(q, k, v, rpb=b), contained,
+                        q, k, v, rpb)
     from jna.backends.triton import fused as fused_triton
 
     contained = functools.partial(fused_triton.attention, problem=problem)
     return lax.cond(finite.all_finite(v), fast, contained, q, k, v)
 
 
-def lower_for_gpu(problem: NAProblem, config: MosaicConfig | None = None, backward: bool = False):
+def _contained_with_rpb(problem: NAProblem):
+    """``(q, k, v, rpb) -> (out, lse)`` of a backend that keeps a non-finite value inside its
+    windows and adds the bias: fused-triton where it declares ``supports_rpb``, else reference."""
+    from jna.backends import registry
+
+    cls = registry.backend_class("fused-triton")
+    if not cls.supports_rpb:
+        cls = registry.backend_class("reference")
+    backend = cls()
+    return lambda q, k, v, rpb: backend.run(q, k, v, problem, rpb)
+
+
+def lower_for_gpu(problem: NAProblem, config: MosaicConfig | None = None, backward: bool = False,
+                  rpb: bool = False):
     """Lowers the GPU (non-simulated) kernels for ``problem`` to StableHLO for CUDA.
 
     Runs on any machine: Pallas lowers the kernels through Mosaic GPU (layouts, wgmma shapes,
     TMA and SMEM checks) into the custom calls it embeds; only the PTX/SASS compilation of those
     modules happens later, on a GPU. ``backward``: lower the forward and both backward kernels
-    (a VJP). Returns the `jax.stages.Lowered`.
+    (a VJP). ``rpb``: with a float32 relative positional bias (and, with ``backward``, its
+    gradient kernel). Returns the `jax.stages.Lowered`.
     """
     config = config or default_config(problem)
     shape = lambda heads, dim: jax.ShapeDtypeStruct(
         (problem.batch, *problem.spatial_shape, heads, dim), problem.dtype)
-    fn = functools.partial(_run, problem=problem, config=config, simulator=None)
+    run = functools.partial(_run, problem=problem, config=config, simulator=None)
+    fn = lambda q, k, v, *bias: run(q, k, v, rpb=bias[0] if bias else None)
     if backward:
-        def fn(q, k, v, fn=fn):
-            (out, lse), vjp = jax.vjp(functools.partial(_run, problem=problem, config=config,
-                                                        simulator=None), q, k, v)
+        def fn(q, k, v, *bias):
+            (out, lse), vjp = jax.vjp(lambda q, k, v, *b: run(q, k, v, rpb=b[0] if b else None),
+                                      q, k, v, *bias)
             return vjp((out, lse))
     args = (shape(problem.heads, problem.head_dim), shape(problem.kv_heads, problem.head_dim),
             shape(problem.kv_heads, problem.value_dim))
+    if rpb:
+        args += (jax.ShapeDtypeStruct((problem.heads, *(2 * k - 1 for k in problem.params.kernel_size)),
+                                      jnp.float32),)
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
 
@@ -411,6 +541,7 @@ class FusedMosaic(Backend):
     name: ClassVar[str] = NAME
     config_type: ClassVar[type] = MosaicConfig
     min_tile_tokens: ClassVar[int] = 64
+    supports_rpb: ClassVar[bool] = True  # forward, backward and d_rpb in the kernels (reverse mode)
 
     # The module's functions, as the contract's methods (they take no instance state).
     is_available = staticmethod(is_available)
@@ -440,5 +571,5 @@ class FusedMosaic(Backend):
                                     MosaicConfig(q_tile, kv_tile, stages, **flags), eff))
         return out
 
-    def attention(self, q, k, v, problem: NAProblem):
-        return attention(q, k, v, problem, self.config_for(problem))
+    def attention(self, q, k, v, problem: NAProblem, rpb=None):
+        return attention(q, k, v, problem, self.config_for(problem), rpb)
