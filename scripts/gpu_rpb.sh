@@ -27,10 +27,7 @@ for variant in "fused-rpb:--backend fused-triton" "fused-no-rpb:--backend fused-
                ${MOSAIC_RPB:+"mosaic-rpb:--backend fused-mosaic"}; do
   name=${variant%%:*}; flags=${variant#*:}
   timeout ${MODEL_TIMEOUT:-60} python -m examples.nat_classifier.train $common $flags > "$out/model_$name.log" 2>&1
-  echo "model $name rc $?: $(tail -1 "$out/model_$name.log" | python -c 'import json,sys
-try:
-  d=json.loads(sys.stdin.read()); print(f"{d[\"ms_per_step\"]:.2f} ms/step, {d[\"images_per_s\"]:.0f} img/s, peak {d[\"peak_memory_gib\"]} GiB, loss {d[\"final_loss\"]:.3f}")
-except Exception as e: print("no result", e)')"
+  echo "model $name rc $?: $(tail -1 "$out/model_$name.log" | python scripts/model_summary.py)"
 done
 timeout ${REGION_TIMEOUT:-100} python -m benchmarks region-walk --top 0 \
   --names 2d-nat,2d-dinat,sweep-1d-k3,sweep-1d-k127,sweep-2d-k3,sweep-2d-k7,sweep-2d-k13,sweep-3d-k7 \
