@@ -71,10 +71,12 @@ class TritonConfig:
     products (the backward kernels use the same tiling, so they share the token permutation).
     ``direct_layout``: read tiles in place from ``[B, *X, H, D]`` when the problem allows it
     (no dilation, every axis a multiple of the tiles); False always permutes tokens first.
-    ``kv_region``: where tiles are read in place (the direct or grouped layout), the forward and
-    dQ kernels walk each Q tile's exact key region in ``kv_tile`` chunks from any token offset
-    (`jna._src.plan.AxisPlan`) instead of the aligned KV tiles covering it: fewer, fuller steps
-    for small windows (issue 16). Ignored in the permuted layout. A tuner field.
+    ``kv_region``: where tiles are read in place (the direct or grouped layout), the forward, dQ
+    and tangent kernels walk each Q tile's exact key region in ``kv_tile`` chunks from any token
+    offset (`jna._src.plan.AxisPlan`) instead of the aligned KV tiles covering it, and the dK/dV
+    kernel walks each KV tile's touching queries in ``q_tile`` chunks: fewer, fuller steps for
+    small windows (issue 16). Ignored in the permuted layout. A tuner field (the H200's tuned
+    table picks it for the NAT/DiNAT layers and the small paper sweeps).
     """
 
     q_tile: tuple[int, ...]
