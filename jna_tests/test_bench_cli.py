@@ -20,6 +20,7 @@ def _run(*args, tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # ~19 s; `make test`'s 10-minute budget (the CLI's parsing is checked by the others)
 def test_cli_runs_tiny_set_and_writes_results(tmp_path):
     proc = _run("--problems", "tiny", "--backends", "reference", "--budget-s", "0.05", "--plot",
                 tmp_path=tmp_path)

@@ -327,7 +327,8 @@ if __name__ == "__main__":  # the simulation subprocess (started with JAX_ENABLE
 
 
 @pytest.mark.parametrize("dtype,rel_pos_bias", [
-    (jnp.float32, False), (jnp.float16, False), (jnp.bfloat16, False), (jnp.bfloat16, True)],
+    (jnp.float32, False), pytest.param(jnp.float16, False, marks=pytest.mark.slow), (jnp.bfloat16, False),
+    (jnp.bfloat16, True)],
     ids=["f32", "f16", "bf16", "bf16-rpb"])  # rpb's ops run every dtype in test_unfused_ops
 def test_modules(dtype, rel_pos_bias):
     """The linen and NNX layers (computing in the input dtype) keep it under x64, agree with each
