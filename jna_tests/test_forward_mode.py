@@ -113,6 +113,7 @@ def test_gradient_of_a_jvp_loss_along_a_direction(backend):
     assert abs(got - want) <= 1e-3 * abs(want) + 1e-3, (got, want)
 
 
+@pytest.mark.slow  # ~21 s; `make test`'s budget (grad of a JVP loss and vmap-of-jvp stay in it)
 def test_transforms_compose_with_the_tangent_kernel():
     """vmap of a jvp (one launch: the mapped axis folds into the heads), jacfwd, linearize,
     jacrev and vmap of a grad agree with the reference backend (plain JAX autodiff)."""

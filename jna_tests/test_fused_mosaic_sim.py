@@ -272,7 +272,9 @@ SLOW_SIM_CASES = ("2d-fused-bwd-2wg-strided-dilated-causal-gqa", "1d-fused-bwd-d
                   # 2d-persistent-direct-causal, GQA + causal by 2d-strided-dilated-causal-gqa,
                   # full and partial pairs by every 2-D case).
                   "3d-2wg", "2d-2wg-full-and-partial-pairs", "1d-2wg-d128-fp16",
-                  "2d-direct-2wg-gqa-causal", "1d-d32-causal", "1d-2wg-ring-wrap-3stages")
+                  "2d-direct-2wg-gqa-causal", "1d-d32-causal", "1d-2wg-ring-wrap-3stages",
+                  "1d-causal-strided-dilated-gqa-padded", "1d-persistent-2wg-3stages-gqa",
+                  "2d-strided-dilated-causal-gqa")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_SIM_CASES else n

@@ -416,7 +416,7 @@ def _exact_float32_matmuls():
         yield
 
 
-@pytest.mark.parametrize("framework", ["linen", "nnx"])
+@pytest.mark.parametrize("framework", ["linen", pytest.param("nnx", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("backend", [pytest.param(b, marks=() if b == FAST_BACKEND else pytest.mark.slow)
                                      for b in RPB_BACKENDS if jnp.float32 in BACKENDS[b].dtypes])
 def test_module_bias_runs_on_its_backend_as_the_unfused_chain(framework, backend, _exact_float32_matmuls):

@@ -299,6 +299,7 @@ def _simulate() -> dict:
     )
 
 
+@pytest.mark.slow  # ~8 s; the x64 lowering checks of fused-mosaic stay in `make test`
 def test_fused_mosaic_simulated_forward_backward():
     """A tiny 1-D GQA case (causal, strided, bf16, D=64) in the Mosaic GPU simulator with x64
     on: out, lse and dq/dk/dv vs the oracle and the reference backend."""
