@@ -2,7 +2,7 @@
 
     python -m benchmarks profile-call [--problems public,paper_sweeps,models]
         [--names 2d-nat,2d-dinat,sweep-1d-k3,...] [--backends auto] [--modes fwd,fwd_bwd]
-        [--iters 20] [--budget-s 1] [--out DIR]
+        [--iters 20] [--budget-s 1] [--rpb] [--out DIR]
 
 For each (problem, backend, mode): the median wall time of the jitted call (`harness.time_ms`),
 then ``--iters`` back-to-back calls under `jax.profiler.trace` (CUPTI on a GPU). From the trace
@@ -11,6 +11,9 @@ launches and microseconds per call; the device-busy time per call (the union of 
 intervals) and what is left of the wall time (launch gaps, host work, waits). The memory floor
 (`Problem.floor_ms`) is printed beside each call. Writes ``call_profile.json``,
 ``call_profile.md`` and the raw traces' per-thread sums to ``--out``; prints the table last.
+
+``--rpb``: the calls take a relative positional bias (float32, as the Flax layers pass it; the
+backward's gradients then include d_rpb, as in `benchmarks.rpb_bench`).
 
 This is timing, not a correctness check. Issue 16 asks for it on the small-window problems.
 """
@@ -87,9 +90,23 @@ def summarize(trace: dict, iters: int) -> dict:
             "threads": {k: {"events": n, "us": round(us, 1)} for k, (n, us) in sorted(threads.items())}}
 
 
-def profile_call(problem, backend: str, mode: str, iters: int, budget_s: float) -> dict:
-    args = problem.inputs(jnp.bfloat16)
-    jitted, call_args = harness.compiled(harness.candidate(problem, backend), mode, args)
+def _rpb_call(problem, backend: str, mode: str):
+    """The jitted call and its arguments with a relative positional bias (`rpb_bench`'s calls)."""
+    from benchmarks import rpb_bench
+
+    q, k, v, dout = problem.inputs(jnp.bfloat16)
+    shape = (problem.heads, *(2 * kk - 1 for kk in problem.kernel_size))
+    table = 0.5 * jax.random.normal(jax.random.key(7), shape, jnp.float32)
+    fwd, grads = rpb_bench._calls(rpb_bench._na(problem, backend, True), True)
+    return (fwd, (q, k, v, table)) if mode == "fwd" else (grads, (q, k, v, table, dout))
+
+
+def profile_call(problem, backend: str, mode: str, iters: int, budget_s: float, rpb: bool = False) -> dict:
+    if rpb:
+        jitted, call_args = _rpb_call(problem, backend, mode)
+    else:
+        args = problem.inputs(jnp.bfloat16)
+        jitted, call_args = harness.compiled(harness.candidate(problem, backend), mode, args)
     jax.block_until_ready(jitted(*call_args))
     wall_ms = harness.time_ms(jitted, call_args, budget_s)
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,7 +117,7 @@ def profile_call(problem, backend: str, mode: str, iters: int, budget_s: float) 
             jax.block_until_ready(out)
         summary = summarize(_trace_events(pathlib.Path(tmp)), iters)
     floor = problem.floor_ms(mode)
-    return {"problem": problem.name, "backend": backend, "mode": mode, "wall_ms": wall_ms,
+    return {"problem": problem.name, "backend": backend + ("+rpb" if rpb else ""), "mode": mode, "wall_ms": wall_ms,
             "floor_ms": floor, "busy_ms": summary["busy_us"] / 1e3,
             "launches": sum(k["launches"] for k in summary["kernels"]), **summary}
 
@@ -137,6 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="fwd,fwd_bwd")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=1.0)
+    ap.add_argument("--rpb", action="store_true", help="the calls take a relative positional bias")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     problems = [p for f in resolve_problem_files(args.problems) for p in problem_sets.load(f)]
@@ -154,7 +172,7 @@ def main(argv=None) -> int:
         for backend in (b for b in args.backends.split(",") if b):
             for mode in (m for m in args.modes.split(",") if m):
                 try:
-                    row = profile_call(by_name[name], backend, mode, args.iters, args.budget_s)
+                    row = profile_call(by_name[name], backend, mode, args.iters, args.budget_s, args.rpb)
                 except Exception as e:  # noqa: BLE001 - one failing cell is reported, the rest run
                     row = {"problem": name, "backend": backend, "mode": mode, "error": f"{type(e).__name__}: {e}"}
                 rows.append(row)

@@ -1,13 +1,16 @@
 """The relative positional bias inside the fused kernels: its cost and the unfused baseline (issue 18).
 
-    python -m benchmarks rpb [--names 2d-nat,2d-dinat,2d-flux,3d-hunyuan] [--repeats 20] [--out DIR]
+    python -m benchmarks rpb [--names 2d-nat,2d-dinat,2d-flux,3d-hunyuan] [--repeats 20]
+                             [--variants fused-triton,fused-triton+rpb,...] [--out DIR]
 
 Per problem (bf16 inputs, rpb float32 as the Flax layers pass it; public, models and tiny
 sets), each variant's forward and forward+backward medians (`jna.tuning.timing.median_ms`; the
 backward's gradients are dq, dk, dv and, with the bias, d_rpb), effective TFLOP/s and peak
 memory (XLA's compiled memory analysis: temporaries + outputs, for each of the two calls):
 
-* ``fused-triton`` without and with rpb;
+* ``fused-triton`` without and with rpb; ``fused-triton+rpb-gather``: with rpb gathered per
+  logit from the table (the class blocks' budget set to 0: what the kernels do past it, and
+  what they all did before `jna.backends.triton.bias_blocks`);
 * ``fused-mosaic`` without and with rpb, if its class declares ``supports_rpb`` (otherwise the
   row says it is skipped and why) and it runs on this device;
 * ``unfused`` with rpb (QK + bias, softmax, AV: the attention weights materialized), skipped
@@ -33,6 +36,7 @@ import numpy as np
 
 import jna
 from jna import backends
+from jna.backends.triton import bias_blocks
 from jna.tuning import problem_sets
 from jna.tuning.timing import median_ms
 
@@ -42,6 +46,7 @@ DEFAULT_NAMES = "2d-nat,2d-dinat,2d-flux,3d-hunyuan"
 VARIANTS = (
     ("fused-triton", "fused-triton", False),
     ("fused-triton+rpb", "fused-triton", True),
+    ("fused-triton+rpb-gather", "fused-triton", True),
     ("fused-mosaic", "fused-mosaic", False),
     ("fused-mosaic+rpb", "fused-mosaic", True),
     ("unfused+rpb", "unfused", True),
@@ -110,13 +115,15 @@ def _median_ms(fn, args, repeats: int) -> float:
     return median_ms(fn, *args, warmup=1, repeats=repeats, inner=inner)
 
 
-def run_problem(problem, repeats: int, memory_limit: int | None) -> list[dict]:
+def run_problem(problem, repeats: int, memory_limit: int | None, variants=None) -> list[dict]:
     na_problem = problem.na_problem(jnp.bfloat16)
     q, k, v, dout = problem.inputs(jnp.bfloat16)
     rpb_shape = (problem.heads, *(2 * kk - 1 for kk in problem.kernel_size))
     rpb = 0.5 * jax.random.normal(jax.random.key(7), rpb_shape, jnp.float32)
     rows, results = [], {}
     for variant, backend, with_rpb in VARIANTS:
+        if variants and variant not in variants:
+            continue
         row = dict(problem=problem.name, variant=variant, backend=backend, rpb=with_rpb)
         rows.append(row)
         why = _skip_reason(backend, with_rpb, na_problem)
@@ -124,32 +131,45 @@ def run_problem(problem, repeats: int, memory_limit: int | None) -> list[dict]:
             row["skipped"] = why
             _log(row)
             continue
-        fwd, grads = _calls(_na(problem, backend, with_rpb), with_rpb)
-        args_fwd, args_bwd = (q, k, v, rpb), (q, k, v, rpb, dout)
+        budget = bias_blocks.BLOCKS_BUDGET_BYTES
+        if variant.endswith("-gather"):
+            bias_blocks.BLOCKS_BUDGET_BYTES = 0  # read when the calls are traced (below)
         try:
-            row["fwd_peak_bytes"] = _peak_bytes(fwd, args_fwd)
-            row["fwd_bwd_peak_bytes"] = _peak_bytes(grads, args_bwd)
-            need = row["fwd_bwd_peak_bytes"]
-            if memory_limit and need and need > memory_limit:
-                row["skipped"] = (f"does not fit: forward+backward needs {need / 2**30:.1f} GiB of "
-                                  f"{memory_limit / 2**30:.1f} GiB")
-                _log(row)
-                continue
-            out, got = fwd(*args_fwd), grads(*args_bwd)
-            if with_rpb:
-                results[variant] = (out, *got)
-            row["fwd_ms"] = round(_median_ms(fwd, args_fwd, repeats), 4)
-            row["fwd_bwd_ms"] = round(_median_ms(grads, args_bwd, repeats), 4)
-        except Exception as e:  # noqa: BLE001 - reported in the row (out of memory, compile errors)
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            traceback.print_exc()
-            _log(row)
-            continue
-        row["fwd_tflops"] = round(problem.forward_flops / row["fwd_ms"] / 1e9, 2)
-        row["fwd_bwd_tflops"] = round(3.5 * problem.forward_flops / row["fwd_bwd_ms"] / 1e9, 2)
-        _log(row)
+            _time_variant(problem, backend, with_rpb, variant, row, results, (q, k, v, rpb, dout),
+                          repeats, memory_limit)
+        finally:
+            bias_blocks.BLOCKS_BUDGET_BYTES = budget
     _derive(rows, results, problem)
     return rows
+
+
+def _time_variant(problem, backend, with_rpb, variant, row, results, inputs, repeats, memory_limit):
+    """Fills ``row`` (peak memory, medians, TFLOP/s, or why not) and ``results[variant]``."""
+    q, k, v, rpb, dout = inputs
+    fwd, grads = _calls(_na(problem, backend, with_rpb), with_rpb)
+    args_fwd, args_bwd = (q, k, v, rpb), (q, k, v, rpb, dout)
+    try:
+        row["fwd_peak_bytes"] = _peak_bytes(fwd, args_fwd)
+        row["fwd_bwd_peak_bytes"] = _peak_bytes(grads, args_bwd)
+        need = row["fwd_bwd_peak_bytes"]
+        if memory_limit and need and need > memory_limit:
+            row["skipped"] = (f"does not fit: forward+backward needs {need / 2**30:.1f} GiB of "
+                              f"{memory_limit / 2**30:.1f} GiB")
+            _log(row)
+            return
+        out, got = fwd(*args_fwd), grads(*args_bwd)
+        if with_rpb:
+            results[variant] = (out, *got)
+        row["fwd_ms"] = round(_median_ms(fwd, args_fwd, repeats), 4)
+        row["fwd_bwd_ms"] = round(_median_ms(grads, args_bwd, repeats), 4)
+    except Exception as e:  # noqa: BLE001 - reported in the row (out of memory, compile errors)
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        traceback.print_exc()
+        _log(row)
+        return
+    row["fwd_tflops"] = round(problem.forward_flops / row["fwd_ms"] / 1e9, 2)
+    row["fwd_bwd_tflops"] = round(3.5 * problem.forward_flops / row["fwd_bwd_ms"] / 1e9, 2)
+    _log(row)
 
 
 def _derive(rows, results, problem):
@@ -159,7 +179,7 @@ def _derive(rows, results, problem):
     for r in rows:
         if "fwd_ms" not in r:
             continue
-        plain = timed.get(r["backend"]) if r["rpb"] else None
+        plain = timed.get(r["backend"]) if r["rpb"] else None  # same backend without rpb
         if plain is not None:
             r["rpb_overhead_fwd"] = round(r["fwd_ms"] / plain["fwd_ms"], 3)
             r["rpb_overhead_fwd_bwd"] = round(r["fwd_bwd_ms"] / plain["fwd_bwd_ms"], 3)
@@ -211,8 +231,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--names", default=DEFAULT_NAMES, help="comma-separated problem names")
     parser.add_argument("--repeats", type=int, default=20, help="timed samples per median")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated subset of {','.join(v for v, _, _ in VARIANTS)} (default: all)")
     parser.add_argument("--out", default=None, help="directory for rpb_bench.{json,md}")
     args = parser.parse_args(argv)
+    variants = None if args.variants is None else args.variants.split(",")
+    unknown = sorted(set(variants or ()) - {v for v, _, _ in VARIANTS})
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}")
     problems = {p.name: p for s in SETS for p in problem_sets.load(s)}
     names = args.names.split(",")
     missing = [n for n in names if n not in problems]
@@ -224,7 +250,7 @@ def main(argv=None) -> int:
     memory_limit = _memory_limit()
     rows = []
     for name in names:
-        rows += run_problem(problems[name], args.repeats, memory_limit)
+        rows += run_problem(problems[name], args.repeats, memory_limit, variants)
     device = jax.devices()[0].device_kind
     text = markdown(rows, device)
     print(text)

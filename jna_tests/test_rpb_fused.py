@@ -7,6 +7,8 @@ this file covers what is specific to the fused kernels:
   the direct and grouped layouts, 3-D, GQA) against the float64 oracle: out, lse, dq/dk/dv,
   d_rpb and the forward mode (tangent of rpb included), with the call checked to really take
   that layout;
+* the bias's per-class blocks (`bias_blocks`: every visited pair finds the block holding its
+  bias) and the gather the kernels fall back to past the blocks' memory budget;
 * the d_rpb pass's host tables (`bias_grad.delta_walk`: every allowed pair in exactly one
   visited tile pair, grouped by tile offset) and its XLA binning (`bias_grad._bin`) against a
   brute-force scatter; its memory chunking; a non-finite value with a bias (the containing
@@ -29,7 +31,7 @@ import pytest
 from jna import semantics
 from jna._src import plan as planning
 from jna._src.arguments import check_call
-from jna.backends.triton import bias_grad
+from jna.backends.triton import bias_blocks, bias_grad
 from jna.backends.triton import fused as fused_triton
 from jna_tests import oracle
 from jna_tests.common import Config, f64, make_inputs
@@ -74,9 +76,16 @@ def _window(cfg: Config, rpb):
     return dict(kernel_size=cfg.kernel_size, dilation=cfg.dilation, scale=cfg.scale, rpb=f64(rpb))
 
 
-@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in LAYOUTS])
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in LAYOUTS]
+                         + [pytest.param("gather:grouped-region", marks=pytest.mark.slow), "gather:direct-region"])
 def test_layouts_against_the_oracle(name, monkeypatch):
-    """Forward, every gradient (through out and lse) and the forward mode in q, k, v and rpb."""
+    """Forward, every gradient (through out and lse) and the forward mode in q, k, v and rpb.
+    ``gather:``: the same with the class blocks over their budget (the kernels gather the bias
+    from the table)."""
+    gather = name.startswith("gather:")
+    name = name.removeprefix("gather:")
+    if gather:
+        monkeypatch.setattr(bias_blocks, "BLOCKS_BUDGET_BYTES", 0)
     cfg, config, layout = LAYOUTS[name]
     seed = list(LAYOUTS).index(name)
     inp = make_inputs(cfg, jnp.float32, seed=seed)
@@ -88,7 +97,7 @@ def test_layouts_against_the_oracle(name, monkeypatch):
     f = lambda q, k, v, b: fused_triton.attention(q, k, v, problem, config, rpb=b)
     (out, lse), vjp = jax.vjp(f, inp.q, inp.k, inp.v, rpb)
     assert seen and {(st.layout.direct, st.layout.grouped, st.plan.region) for st in seen} == {layout}
-    assert all(st.bias for st in seen)
+    assert all(st.bias and st.bias_blocks != gather for st in seen)
     q64, k64, v64 = (f64(x) for x in (inp.q, inp.k, inp.v))
     want_out, want_lse = oracle.na(q64, k64, v64, **_window(cfg, rpb))
     want = oracle.na_bwd(q64, k64, v64, f64(inp.dout), f64(inp.dlse), **_window(cfg, rpb))
@@ -149,6 +158,40 @@ def test_delta_walk_visits_every_allowed_pair_once(axis):
         assert sorted(covered) == sorted(allowed), g  # each allowed pair once
 
 
+@pytest.mark.parametrize("axis", AXES, ids=lambda a: "L{}K{}d{}_q{}kv{}_{}".format(*a[:5], "region" if a[5] else "aligned"))
+def test_class_blocks_hold_every_visited_pairs_bias(axis):
+    """For every tile pair the forward visits (`bias_grad.delta_walk`'s lists, checked above),
+    the block the kernels' lookup (`fused._class_bias`, emulated) finds holds the table entry
+    of every allowed (query, key) pair at its relative offset."""
+    length, kernel_size, dilation, q_tile, kv_tile, region = axis
+    params = semantics.normalize_params((length,), kernel_size, 1, dilation, False)
+    plan = planning.make_plan(params, (q_tile,), (kv_tile,), None, region)
+    classes = bias_blocks.bias_classes(plan)
+    table = np.random.default_rng(7).standard_normal((2, 2 * kernel_size - 1)).astype(np.float32)
+    blocks = np.asarray(bias_blocks.blocks(jnp.asarray(table), classes, [kernel_size]))
+    assert blocks.shape == (2, classes.num_classes, q_tile, kv_tile)
+    walk = bias_grad.delta_walk(plan)
+    (offsets,), (width,), n = walk.offsets, walk.max_counts, len(walk.deltas[0])
+    counts = walk.tables[offsets[0]:offsets[0] + dilation * n].reshape(dilation, n)
+    entries = [walk.tables[o:o + dilation * n * width].reshape(dilation, n, width) for o in offsets[1:3]]
+    checked = 0
+    for g in range(dilation):
+        lg = semantics.group_length(g, length, dilation)
+        for d in range(n):
+            for c in range(counts[g, d]):
+                qo, ko = int(entries[0][g, d, c]) * q_tile, int(entries[1][g, d, c])
+                lookup = np.clip(ko - qo - classes.lut_lo[0], 0, classes.lut_sizes[0] - 1)
+                block = blocks[:, classes.lut[classes.lut_offsets[0] + lookup]]
+                assert classes.deltas[0][classes.lut[classes.lut_offsets[0] + lookup]] == ko - qo
+                for i in range(q_tile):
+                    for j in range(kv_tile):
+                        x, y = qo + i, ko + j
+                        if x < lg and y < lg and oracle.axis_allowed(x, y, lg, kernel_size, 1, 1, False):
+                            np.testing.assert_array_equal(block[:, i, j], table[:, y - x + kernel_size - 1])
+                            checked += 1
+    assert checked > 0
+
+
 def test_binning_equals_a_brute_force_scatter():
     """`_bin` (skew sums, placement by padding, chunks of first-axis offsets) equals adding every
     partial entry at its table index ``Delta_a + j_a - i_a + K_a - 1`` in float64."""
@@ -195,6 +238,35 @@ def test_d_rpb_in_chunks_equals_one_launch(monkeypatch):
     chunked = jax.jit(jax.grad(lambda b: fused_triton.attention(inp.q, inp.k, inp.v, problem, config, rpb=b)[0]
                                .astype(jnp.float32).sum()))(rpb)
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["permuted", "permuted-dilated-1d", "grouped-ragged", "direct-region"])
+def test_d_rpb_with_batch_blocks(name, monkeypatch):
+    """With every program summing a block of batch entries (`bias_grad.MIN_PROGRAMS` at 1: the
+    blocks GPUs get on large grids), d_rpb equals the oracle's, and the one-entry programs' result
+    up to float32 summation order."""
+    cfg, config, _ = LAYOUTS[name]
+    cfg = dataclasses.replace(cfg, batch=2)
+    inp = make_inputs(cfg, jnp.float32, seed=6)
+    rpb = _rpb(cfg, 6)
+    problem = _problem(cfg, inp, rpb)
+
+    def d_rpb():
+        return jax.jit(jax.grad(lambda b: jnp.sum(
+            fused_triton.attention(inp.q, inp.k, inp.v, problem, config, rpb=b)[0].astype(jnp.float32)
+            * inp.dout)))(rpb)
+
+    single = d_rpb()
+    blocks = []
+    real = bias_grad._batch_block
+    monkeypatch.setattr(bias_grad, "MIN_PROGRAMS", 1)
+    monkeypatch.setattr(bias_grad, "_batch_block", lambda *a: (blocks.append(real(*a)), blocks[-1])[1])
+    blocked = d_rpb()
+    assert blocks and min(blocks) > 1, blocks
+    want = oracle.na_bwd(*(f64(x) for x in (inp.q, inp.k, inp.v, inp.dout)), np.zeros(inp.q.shape[:-1]),
+                         **_window(cfg, rpb))[5]
+    assert np.max(np.abs(f64(blocked) - want)) < 1e-3
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(single), rtol=1e-5, atol=1e-5)
 
 
 def test_nonfinite_value_with_a_bias_stays_in_its_windows():

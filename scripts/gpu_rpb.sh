@@ -7,28 +7,33 @@
 #      dense cuDNN attention (examples/nat_classifier), one process each (peak memory per model)
 #   4. the small-window problems with the default (tuned) configs (`region-walk --top 0`)
 #   scripts/gpu_rpb.sh OUT_DIR
+# Knobs (environment): TESTS (pytest paths and flags, default the subset above), RPB_ARGS (more
+# `benchmarks rpb` flags, e.g. "--names 2d-nat --variants fused-triton,fused-triton+rpb"),
+# MODELS (space-separated variant names of step 3, default all four), REGION=0 skips step 4.
 set -uo pipefail
 out=${1:?OUT_DIR}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
 python -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$out/device.txt"
-timeout ${TEST_TIMEOUT:-240} python -m pytest -q -p no:cacheprovider -n 8 \
-  jna_tests/test_rpb*.py jna_tests/test_key_region.py jna_tests/test_grouped_layout.py \
-  jna_tests/test_backend_fused_triton.py jna_tests/test_gpu.py jna_tests/test_forward_mode.py \
+default_tests="jna_tests/test_rpb*.py jna_tests/test_key_region.py jna_tests/test_grouped_layout.py \
+  jna_tests/test_backend_fused_triton.py jna_tests/test_gpu.py jna_tests/test_forward_mode.py"
+timeout ${TEST_TIMEOUT:-240} python -m pytest -q -p no:cacheprovider -n 8 ${TESTS:-$default_tests} \
   -k "not simulator" > "$out/tests.log" 2>&1
 echo "tests rc $?: $(tail -1 "$out/tests.log")"
 grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -20
-timeout ${RPB_TIMEOUT:-150} python -m benchmarks rpb --out "$out" > "$out/rpb_bench.log" 2>&1
+timeout ${RPB_TIMEOUT:-150} python -m benchmarks rpb ${RPB_ARGS:-} --out "$out" > "$out/rpb_bench.log" 2>&1
 echo "rpb bench rc $?"; grep "^|" "$out/rpb_bench.md" 2>/dev/null || tail -5 "$out/rpb_bench.log"
 common="--image-size 224 --embed-dim 64 --heads 2,4 --kernel-size 7 --batch ${MODEL_BATCH:-128} --steps 30 --log-every 10 --dtype bfloat16"
 for variant in "fused-rpb:--backend fused-triton" "fused-no-rpb:--backend fused-triton --no-rpb" \
                "unfused-rpb:--backend unfused" "dense-cudnn-rpb:--attention dense --dense-implementation cudnn" \
                ${MOSAIC_RPB:+"mosaic-rpb:--backend fused-mosaic"}; do
   name=${variant%%:*}; flags=${variant#*:}
+  if [ -n "${MODELS:-}" ] && [[ " $MODELS " != *" $name "* ]]; then continue; fi
   timeout ${MODEL_TIMEOUT:-60} python -m examples.nat_classifier.train $common $flags > "$out/model_$name.log" 2>&1
   echo "model $name rc $?: $(tail -1 "$out/model_$name.log" | python scripts/model_summary.py)"
 done
+[ "${REGION:-1}" = 0 ] && exit 0
 timeout ${REGION_TIMEOUT:-100} python -m benchmarks region-walk --top 0 \
   --names 2d-nat,2d-dinat,sweep-1d-k3,sweep-1d-k127,sweep-2d-k3,sweep-2d-k7,sweep-2d-k13,sweep-3d-k7 \
   --out "$out" > "$out/region_walk.log" 2>&1

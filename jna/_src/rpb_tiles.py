@@ -42,7 +42,7 @@ from jax import lax
 from jna import semantics
 from jna._src import plan as planning
 
-__all__ = ["RpbAxis", "RpbPlan", "make_rpb_plan", "tile_bias", "tile_bias_grad"]
+__all__ = ["RpbAxis", "RpbPlan", "class_blocks", "class_index", "make_rpb_plan", "tile_bias", "tile_bias_grad"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -128,6 +128,20 @@ class RpbPlan:
         return flat
 
 
+def class_index(deltas, q_tile: int, kv_tile: int, kernel_size: int):
+    """``(index, valid)``, each ``[len(deltas), q_tile, kv_tile]``, of one axis: the bias index
+    ``(delta + j - i) + K - 1`` of tile-local query ``i`` and key ``j`` in a tile pair whose KV
+    tile starts ``delta`` tokens after its Q tile (group coordinates,
+    `semantics.relative_position_index_of_key`), clamped to ``[0, 2K - 2]``, and whether it was in
+    range (out of range: a pair no window allows)."""
+    delta = np.asarray(deltas, np.int64)
+    i = np.arange(q_tile)[None, :, None]
+    j = np.arange(kv_tile)[None, None, :]
+    raw = semantics.relative_position_index_of_key(i, delta[:, None, None] + j, kernel_size, 1)
+    valid = (raw >= 0) & (raw <= 2 * kernel_size - 2)
+    return np.clip(raw, 0, 2 * kernel_size - 2).astype(np.int32), valid
+
+
 def _axis(ax: planning.AxisPlan) -> RpbAxis:
     """The classes of one axis from its tile plan (`RpbPlan`)."""
     if ax.is_causal or ax.stride != 1 or ax.has_span:
@@ -141,12 +155,7 @@ def _axis(ax: planning.AxisPlan) -> RpbAxis:
     step = min(tq, tk)
     origin = min(deltas)
     count = (max(deltas) - origin) // step + 1
-    delta = origin + step * np.arange(count)
-    i = np.arange(tq)[None, :, None]
-    j = np.arange(tk)[None, None, :]
-    raw = semantics.relative_position_index_of_key(i, delta[:, None, None] + j, k, 1)
-    valid = (raw >= 0) & (raw <= 2 * k - 2)
-    index = np.clip(raw, 0, 2 * k - 2).astype(np.int32)
+    index, valid = class_index(origin + step * np.arange(count), tq, tk, k)
     flat = np.flatnonzero(valid)
     by_index = [flat[index.ravel()[flat] == u] for u in range(2 * k - 1)]
     width = max(1, max(len(p) for p in by_index))
@@ -210,15 +219,23 @@ def tile_bias(rpb, rplan: RpbPlan, scale: float = 1.0):
       pair). Not for autodiff (its transpose would be a scatter-add): `tile_bias_grad` is its
       deterministic adjoint.
     """
-    heads, rank = rpb.shape[0], len(rplan.axes)
+    return class_blocks(rpb, [(ax.index, ax.valid) for ax in rplan.axes], scale)
+
+
+def class_blocks(rpb, axes, scale: float = 1.0):
+    """`tile_bias` for any per-axis classes: ``axes[a] = (index, valid)`` of `class_index`
+    (``[n_a, Tq_a, Tk_a]``). Returns ``[H, prod n_a, prod Tq_a, prod Tk_a]`` float32, classes
+    and tile-local tokens row-major over axes; 0 where ``valid`` is False."""
+    heads, rank = rpb.shape[0], len(axes)
     x = rpb.astype(jnp.float32) * scale
-    for a, ax in enumerate(rplan.axes):  # [H, M_0, ..., M_(a-1), U_a, ...] -> [.., M_a, ..]
-        x = jnp.take(x, ax.index.ravel(), axis=1 + a)
-        keep = ax.valid.ravel().reshape([-1 if b == a else 1 for b in range(rank)])
+    for a, (index, valid) in enumerate(axes):  # [H, M_0, ..., M_(a-1), U_a, ...] -> [.., M_a, ..]
+        x = jnp.take(x, index.ravel(), axis=1 + a)
+        keep = valid.ravel().reshape([-1 if b == a else 1 for b in range(rank)])
         x = jnp.where(keep, x, 0.0)  # `where`: a non-finite entry must not reach other pairs
-    x = x.reshape(heads, *[n for ax in rplan.axes for n in (ax.count, ax.q_tile, ax.kv_tile)])
+    x = x.reshape(heads, *[n for index, _ in axes for n in index.shape])
     x = x.transpose(np.argsort(_split_axes(rank)))  # -> [H, c_*, i_*, j_*]
-    return x.reshape(heads, rplan.num_classes, rplan.q_tokens, rplan.kv_tokens)
+    shapes = np.array([index.shape for index, _ in axes])  # [rank, 3]
+    return x.reshape(heads, *(int(np.prod(shapes[:, n])) for n in range(3)))
 
 
 def tile_bias_grad(d_blocks, rplan: RpbPlan):

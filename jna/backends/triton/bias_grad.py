@@ -16,12 +16,15 @@ from run to run), and per-CTA tables of ``prod(2K - 1)`` partial sums would not 
 windows (2d-flux: 25 281 entries, 3d-hunyuan: 77 315). But every pair with the same tile offset
 ``Delta = ko - qo`` (a vector over axes) bins its tile *the same way*. Hence:
 
-1. `_kernel`, one program per (Delta, batch * dilation group, query head): it visits every tile
-   pair with that Delta (the per-axis lists of `DeltaWalk`, products over axes like every walk
-   of the plan), recomputes ``P`` (with the bias) and ``dP = dO V^T`` (two products per pair,
-   where the dQ and dK/dV kernels take three and four), and sums the pairs' ``dS`` tiles in a
-   float32 ``[TQ, TK]`` accumulator in a fixed order. Output: partials ``[nDelta, B*G, H, TQ,
-   TK]`` float32.
+1. `_kernel`, one program per (Delta, block of ``b`` batch * dilation group entries, query
+   head): it visits every tile pair with that Delta in each entry of its block (the per-axis
+   lists of `DeltaWalk`, products over axes like every walk of the plan), recomputes ``P`` (with
+   the bias) and ``dP = dO V^T`` (two products per pair, where the dQ and dK/dV kernels take
+   three and four), and sums the pairs' ``dS`` tiles in a float32 ``[TQ, TK]`` accumulator in a
+   fixed order. Output: partials ``[nDelta, B*G / b, H, TQ, TK]`` float32. ``b``
+   (`_batch_block`) is the largest power of two that keeps `MIN_PROGRAMS` programs: a program's
+   fixed costs (its bias block, the partial tile it writes and XLA reads back) are paid once per
+   ``b`` entries (H200, 2d-nat: ``b = 2``; 2d-dinat: ``b = 2``).
 2. `_bin` (XLA, fixed order, no scatter, no atomics): sums the partials over ``B*G``, then bins
    each Delta's tile once, axis by axis: the diagonal sums of ``(i_a, j_a)`` by the skew trick
    (pad each row, reshape, sum) and the placement at offset ``Delta_a`` by padding and adding.
@@ -30,7 +33,7 @@ The pairs are those the forward visits: the aligned tile pairs of the plan, or w
 walk key regions (`jna._src.plan.AxisPlan`, direct and grouped layouts only) the region chunks;
 Q tiles of padding only are skipped (their ``dO`` is zero).
 
-Memory: the partials take ``nDelta * B * G * H * TQ * TK * 4`` bytes; ``nDelta`` is the product
+Memory: the partials take ``nDelta * B * G / b * H * TQ * TK * 4`` bytes (below: ``b = 1``); ``nDelta`` is the product
 over axes of the distinct tile offsets, about ``(K_a + TQ_a + TK_a) / min(TQ_a, TK_a)`` per axis.
 At the H200's tuned tiles (bf16): 1d-long 31 MiB (62 offsets), 2d-flux 257 MiB (19 x 18),
 3d-hunyuan 1.2 GiB (15 x 10 x 11), 2d-nat 30 MiB, 2d-dinat 32 MiB (B * G = 256). To bound it,
@@ -38,7 +41,8 @@ the offsets are split along the first axis into launches of at most `PARTIALS_BU
 each (one offset of the first axis at least), each binned on its own and the binned tables
 summed in order: 3d-hunyuan runs 5 launches of 3 first-axis offsets. Time: the pass recomputes
 two of the backward's seven tile products per visited pair (about +30% of the backward's matrix
-work) plus the bias gathers.
+work) plus one bias block read per program (`fused._class_bias`; per pair a gather past the
+blocks' budget).
 """
 
 from __future__ import annotations
@@ -56,8 +60,8 @@ from jna import semantics
 from jna._src import plan as planning
 from jna.backends.tiling import Geometry, as_int32, ravel, unravel
 from jna.backends.triton.fused import (
-    _LOG2E, _Specs, _Static, _add_bias, _bias_part, _dot, _f32_products, _grid_batch, _load,
-    _masked_probs, _params, _tables,
+    _LOG2E, _Specs, _Static, _add_pair_bias, _bias_part, _dot, _f32_products,
+    _grid_batch, _load, _masked_probs, _pair_bias_operands, _params, _split_pair_bias, _tables,
 )
 
 __all__ = ["DeltaWalk", "delta_walk", "bias_gradient", "PARTIALS_BUDGET_BYTES"]
@@ -140,69 +144,146 @@ def delta_walk(plan: planning.TilePlan) -> DeltaWalk:
     return DeltaWalk(tuple(deltas), np.concatenate(parts), tuple(offsets), tuple(max_counts))
 
 
-def _walk_operand(walk: DeltaWalk):
-    """The walk's tables as a kernel operand (int32, padded to a power of two)."""
-    padded = np.zeros(pl.next_power_of_2(max(walk.tables.size, 16)), np.int32)
-    padded[: walk.tables.size] = walk.tables
+def _walk_operand(walk: DeltaWalk, st: _Static):
+    """The walk's tables as a kernel operand (int32, padded to a power of two), followed (with
+    class blocks, `_Static.bias_blocks`) by ``walk_classes``: per axis and offset id, the
+    offset's part of the flat bias class (`bias_blocks.BiasClasses.lut` at that offset)."""
+    parts = [walk.tables]
+    if st.bias_blocks:
+        classes = st.bias_classes
+        for a, deltas in enumerate(walk.deltas):
+            at = classes.lut_offsets[a] - classes.lut_lo[a] + np.asarray(deltas)
+            parts.append(classes.lut[at])
+    tables = np.concatenate(parts).astype(np.int32)
+    padded = np.zeros(pl.next_power_of_2(max(tables.size, 16)), np.int32)
+    padded[: tables.size] = tables
     return jnp.asarray(padded)
 
 
-def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, walk_ref, rpb_ref, acc_ref, *,
-            st: _Static, walk: DeltaWalk, first: int):
-    """One program: the sum of ``dS`` over the pairs at one tile offset of one (batch entry,
-    group) and query head (grid: offset, batch*group, head), written as a ``[TQ, TK]`` tile.
-    ``first``: the launch's first offset id on axis 0 (`_chunks`)."""
+# Fewest d_rpb programs a launch keeps while each program sums several batch entries: a few per
+# SM (an H200 has 132), so that the per-program costs (the bias block, the [TQ, TK] partial it
+# writes and XLA then reads) are paid once per `batch_block` entries, not per entry.
+MIN_PROGRAMS = 1024
+
+
+def _batch_block(st: _Static, lead: int, programs: int) -> int:
+    """How many consecutive entries of the operands' leading axis (``lead``: batch * groups, or
+    batch entries in the grouped layout) one program sums over: the largest power of two
+    dividing ``lead`` that keeps at least `MIN_PROGRAMS` programs (``programs`` at 1)."""
+    block = 1
+    while lead % (2 * block) == 0 and programs // (2 * block) >= MIN_PROGRAMS:
+        block *= 2
+    return block
+
+
+class _Entry:
+    """The view of a ref with a leading block of batch entries at entry ``n`` (traced): Pallas
+    Triton lowers one indexer per load, so ``n`` joins the load's own index (`fused._load`
+    indexes ``ref[index]`` and ``ref.at[index]``)."""
+
+    def __init__(self, ref, n):
+        self.ref, self.n = ref, n
+
+    @property
+    def shape(self):
+        return self.ref.shape[1:]
+
+    def __getitem__(self, index):
+        return self.ref[(self.n, *index)]
+
+    @property
+    def at(self):
+        entry = self
+
+        class _At:
+            def __getitem__(self, index):
+                return entry.ref.at[(entry.n, *index)]
+
+        return _At()
+
+
+def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, walk_ref, *refs,
+            st: _Static, walk: DeltaWalk, first: int, batch: int):
+    """One program: the sum of ``dS`` over the pairs at one tile offset of ``batch`` consecutive
+    (batch entry, group)s and one query head (grid: offset, batch*group block, head), written
+    as a ``[TQ, TK]`` tile. ``first``: the launch's first offset id on axis 0 (`_chunks`).
+    ``refs``: the bias operands (`fused._split_pair_bias`), then the output."""
+    bias, (acc_ref,) = _split_pair_bias(st, refs)
     plan, cfg, lay = st.plan, st.config, st.layout
     f32 = _f32_products(st)
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
-    geo = Geometry(plan, tab_ref, pl.program_id(1))
     ids = unravel(pl.program_id(0), [len(d) for d in walk.deltas])
     ids[0] = ids[0] + first
-    q_local = geo.local_coords(cfg.q_tile)
-    k_local = geo.local_coords(cfg.kv_tile)
+    k_local = Geometry.local_coords(cfg.kv_tile)
+    q_local = Geometry.local_coords(cfg.q_tile)
     qk_scale = st.scale * _LOG2E
+    block = None
+    if st.bias_blocks:  # every pair of the program has this offset, hence this bias block
+        at = walk.tables.size
+        flat = None
+        for a, deltas in enumerate(walk.deltas):
+            c = walk_ref[at + ids[a]]
+            flat = c if flat is None else flat + c
+            at += len(deltas)
+        block = bias[0][flat] * _LOG2E
 
-    # Per axis: this group's row of the offset's pair list.
-    rows, counts = [], []
-    for a, ax in enumerate(plan.axes):
-        n_a = len(walk.deltas[a])
-        cell = geo.g[a] * n_a + ids[a]
-        counts.append(walk_ref[walk.offsets[a][0] + cell])
-        rows.append(cell * walk.max_counts[a])
-    total = functools.reduce(lambda x, y: x * y, counts)
+    program = pl.program_id(1)  # outside the loops (interpret mode needs program ids here)
 
-    def entry(a, which, step):
-        return walk_ref[walk.offsets[a][which] + rows[a] + step]
+    def entry_sum(n, acc):
+        n = as_int32(n)
+        if lay.grouped:  # grid batch: (batch block, group); operands: [batch, ...] of the group
+            groups = plan.num_groups
+            bg = ((program // groups) * batch + n) * groups + program % groups
+        else:
+            bg = program * batch + n
+        geo = Geometry(plan, tab_ref, bg)
+        q_in, k_in, v_in, do_in, lse_in, delta_in = (
+            _Entry(r, n) for r in (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref))
+        # Per axis: this group's row of the offset's pair list.
+        rows, counts = [], []
+        for a in range(plan.rank):
+            cell = geo.g[a] * len(walk.deltas[a]) + ids[a]
+            counts.append(walk_ref[walk.offsets[a][0] + cell])
+            rows.append(cell * walk.max_counts[a])
+        total = functools.reduce(lambda x, y: x * y, counts)
 
-    def body(n, acc):
-        steps = unravel(as_int32(n), counts)
-        qt = [entry(a, 1, steps[a]) for a in range(plan.rank)]
-        ko = [entry(a, 2, steps[a]) for a in range(plan.rank)]
-        full = functools.reduce(lambda x, y: x * y, [entry(a, 3, steps[a]) for a in range(plan.rank)])
-        qo = [t * e for t, e in zip(qt, cfg.q_tile)]
-        q_tiles = lay.slices("q", qt, None if lay.direct or lay.grouped else
-                             ravel(qt, [a.num_q_tiles for a in plan.axes]))
-        if lay.direct or lay.grouped:  # keys in place at any token origin (the region walk's too)
-            k_tiles = tuple(pl.ds(o, e) for o, e in zip(ko, cfg.kv_tile))
-        else:  # permuted: aligned tiles only (the region walk never runs there)
-            kt = [o // e for o, e in zip(ko, cfg.kv_tile)]
-            k_tiles = lay.slices("kv", kt, ravel(kt, [a.num_kv_tiles for a in plan.axes]))
-        q = _load(q_ref, st, "q", qo, (*q_tiles, slice(None))).reshape(tq, st.head_dim)
-        do = _load(do_ref, st, "q", qo, (*q_tiles, slice(None))).reshape(tq, st.value_dim)
-        lse2 = _load(lse_ref, st, "q", qo, q_tiles).reshape(tq) * _LOG2E
-        delta = _load(delta_ref, st, "q", qo, q_tiles).reshape(tq)
-        k = _load(k_ref, st, "kv", ko, (*k_tiles, slice(None))).reshape(tk, st.head_dim)
-        v = _load(v_ref, st, "kv", ko, (*k_tiles, slice(None))).reshape(tk, st.value_dim)
-        x = [qo[a] + q_local[a] for a in range(plan.rank)]
-        y = [ko[a] + k_local[a] for a in range(plan.rank)]
-        s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
-        s = _add_bias(s, rpb_ref, st, _bias_part(st, x), y)
-        windows = [geo.window(a, x[a]) for a in range(plan.rank)]
-        p = _masked_probs(geo, full, windows, y, s, lse2)
-        dp = _dot(do, v, trans_b=True, f32=f32)
-        return acc + p * (dp - delta[:, None])
+        def entry(a, which, step):
+            return walk_ref[walk.offsets[a][which] + rows[a] + step]
 
-    acc_ref[...] = jax.lax.fori_loop(0, total, body, jnp.zeros((tq, tk), jnp.float32))
+        def body(i, acc):
+            steps = unravel(as_int32(i), counts)
+            qt = [entry(a, 1, steps[a]) for a in range(plan.rank)]
+            ko = [entry(a, 2, steps[a]) for a in range(plan.rank)]
+            full = functools.reduce(lambda x, y: x * y, [entry(a, 3, steps[a]) for a in range(plan.rank)])
+            qo = [t * e for t, e in zip(qt, cfg.q_tile)]
+            q_tiles = lay.slices("q", qt, None if lay.direct or lay.grouped else
+                                 ravel(qt, [a.num_q_tiles for a in plan.axes]))
+            if lay.direct or lay.grouped:  # keys in place at any token origin (the region walk's too)
+                k_tiles = tuple(pl.ds(o, e) for o, e in zip(ko, cfg.kv_tile))
+            else:  # permuted: aligned tiles only (the region walk never runs there)
+                kt = [o // e for o, e in zip(ko, cfg.kv_tile)]
+                k_tiles = lay.slices("kv", kt, ravel(kt, [a.num_kv_tiles for a in plan.axes]))
+            q = _load(q_in, st, "q", qo, (*q_tiles, slice(None))).reshape(tq, st.head_dim)
+            do = _load(do_in, st, "q", qo, (*q_tiles, slice(None))).reshape(tq, st.value_dim)
+            lse2 = _load(lse_in, st, "q", qo, q_tiles).reshape(tq) * _LOG2E
+            delta = _load(delta_in, st, "q", qo, q_tiles).reshape(tq)
+            k = _load(k_in, st, "kv", ko, (*k_tiles, slice(None))).reshape(tk, st.head_dim)
+            v = _load(v_in, st, "kv", ko, (*k_tiles, slice(None))).reshape(tk, st.value_dim)
+            x = [qo[a] + q_local[a] for a in range(plan.rank)]
+            y = [ko[a] + k_local[a] for a in range(plan.rank)]
+            s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
+            if block is not None:
+                s = s + block
+            else:
+                s = _add_pair_bias(s, bias, st, qo, ko, lambda: _bias_part(st, x), lambda: _bias_part(st, y))
+            windows = [geo.window(a, x[a]) for a in range(plan.rank)]
+            p = _masked_probs(geo, full, windows, y, s, lse2)
+            dp = _dot(do, v, trans_b=True, f32=f32)
+            return acc + p * (dp - delta[:, None])
+
+        return jax.lax.fori_loop(0, total, body, acc)
+
+    acc_ref[...] = jax.lax.fori_loop(0, batch, entry_sum, jnp.zeros((tq, tk), jnp.float32))
 
 
 def _chunks(st: _Static, walk: DeltaWalk, batch_groups: int) -> list[tuple[int, int]]:
@@ -214,44 +295,48 @@ def _chunks(st: _Static, walk: DeltaWalk, batch_groups: int) -> list[tuple[int, 
     return [(first, min(step, n0 - first)) for first in range(0, n0, step)]
 
 
-def _partials(qp, kp, vp, dop, lse, delta, rpb, st: _Static, walk: DeltaWalk, first: int, count: int):
-    """``[count * nDelta / nD_0, B*G, H, TQ, TK]`` float32: `_kernel`'s per-offset sums of dS
-    for the offsets ``first .. first + count - 1`` of axis 0 (every offset of the others)."""
+def _partials(qp, kp, vp, dop, lse, delta, bias, st: _Static, walk: DeltaWalk, first: int, count: int):
+    """``[count * nDelta / nD_0, B*G / b, H, TQ, TK]`` float32: `_kernel`'s per-offset sums of dS
+    for the offsets ``first .. first + count - 1`` of axis 0 (every offset of the others), each
+    over a block of ``b`` (batch entry, group)s (`_batch_block`)."""
     lay, plan = st.layout, st.plan
     spec = _Specs(st)
-    tables, walk_tables = _tables(st), _walk_operand(walk)
-    bg = _grid_batch(qp, st)
-
-    def whole_q(*trailing):  # every query token of the grid's query head h
-        if lay.grouped:
-            return spec._grouped("q", None, trailing, lambda h: h)
-        return pl.BlockSpec((None, *lay.token_shape("q"), None, *trailing),
-                            lambda t, b, h: (b, *lay.zeros("q"), h, *(0,) * len(trailing)))
-
+    tables, walk_tables = _tables(st), _walk_operand(walk, st)
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
     num = count * (walk.num_deltas // len(walk.deltas[0]))
+    lead = qp.shape[0]  # batch * groups, or batch entries in the grouped layout
+    batch = _batch_block(st, lead, num * _grid_batch(qp, st) * st.heads)
+    grid_batch = _grid_batch(qp, st) // batch
+
+    def whole_q(*trailing):  # every query token of the grid's query head h, `batch` entries
+        if lay.grouped:
+            return spec._grouped("q", None, trailing, lambda h: h, batch)
+        return pl.BlockSpec((batch, *lay.token_shape("q"), None, *trailing),
+                            lambda t, b, h: (b, *lay.zeros("q"), h, *(0,) * len(trailing)))
+
+    bias_specs, bias = _pair_bias_operands(st, bias, spec)
     # The kernel unravels its offset id over the full per-axis counts; with `first` added on
     # axis 0, a launch of `count` axis-0 offsets covers program ids [0, num).
     return pl.pallas_call(
-        functools.partial(_kernel, st=st, walk=walk, first=first),
-        grid=(num, bg, st.heads),
+        functools.partial(_kernel, st=st, walk=walk, first=first, batch=batch),
+        grid=(num, grid_batch, st.heads),
         in_specs=[
             whole_q(st.head_dim),
-            spec.whole("kv", None, st.head_dim),
-            spec.whole("kv", None, st.value_dim),
+            spec.whole("kv", None, st.head_dim, batch=batch),
+            spec.whole("kv", None, st.value_dim, batch=batch),
             whole_q(st.value_dim),
             whole_q(),
             whole_q(),
             spec.table(tables),
             pl.BlockSpec(walk_tables.shape, lambda t, b, h: (0,)),
-            spec.bias(),
+            *bias_specs,
         ],
         out_specs=pl.BlockSpec((None, None, None, tq, tk), lambda t, b, h: (t, b, h, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((num, bg, st.heads, tq, tk), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((num, grid_batch, st.heads, tq, tk), jnp.float32),
         compiler_params=_params(st, backward=True),
         interpret=st.interpret,
         name="jna_fused_na_drpb",
-    )(qp, kp, vp, dop, lse, delta, tables, walk_tables, rpb)
+    )(qp, kp, vp, dop, lse, delta, tables, walk_tables, *bias)
 
 
 def _diagonal_sums(x, n: int, m: int):
@@ -307,15 +392,16 @@ def _bin(partials, st: _Static, deltas):
     return x
 
 
-def bias_gradient(qp, kp, vp, dop, lse, delta, rpb, st: _Static):
+def bias_gradient(qp, kp, vp, dop, lse, delta, bias, st: _Static):
     """d_rpb in the kernel layout ``[H, bias_padded]`` float32 (zero in the padding), from the
     backward's kernel-layout operands (`fused._fused_bwd`: dO in q's dtype, ``delta = rowsum(dO
-    O) - dlse``) and the bias table ``rpb`` (`fused._bias_table`). Deterministic: fixed-order
-    sums in the kernel and fixed-shape reductions and additions in XLA (module docstring)."""
+    O) - dlse``) and the bias operands (`fused._bias_inputs` of the table). Deterministic:
+    fixed-order sums in the kernel and fixed-shape reductions and additions in XLA (module
+    docstring)."""
     walk = delta_walk(st.plan)
     table = None
     for first, count in _chunks(st, walk, _grid_batch(qp, st)):
-        partials = _partials(qp, kp, vp, dop, lse, delta, rpb, st, walk, first, count)
+        partials = _partials(qp, kp, vp, dop, lse, delta, bias, st, walk, first, count)
         part = _bin(partials, st, (walk.deltas[0][first:first + count], *walk.deltas[1:]))
         table = part if table is None else table + part
     table = table.reshape(st.heads, st.bias_size)

@@ -12,8 +12,10 @@ Data flow (docs/fused_triton.md):
 4. Backward: ``delta = rowsum(dO * O) - dlse`` in XLA; a dQ kernel over the same visit lists;
    a dK/dV kernel per KV tile over the transposed lists, summing over the query heads of a GQA
    group inside the program (deterministic, no atomics).
-5. A relative positional bias (``rpb=``) is gathered per tile pair inside every kernel
-   (`_bias`), and its gradient comes from `jna.backends.triton.bias_grad` (deterministic).
+5. A relative positional bias (``rpb=``) enters every kernel as one dense block per tile pair,
+   from per-class blocks that XLA expands once per call (`jna.backends.triton.bias_blocks`;
+   gathered per logit from the table where the blocks would be too large, `_bias`); its
+   gradient comes from `jna.backends.triton.bias_grad` (deterministic).
 
 On a machine without a GPU the same kernels run in Pallas interpret mode (slow; for tests).
 """
@@ -38,6 +40,7 @@ from jna.tuning import tables as jna_tuned
 from jna._src.arguments import NAProblem
 from jna.backends import launch, tiling
 from jna.backends.launch import LaunchClass
+from jna.backends.triton import bias_blocks
 from jna.backends.triton.common import (
     MIN_TILE_TOKENS,
     TritonBackend,
@@ -186,6 +189,16 @@ class _Static:
     def bias_padded(self) -> int:
         """The kernel-layout table's row length: `bias_size` rounded up to a power of two."""
         return pl.next_power_of_2(self.bias_size)
+
+    @property
+    def bias_classes(self) -> "bias_blocks.BiasClasses":
+        return bias_blocks.bias_classes(self.plan)
+
+    @property
+    def bias_blocks(self) -> bool:
+        """Whether the kernels read the bias as per-class blocks (`bias_blocks`) rather than
+        gathering it from the table: with a bias, where the blocks fit `BLOCKS_BUDGET_BYTES`."""
+        return self.bias and self.bias_classes.block_bytes(self.heads) <= bias_blocks.BLOCKS_BUDGET_BYTES
 
 
 def _f32_products(st: "_Static"):
@@ -366,8 +379,12 @@ def _put(ref, st: "_Static", kind: str, tile, value):
 
 
 # ----------------------------------------------------------------------------------------------
-# Relative positional bias (``rpb``): the table operand and its in-kernel gather
+# Relative positional bias (``rpb``): the table operand, its class blocks, its in-kernel gather
 # ----------------------------------------------------------------------------------------------
+#
+# The forward, dQ, dK/dV and d_rpb kernels read one dense ``[TQ, TK]`` block per tile pair from
+# per-class blocks (`jna.backends.triton.bias_blocks`, `_class_bias`); where those would exceed
+# their memory budget, and in the tangent kernel, they gather from the table as below.
 #
 # The kernels take the bias as ``[H, bias_padded]`` float32: head h's table ``rpb[h]``
 # (``[2K_1 - 1, ..., 2K_n - 1]``) flattened row-major and zero-padded to a power of two
@@ -432,6 +449,43 @@ def _split_bias(st: "_Static", refs):
     """``(rpb_ref or None, the remaining refs)``: a kernel's refs after the plan tables, which
     start with the bias table when the launch has one (`_Static.bias`)."""
     return (refs[0], refs[1:]) if st.bias else (None, refs)
+
+
+def _split_pair_bias(st: "_Static", refs):
+    """``(bias refs or None, the remaining refs)`` of a kernel that reads the bias through
+    `_add_pair_bias`: ``(blocks, lut)`` with `_Static.bias_blocks`, else ``(table,)``."""
+    if not st.bias:
+        return None, refs
+    n = 2 if st.bias_blocks else 1
+    return tuple(refs[:n]), refs[n:]
+
+
+def _class_bias(bias, st: "_Static", qo, ko, head=None):
+    """``[TQ, TK]`` float32 bias block of the tile pair whose Q and KV tiles (or chunks) start at
+    per-axis tokens ``qo`` and ``ko`` (group coordinates): its class from the per-axis lookup
+    tables, then one dense load (`bias_blocks`). ``head``: the row of a multi-head block."""
+    blocks_ref, lut_ref = bias
+    classes = st.bias_classes
+    flat = None
+    for a in range(st.plan.rank):
+        d = ko[a] - qo[a] - classes.lut_lo[a]
+        d = jnp.minimum(jnp.maximum(d, 0), classes.lut_sizes[a] - 1)  # every visited pair is inside
+        c = lut_ref[classes.lut_offsets[a] + d]
+        flat = c if flat is None else flat + c
+    return blocks_ref[flat] if head is None else blocks_ref[head, flat]
+
+
+def _add_pair_bias(s, bias, st: "_Static", qo, ko, x_part, y_part, head=None):
+    """Base-2 logits ``s`` of a tile pair plus its bias (``b * log2(e)``); ``s`` unchanged
+    without one. ``qo``/``ko``: the pair's first query and key per axis; ``x_part``/``y_part``:
+    callables giving `_bias_part` of its queries and keys (the gather, past the blocks' budget)."""
+    if bias is None:
+        return s
+    if st.bias_blocks:
+        b = _class_bias(bias, st, qo, ko, head)
+    else:
+        b = _bias(bias[0], st, x_part(), y_part(), head)
+    return s + b * _LOG2E
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,10 +558,10 @@ def _add_bias(s, rpb_ref, st: _Static, q_part, y, head=None):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, *refs, st: _Static):
-    """One program's forward (every value finite: `_forward_call`). ``refs``: the bias table
-    when the launch has one, then out and lse."""
-    rpb_ref, (o_ref, lse_ref) = _split_bias(st, refs)
-    _forward_loop(q_ref, k_ref, v_ref, rpb_ref, o_ref, lse_ref, _q_tile_program(st, tab_ref), st=st,
+    """One program's forward (every value finite: `_forward_call`). ``refs``: the bias operands
+    when the launch has one (`_split_pair_bias`), then out and lse."""
+    bias, (o_ref, lse_ref) = _split_pair_bias(st, refs)
+    _forward_loop(q_ref, k_ref, v_ref, bias, o_ref, lse_ref, _q_tile_program(st, tab_ref), st=st,
                   contain=False)
 
 
@@ -516,24 +570,26 @@ def _contained_kernel(q_ref, k_ref, v_ref, tab_ref, *refs, st: _Static):
     (aliased: ``o_in``/``lse_in`` are ``o_ref``/``lse_ref``), only where ``v`` holds a
     non-finite value: the all-finite flag is stored after the plan tables, and when it is set
     every program returns at once (`_forward_call`). ``refs``: [bias,] o_in, lse_in, o, lse."""
-    rpb_ref, (o_in, lse_in, o_ref, lse_ref) = _split_bias(st, refs)
+    bias, (o_in, lse_in, o_ref, lse_ref) = _split_pair_bias(st, refs)
     del o_in, lse_in
     program = _q_tile_program(st, tab_ref)  # outside the branch (interpret mode needs program ids here)
 
     @pl.when(tab_ref[len(st.plan.tables)] == 0)
     def _():
-        _forward_loop(q_ref, k_ref, v_ref, rpb_ref, o_ref, lse_ref, program, st=st, contain=True)
+        _forward_loop(q_ref, k_ref, v_ref, bias, o_ref, lse_ref, program, st=st, contain=True)
 
 
-def _forward_loop(q_ref, k_ref, v_ref, rpb_ref, o_ref, lse_ref, program, *, st: _Static, contain: bool):
+def _forward_loop(q_ref, k_ref, v_ref, bias, o_ref, lse_ref, program, *, st: _Static, contain: bool):
     """The online-softmax loop of one Q tile; ``contain``: the variant that keeps non-finite
-    values inside the windows that hold them; ``rpb_ref``: the head's bias row, or None."""
+    values inside the windows that hold them; ``bias``: the bias refs (`_split_pair_bias`), or
+    None."""
     plan = st.plan
     f32 = _f32_products(st)
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
     geo, qt, k_local, windows, walk = program
     qk_scale = st.scale * _LOG2E
-    q_part = None if rpb_ref is None else _q_bias_part(st, geo, qt)
+    qo = [qt[a] * st.config.q_tile[a] for a in range(plan.rank)]
+    q_part = None if bias is None or st.bias_blocks else _q_bias_part(st, geo, qt)
 
     q = _own(q_ref, st, "q", qt).reshape(tq, st.head_dim)
 
@@ -544,7 +600,7 @@ def _forward_loop(q_ref, k_ref, v_ref, rpb_ref, o_ref, lse_ref, program, *, st: 
         load_v = lambda: _load(v_ref, st, "kv", ko, (*tile, slice(None))).reshape(tk, st.value_dim)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         y = [ko[a] + k_local[a] for a in range(plan.rank)]
-        s = _add_bias(s, rpb_ref, st, q_part, y)
+        s = _add_pair_bias(s, bias, st, qo, ko, lambda: q_part, lambda: _bias_part(st, y))
 
         full = full > 0
         if contain:
@@ -608,13 +664,14 @@ def _masked_probs(geo: Geometry, full, windows, y, s, lse2):
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, *refs, st: _Static):
-    rpb_ref, (dq_ref,) = _split_bias(st, refs)
+    bias, (dq_ref,) = _split_pair_bias(st, refs)
     plan = st.plan
     f32 = _f32_products(st)
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
     geo, qt, k_local, windows, walk = _q_tile_program(st, tab_ref)
     qk_scale = st.scale * _LOG2E
-    q_part = None if rpb_ref is None else _q_bias_part(st, geo, qt)
+    qo = [qt[a] * st.config.q_tile[a] for a in range(plan.rank)]
+    q_part = None if bias is None or st.bias_blocks else _q_bias_part(st, geo, qt)
 
     q = _own(q_ref, st, "q", qt).reshape(tq, st.head_dim)
     do = _own(do_ref, st, "q", qt).reshape(tq, st.value_dim)
@@ -627,7 +684,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, *refs, 
         v = _load(v_ref, st, "kv", ko, (*tile, slice(None))).reshape(tk, st.value_dim)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         y = [ko[a] + k_local[a] for a in range(plan.rank)]
-        s = _add_bias(s, rpb_ref, st, q_part, y)
+        s = _add_pair_bias(s, bias, st, qo, ko, lambda: q_part, lambda: _bias_part(st, y))
         p = _masked_probs(geo, full, windows, y, s, lse2)
         dp = _dot(do, v, trans_b=True, f32=f32)
         ds = p * (dp - delta[:, None])
@@ -638,7 +695,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, *refs, 
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, *refs, st: _Static):
-    rpb_ref, (dk_ref, dv_ref) = _split_bias(st, refs)  # rpb_ref: the G query heads' rows
+    bias, (dk_ref, dv_ref) = _split_pair_bias(st, refs)  # bias: the G query heads' rows
     cfg, plan = st.config, st.plan
     f32 = _f32_products(st)
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
@@ -649,7 +706,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, *refs,
     y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
     walk = _Walk(st, geo, kt, "q")
     qk_scale = st.scale * _LOG2E
-    k_part = None if rpb_ref is None else _bias_part(st, y)
+    ko = [kt[a] * cfg.kv_tile[a] for a in range(plan.rank)]
+    k_part = None if bias is None or st.bias_blocks else _bias_part(st, y)
 
     k = _own(k_ref, st, "kv", kt).reshape(tk, st.head_dim)
     v = _own(v_ref, st, "kv", kt).reshape(tk, st.value_dim)
@@ -663,9 +721,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, *refs,
         delta = _load(delta_ref, st, "q", qo, (*tile, head)).reshape(tq)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         windows = [geo.window(a, qo[a] + q_local[a]) for a in range(plan.rank)]
-        if rpb_ref is not None:  # (after the windows: without a bias the kernel lowers as before)
+        if bias is not None:  # (after the windows: without a bias the kernel lowers as before)
             x = [qo[a] + q_local[a] for a in range(plan.rank)]
-            s = s + _bias(rpb_ref, st, _bias_part(st, x), k_part, head) * _LOG2E
+            s = _add_pair_bias(s, bias, st, qo, ko, lambda: _bias_part(st, x), lambda: k_part, head)
         p = _masked_probs(geo, full, windows, y, s, lse2)
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, f32=f32)
         dp = _dot(do, v, trans_b=True, f32=f32)
@@ -715,10 +773,12 @@ class _Specs:
     def __init__(self, st: _Static):
         self.st, self.lay, self.group = st, st.layout, st.group
 
-    def _grouped(self, kind, head_block, trailing, head_of):
+    def _grouped(self, kind, head_block, trailing, head_of, batch=None):
         """The grouped layout's spec of every operand: the whole dilation group of one batch
         entry and head(s), ``[B, Lg_1, d_1, ..., H, ...]`` -> ``[Lg_1, ..., (heads), ...]``
-        (the kernels index their tiles themselves: `_own`, `_load`, `_put`)."""
+        (the kernels index their tiles themselves: `_own`, `_load`, `_put`); ``batch``: that
+        many consecutive batch entries (a leading block axis), grid batch ``bg`` -> entries
+        ``(bg // G) * batch ...`` of group ``bg % G``."""
         plan = self.lay.plan
         block = tuple(x for n in self.lay.group_lengths(kind) for x in (n, None))
         radices = [a.dilation for a in plan.axes]
@@ -728,7 +788,7 @@ class _Specs:
             return (bg // plan.num_groups, *(i for ga in g for i in (0, ga)), head_of(h),
                     *(0,) * len(trailing))
 
-        return pl.BlockSpec((None, *block, head_block, *trailing), index)
+        return pl.BlockSpec((batch, *block, head_block, *trailing), index)
 
     def tile(self, kind, *trailing, head="h"):
         """One tile of a ``[BG, *tokens, H, ...]`` operand (head squeezed unless ``head=None``)."""
@@ -742,18 +802,20 @@ class _Specs:
 
         return pl.BlockSpec((None, *lay.block(kind), *heads, *trailing), index)
 
-    def whole(self, kind, heads, *trailing):
-        """All tokens of an operand; ``heads`` None (squeezed: kv head ``h // G``) or a count."""
+    def whole(self, kind, heads, *trailing, batch=None):
+        """All tokens of an operand; ``heads`` None (squeezed: kv head ``h // G``) or a count;
+        ``batch``: None (one grid batch entry, squeezed) or a count of consecutive entries
+        (`_grouped` for the grouped layout)."""
         lay, group = self.lay, self.group
         if lay.grouped:
-            return self._grouped(kind, heads, trailing, lambda h: h // group if heads is None else h)
+            return self._grouped(kind, heads, trailing, lambda h: h // group if heads is None else h, batch)
         head_block = (None,) if heads is None else (heads,)
 
         def index(t, b, h):
             head = h // group if heads is None else h
             return (b, *lay.zeros(kind), head, *(0,) * len(trailing))
 
-        return pl.BlockSpec((None, *lay.token_shape(kind), *head_block, *trailing), index)
+        return pl.BlockSpec((batch, *lay.token_shape(kind), *head_block, *trailing), index)
 
     @staticmethod
     def table(tables):
@@ -783,18 +845,46 @@ def _forward_call(qp, kp, vp, st: _Static, rpb=None):
     return at once. ``rpb``: the bias table (`_bias_table`) when ``st.bias``; a non-finite bias
     needs no containing (it enters only the logits of the pairs that use it, and masked logits
     are replaced, not multiplied)."""
-    out, lse = _forward_launch(qp, kp, vp, st, rpb=rpb)
-    return _forward_launch(qp, kp, vp, st, finite.all_finite(vp), (out, lse), rpb=rpb)
+    bias = _bias_inputs(rpb, st)
+    out, lse = _forward_launch(qp, kp, vp, st, bias=bias)
+    return _forward_launch(qp, kp, vp, st, finite.all_finite(vp), (out, lse), bias=bias)
 
 
 def _bias_operands(st: _Static, rpb, spec: "_Specs", rows=None):
-    """``(in_specs, operands)`` of the bias table: empty without one (`_Static.bias`)."""
+    """``(in_specs, operands)`` of the bias table: empty without one (`_Static.bias`); for the
+    kernels that gather from it (the tangent's)."""
     if st.bias != (rpb is not None):
         raise ValueError(f"launch planned with bias={st.bias} but given rpb={rpb is not None}")
     return ([spec.bias(rows)], [rpb]) if st.bias else ([], [])
 
 
-def _forward_launch(qp, kp, vp, st: _Static, finite_v=None, fast_outputs=None, rpb=None):
+def _bias_inputs(table, st: _Static) -> tuple:
+    """The operands `_add_pair_bias` reads, from the kernel-layout table (`_bias_table`):
+    ``(blocks [H, C, TQ, TK] float32, lut)`` with `_Static.bias_blocks`, else ``(table,)``;
+    ``()`` without a bias. Build once per call and hand to every launch."""
+    if st.bias != (table is not None):
+        raise ValueError(f"launch planned with bias={st.bias} but given rpb={table is not None}")
+    if table is None:
+        return ()
+    if not st.bias_blocks:
+        return (table,)
+    classes = st.bias_classes
+    return (bias_blocks.blocks(table, classes, [a.kernel_size for a in st.plan.axes]),
+            bias_blocks.lut_operand(classes))
+
+
+def _pair_bias_operands(st: _Static, bias: tuple, spec: "_Specs", rows=None):
+    """``(in_specs, operands)`` of `_bias_inputs`' operands (``rows``: as `_Specs.bias`)."""
+    if not bias:
+        return [], []
+    if not st.bias_blocks:
+        return [spec.bias(rows)], list(bias)
+    blocks, lut = bias
+    block_spec = pl.BlockSpec((rows, *blocks.shape[1:]), lambda t, b, h: (h, 0, 0, 0))
+    return [block_spec, pl.BlockSpec(lut.shape, lambda t, b, h: (0,))], list(bias)
+
+
+def _forward_launch(qp, kp, vp, st: _Static, finite_v=None, fast_outputs=None, bias=()):
     """The fast forward kernel; with ``finite_v`` and ``fast_outputs``, the containing one."""
     plan, lay = st.plan, st.layout
     bg = _grid_batch(qp, st)
@@ -804,7 +894,7 @@ def _forward_launch(qp, kp, vp, st: _Static, finite_v=None, fast_outputs=None, r
     contained = fast_outputs is not None
     kernel = _contained_kernel if contained else _forward_kernel
     outs = [spec.tile("q", st.value_dim), spec.tile("q")]
-    bias_specs, bias = _bias_operands(st, rpb, spec)
+    bias_specs, bias = _pair_bias_operands(st, bias, spec)
     first_out = 4 + len(bias)  # operand index of the aliased fast outputs
     return pl.pallas_call(
         functools.partial(kernel, st=st),
@@ -829,10 +919,10 @@ def _forward_launch(qp, kp, vp, st: _Static, finite_v=None, fast_outputs=None, r
     )(qp, kp, vp, tables, *bias, *(fast_outputs or ()))
 
 
-def _dq_call(qp, kp, vp, dop, lse, delta, st: _Static, rpb=None):
+def _dq_call(qp, kp, vp, dop, lse, delta, st: _Static, bias=()):
     tables = _tables(st)
     spec = _Specs(st)
-    bias_specs, bias = _bias_operands(st, rpb, spec)
+    bias_specs, bias = _pair_bias_operands(st, bias, spec)
     return pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
         grid=(st.plan.num_q_tiles, _grid_batch(qp, st), st.heads),
@@ -854,11 +944,11 @@ def _dq_call(qp, kp, vp, dop, lse, delta, st: _Static, rpb=None):
     )(qp, kp, vp, dop, lse, delta, tables, *bias)
 
 
-def _dkv_call(qp, kp, vp, dop, lse, delta, st: _Static, rpb=None):
+def _dkv_call(qp, kp, vp, dop, lse, delta, st: _Static, bias=()):
     tables = _tables(st)
     spec = _Specs(st)
     group = st.group
-    bias_specs, bias = _bias_operands(st, rpb, spec, rows=group)
+    bias_specs, bias = _pair_bias_operands(st, bias, spec, rows=group)
 
     def whole_q(*trailing):  # all query tokens of the G query heads of kv head h
         lay = st.layout
@@ -921,13 +1011,14 @@ def _fused_bwd(st, residuals, cotangents):
     # d lse_i / d s_ij = P_ij, so an lse cotangent enters as a shift of delta.
     delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1) - dlse
     dout = dout.astype(qp.dtype)
-    dq = _dq_call(qp, kp, vp, dout, lse, delta, st, rpb)
-    dk, dv = _dkv_call(qp, kp, vp, dout, lse, delta, st, rpb)
+    bias = _bias_inputs(rpb, st)
+    dq = _dq_call(qp, kp, vp, dout, lse, delta, st, bias)
+    dk, dv = _dkv_call(qp, kp, vp, dout, lse, delta, st, bias)
     if rpb is None:
         return dq, dk, dv
     from jna.backends.triton import bias_grad
 
-    return dq, dk, dv, bias_grad.bias_gradient(qp, kp, vp, dout, lse, delta, rpb, st)
+    return dq, dk, dv, bias_grad.bias_gradient(qp, kp, vp, dout, lse, delta, bias, st)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
