@@ -10,7 +10,8 @@ memory (XLA's compiled memory analysis: temporaries + outputs, for each of the t
 
 * ``fused-triton`` without and with rpb; ``fused-triton+rpb-gather``: with rpb gathered per
   logit from the table (the class blocks' budget set to 0: what the kernels do past it, and
-  what they all did before `jna.backends.triton.bias_blocks`);
+  what they all did before `jna.backends.triton.bias_blocks`); ``fused-triton+rpb-blocks``: with
+  the class blocks whatever their size (the budget lifted);
 * ``fused-mosaic`` without and with rpb, if its class declares ``supports_rpb`` (otherwise the
   row says it is skipped and why) and it runs on this device;
 * ``unfused`` with rpb (QK + bias, softmax, AV: the attention weights materialized), skipped
@@ -47,10 +48,12 @@ VARIANTS = (
     ("fused-triton", "fused-triton", False),
     ("fused-triton+rpb", "fused-triton", True),
     ("fused-triton+rpb-gather", "fused-triton", True),
+    ("fused-triton+rpb-blocks", "fused-triton", True),
     ("fused-mosaic", "fused-mosaic", False),
     ("fused-mosaic+rpb", "fused-mosaic", True),
     ("unfused+rpb", "unfused", True),
 )
+DIAGNOSTIC = ("fused-triton+rpb-gather", "fused-triton+rpb-blocks")  # only when named in --variants
 BASELINE = "fused-triton+rpb"  # what the other rpb variants' results are compared against
 
 
@@ -122,7 +125,7 @@ def run_problem(problem, repeats: int, memory_limit: int | None, variants=None) 
     rpb = 0.5 * jax.random.normal(jax.random.key(7), rpb_shape, jnp.float32)
     rows, results = [], {}
     for variant, backend, with_rpb in VARIANTS:
-        if variants and variant not in variants:
+        if variant not in (variants or [v for v, _, _ in VARIANTS if v not in DIAGNOSTIC]):
             continue
         row = dict(problem=problem.name, variant=variant, backend=backend, rpb=with_rpb)
         rows.append(row)
@@ -134,6 +137,8 @@ def run_problem(problem, repeats: int, memory_limit: int | None, variants=None) 
         budget = bias_blocks.BLOCKS_BUDGET_BYTES
         if variant.endswith("-gather"):
             bias_blocks.BLOCKS_BUDGET_BYTES = 0  # read when the calls are traced (below)
+        elif variant.endswith("-blocks"):
+            bias_blocks.BLOCKS_BUDGET_BYTES = 2**62
         try:
             _time_variant(problem, backend, with_rpb, variant, row, results, (q, k, v, rpb, dout),
                           repeats, memory_limit)
@@ -232,7 +237,8 @@ def main(argv=None) -> int:
     parser.add_argument("--names", default=DEFAULT_NAMES, help="comma-separated problem names")
     parser.add_argument("--repeats", type=int, default=20, help="timed samples per median")
     parser.add_argument("--variants", default=None,
-                        help=f"comma-separated subset of {','.join(v for v, _, _ in VARIANTS)} (default: all)")
+                        help=f"comma-separated subset of {','.join(v for v, _, _ in VARIANTS)} (default: all but "
+                             f"{', '.join(DIAGNOSTIC)})")
     parser.add_argument("--out", default=None, help="directory for rpb_bench.{json,md}")
     args = parser.parse_args(argv)
     variants = None if args.variants is None else args.variants.split(",")

@@ -18,9 +18,9 @@ A kernel finds its class through a per-axis lookup table indexed by ``delta - lo
 (`BiasClasses.lut`: the class id times its row-major stride, so the flat class is the sum over
 axes). The region walk's offsets are not on a grid, hence a table rather than arithmetic.
 
-Cost: ``H * C * TQ * TK * 4`` bytes (`BiasClasses.block_bytes`); past `BLOCKS_BUDGET_BYTES` the
-kernels gather from the table instead (`jna.backends.triton.fused._bias`), slower but with no
-memory beyond the table.
+Cost: ``H * C * TQ * TK * 4`` bytes (`BiasClasses.block_bytes`: 2d-nat 7 MiB, 2d-flux 257 MiB,
+3d-hunyuan 1.2 GiB at their H200 tiles); past `BLOCKS_BUDGET_BYTES` the kernels gather from the
+table instead (`jna.backends.triton.fused._bias`), slower but with no memory beyond the table.
 """
 
 from __future__ import annotations
@@ -38,9 +38,12 @@ from jna._src import rpb_tiles
 
 __all__ = ["BLOCKS_BUDGET_BYTES", "BiasClasses", "bias_classes", "blocks", "lut_operand"]
 
-# Most bytes of class blocks one call may materialize before the kernels gather instead: 512 MiB
-# (2d-flux at its default tiles takes 257 MiB; 3d-hunyuan would take 1.2 GiB and gathers).
-BLOCKS_BUDGET_BYTES = 2**29
+# Most bytes of class blocks one call may materialize before the kernels gather instead: 2 GiB.
+# H200, bf16 (benchmarks/results/h200_rpb_blocks_2026-12-02): 2d-flux's 257 MiB of blocks took
+# its forward from 90.4 to 31.7 ms; 3d-hunyuan's 1.2 GiB from 427 to 222 ms (fwd+bwd 1370 ->
+# 906 ms), its peak from 2.8 to 4.0 GiB. Lower it (a module variable, read when a call is
+# traced) where memory is tighter than time.
+BLOCKS_BUDGET_BYTES = 2**31
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
