@@ -240,7 +240,9 @@ def test_d_rpb_in_chunks_equals_one_launch(monkeypatch):
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["permuted", "permuted-dilated-1d", "grouped-ragged", "direct-region"])
+@pytest.mark.parametrize("name", ["permuted-dilated-1d", "grouped-ragged",  # both batch mappings, fast tier
+                                  pytest.param("permuted", marks=pytest.mark.slow),
+                                  pytest.param("direct-region", marks=pytest.mark.slow)])
 def test_d_rpb_with_batch_blocks(name, monkeypatch):
     """With every program summing a block of batch entries (`bias_grad.MIN_PROGRAMS` at 1: the
     blocks GPUs get on large grids), d_rpb equals the oracle's, and the one-entry programs' result
