@@ -358,3 +358,36 @@ def test_modules(dtype, rel_pos_bias):
     if dtype != jnp.float32:
         want = jna.NeighborhoodAttention2D(**kwargs).apply(variables, x32)
         assert_rel_l2(y, f64(want), RTOL, f"module {jnp.dtype(dtype).name} vs float32", kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# fused-triton's in-place layouts (the public-API case above takes the permuted one)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["grouped-region", pytest.param("grouped-ragged", marks=pytest.mark.slow),
+                                  pytest.param("direct-region", marks=pytest.mark.slow)])
+def test_fused_triton_in_place_layouts(name):
+    """The grouped layout (ragged groups, masked stores) and the key-region walk with a relative
+    positional bias, float32, with x64 on: out, lse and the gradients of q, k, v and rpb against
+    the float64 oracle (the grouped layout's stores mixed int32 tile starts with int64 Python
+    starts there, and failed to trace)."""
+    from jna.backends.triton import fused as fused_triton
+    from jna_tests import test_rpb_fused as rpb_cases
+
+    cfg, config, layout = rpb_cases.LAYOUTS[name]
+    inp = make_inputs(cfg, jnp.float32, seed=13)
+    rpb = rpb_cases._rpb(cfg, 13)
+    problem = rpb_cases._problem(cfg, inp, rpb)
+    f = lambda q, k, v, b: fused_triton.attention(q, k, v, problem, config, rpb=b)
+    (out, lse), vjp = jax.vjp(f, inp.q, inp.k, inp.v, rpb)
+    assert out.dtype == jnp.float32 and lse.dtype == jnp.float32
+    q64, k64, v64 = (f64(x) for x in (inp.q, inp.k, inp.v))
+    window = rpb_cases._window(cfg, rpb)
+    want_out, want_lse = oracle.na(q64, k64, v64, **window)
+    want = oracle.na_bwd(q64, k64, v64, f64(inp.dout), f64(inp.dlse), **window)
+    assert_abs(out, want_out, 1e-4, "out", name)
+    assert_abs(lse, want_lse, 1e-4, "lse", name)
+    for got, w, what in zip(vjp((inp.dout, inp.dlse)), (*want[:3], want[5]), ("dq", "dk", "dv", "d_rpb")):
+        assert got.dtype == jnp.float32, what
+        assert_abs(got, w, 1e-3, what, name)

@@ -361,6 +361,16 @@ def _own(ref, st: "_Static", kind: str, tile):
     return _load(ref, st, kind, _origins(st, kind, tile), index)
 
 
+def _whole_axes(shape) -> tuple:
+    """Index entries selecting whole axes of these extents for a store next to the tiles' traced
+    int32 starts: ``slice(None)``, or with ``jax_enable_x64`` on ``pl.ds(int32 0, n)`` (a Python
+    0 start becomes int64 there, and interpret mode's discharged store, a `dynamic_slice`,
+    rejects int32 and int64 starts together). Without x64 the kernels lower as before."""
+    if not jax.config.jax_enable_x64:
+        return (slice(None),) * len(shape)
+    return tuple(pl.ds(jnp.int32(0), n) for n in shape)
+
+
 def _put(ref, st: "_Static", kind: str, tile, value):
     """Stores this program's own tile ``value`` (``[tile_tokens, ...]``): the block ref, or in
     the grouped layout the rows of tile ``tile`` inside the group."""
@@ -369,7 +379,7 @@ def _put(ref, st: "_Static", kind: str, tile, value):
         ref[...] = value.reshape(ref.shape)
         return
     trailing = len(ref.shape) - lay.plan.rank
-    index = (*lay.slices(kind, tile, None), *(slice(None),) * trailing)
+    index = (*lay.slices(kind, tile, None), *_whole_axes(ref.shape[lay.plan.rank:]))
     value = value.reshape(*lay.block(kind), *ref.shape[lay.plan.rank:])
     mask = lay.in_group(kind, _origins(st, kind, tile), trailing)
     if mask is None:
