@@ -12,6 +12,8 @@ tangents that are arguments too (output and tangent).
 from __future__ import annotations
 
 import functools
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -135,3 +137,12 @@ def tiles_used(problem, backend: str, dtype=jnp.bfloat16) -> str:
 def tflops(problem, mode: str, ms: float) -> float:
     factor = {"fwd": 1.0, "fwd_bwd": FWD_BWD_FLOP_FACTOR, "jvp": JVP_FLOP_FACTOR}[mode]
     return problem.forward_flops * factor / (ms * 1e-3) / 1e12
+
+
+def write_results(out_dir, stem: str, rows: list, markdown: str) -> None:
+    """``<out_dir>/<stem>.json`` (device kind, jax version, rows) and ``<stem>.md`` (the table)."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows)
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    (out / f"{stem}.md").write_text(markdown)

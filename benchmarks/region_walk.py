@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks import harness
 from jna.backends import tiling
 from jna.backends.triton import fused as ft
 from jna.tuning import problem_sets
@@ -112,10 +111,7 @@ def main(argv=None) -> int:
     text = markdown(rows, device)
     print(text)
     if args.out:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "region_walk.json").write_text(json.dumps(dict(device=device, jax=jax.__version__, rows=rows), indent=1))
-        (out / "region_walk.md").write_text(text)
+        harness.write_results(args.out, "region_walk", rows, text)
     return 0
 
 

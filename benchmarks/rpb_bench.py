@@ -26,8 +26,6 @@ interpret mode (a smoke test: ``--names tiny-2d-k3 --repeats 1``).
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 import time
 import traceback
 
@@ -35,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import harness
 import jna
 from jna import backends
 from jna.backends.triton import bias_blocks
@@ -261,11 +260,7 @@ def main(argv=None) -> int:
     text = markdown(rows, device)
     print(text)
     if args.out:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "rpb_bench.json").write_text(json.dumps(dict(device=device, jax=jax.__version__, rows=rows),
-                                                       indent=1))
-        (out / "rpb_bench.md").write_text(text)
+        harness.write_results(args.out, "rpb_bench", rows, text)
     return 0
 
 

@@ -273,6 +273,26 @@ def run_case(name: str) -> dict:
     return result
 
 
+def run_in_subprocess(names, timeout: int = 600):
+    """``(rows by name, the CompletedProcess)``: the cases ``names`` run by ``python -m
+    jna_tests.sharding_cases`` in a fresh CPU process (8 virtual devices; the tests' own process
+    has already fixed its device count), one JSON row per case parsed from its stdout."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "jna_tests.sharding_cases", *names], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=root)
+    rows = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            rows[row["name"]] = row
+    return rows, proc
+
+
 def main(names):
     for name in names:
         try:

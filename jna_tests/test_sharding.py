@@ -24,7 +24,7 @@ import jna
 from jna import semantics
 from jna import sharding as js
 from jna_tests import oracle
-from jna_tests.sharding_cases import CASES
+from jna_tests.sharding_cases import CASES, run_in_subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5  # max abs error relative to max(1, max |unsharded|): float32 rounding
@@ -41,20 +41,6 @@ GROUPS = {
                           and n not in ("fused-triton-batch-head", "fused-triton-offset-1d")],
 }
 assert sorted(sum(GROUPS.values(), [])) == sorted(CASES), "every case belongs to one group"
-
-
-def _run_group(names):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-m", "jna_tests.sharding_cases", *names], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    rows = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            row = json.loads(line)
-            rows[row["name"]] = row
-    return rows, proc
 
 
 def _check(name, row) -> list[str]:
@@ -99,7 +85,7 @@ def _check(name, row) -> list[str]:
 @pytest.mark.parametrize("group", [  # 1-D and 3-D in the full tier: 2-D covers the routes
     pytest.param(g, marks=pytest.mark.slow if g in ("1d", "3d", "fused-triton-more") else ()) for g in GROUPS])
 def test_sharded_matches_unsharded(group):
-    rows, proc = _run_group(GROUPS[group])
+    rows, proc = run_in_subprocess(GROUPS[group])
     failures = []
     for name in GROUPS[group]:
         if name not in rows:

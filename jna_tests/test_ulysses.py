@@ -25,7 +25,7 @@ from jax.sharding import AbstractMesh
 
 from jna import semantics
 from jna import sharding as js
-from jna_tests.sharding_cases import ULYSSES_CASES
+from jna_tests.sharding_cases import ULYSSES_CASES, run_in_subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5  # max abs error relative to max(1, max |unsharded|): float32 rounding
@@ -40,22 +40,6 @@ GROUPS = {
     "fused-triton": [n for n in ULYSSES_CASES if n.startswith("ulysses-fused-triton")],
 }
 assert sorted(sum(GROUPS.values(), [])) == sorted(ULYSSES_CASES), "every case belongs to one group"
-
-
-def _run_group(names):
-    import json
-
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-m", "jna_tests.sharding_cases", *names], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    rows = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            row = json.loads(line)
-            rows[row["name"]] = row
-    return rows, proc
 
 
 def _dims(shape: str) -> list[int]:
@@ -105,7 +89,7 @@ def _check(name, row) -> list[str]:
 @pytest.mark.parametrize("group", [
     pytest.param(g, marks=() if g == "fast" else pytest.mark.slow) for g in GROUPS])
 def test_ulysses_matches_unsharded(group):
-    rows, proc = _run_group(GROUPS[group])
+    rows, proc = run_in_subprocess(GROUPS[group])
     failures = []
     for name in GROUPS[group]:
         if name not in rows:
