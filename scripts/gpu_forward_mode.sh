@@ -5,10 +5,7 @@
 #   scripts/gpu_forward_mode.sh OUT_DIR [backends] [problem names]
 set -uo pipefail
 out=${1:?OUT_DIR}; backends=${2:-auto}; names=${3:-}
-mkdir -p "$out"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
-python -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$out/device.txt"
+source "$(dirname "$0")/gpu_preamble.sh"
 timeout 240 python -m pytest -q -p no:cacheprovider -n 4 jna_tests/test_forward_mode.py -k "not simulator" \
   > "$out/forward_mode_tests.log" 2>&1
 echo "forward-mode tests rc $?: $(tail -1 "$out/forward_mode_tests.log")"

@@ -6,10 +6,7 @@
 #   scripts/gpu_fused_backward.sh OUT_DIR [pytest workers]
 set -uo pipefail
 out=${1:?OUT_DIR}; workers=${2:-8}
-mkdir -p "$out"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
-python -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$out/device.txt"
+source "$(dirname "$0")/gpu_preamble.sh"
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" | tee -a "$out/device.txt"
 if ! timeout 180 python -m benchmarks variants --problems 2d-flux-gna --budget-s 1 > "$out/smoke.log" 2>&1; then
   echo "smoke run failed or timed out"; tail -40 "$out/smoke.log"; exit 1

@@ -9,10 +9,7 @@
 # the tests took ~40 s, shard_compute ~165 s, bench_sharding ~190 s (mostly Triton compiles).
 set -uo pipefail
 out=${1:?OUT_DIR}
-mkdir -p "$out"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
-python -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$out/device.txt"
+source "$(dirname "$0")/gpu_preamble.sh"
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" | tee -a "$out/device.txt"
 
 timeout 90 python -m pytest -q -p no:cacheprovider -n 4 jna_tests/test_query_offsets.py \

@@ -5,10 +5,7 @@
 #   scripts/gpu_region_walk.sh OUT_DIR
 set -uo pipefail
 out=${1:?OUT_DIR}
-mkdir -p "$out"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
-python -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$out/device.txt"
+source "$(dirname "$0")/gpu_preamble.sh"
 git rev-parse --short HEAD 2>/dev/null | tee -a "$out/device.txt"
 JNA_TEST_BACKENDS=fused-triton timeout 230 python -m pytest -q -p no:cacheprovider -n 8 \
   jna_tests/test_key_region.py jna_tests/test_grouped_layout.py jna_tests/test_backend_fused_triton.py \

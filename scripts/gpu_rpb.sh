@@ -12,10 +12,7 @@
 # MODELS (space-separated variant names of step 3, default all four), REGION=0 skips step 4.
 set -uo pipefail
 out=${1:?OUT_DIR}
-mkdir -p "$out"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
-python -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$out/device.txt"
+source "$(dirname "$0")/gpu_preamble.sh"
 default_tests="jna_tests/test_rpb*.py jna_tests/test_key_region.py jna_tests/test_grouped_layout.py \
   jna_tests/test_backend_fused_triton.py jna_tests/test_gpu.py jna_tests/test_forward_mode.py"
 timeout ${TEST_TIMEOUT:-240} python -m pytest -q -p no:cacheprovider -n 8 ${TESTS:-$default_tests} \
