@@ -455,12 +455,6 @@ def _bias(rpb_ref, st: "_Static", q_part, k_part, head=None):
     return rpb_ref[idx] if head is None else rpb_ref[head, idx]
 
 
-def _split_bias(st: "_Static", refs):
-    """``(rpb_ref or None, the remaining refs)``: a kernel's refs after the plan tables, which
-    start with the bias table when the launch has one (`_Static.bias`)."""
-    return (refs[0], refs[1:]) if st.bias else (None, refs)
-
-
 def _split_pair_bias(st: "_Static", refs):
     """``(bias refs or None, the remaining refs)`` of a kernel that reads the bias through
     `_add_pair_bias`: ``(blocks, lut)`` with `_Static.bias_blocks`, else ``(table,)``."""
