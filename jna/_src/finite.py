@@ -3,10 +3,10 @@
 A fused kernel sums ``P V`` over whole K/V tiles, so ``0 * v`` of a masked non-finite value
 would leak into queries that never see it; the backends therefore trust their fast kernel only
 when every value is finite and otherwise take a kernel that contains non-finite values. The check
-is one read of ``v``. fused-triton passes the flag to its containing kernel, which runs after the
-fast one over its (aliased) outputs and returns at once when the flag is set: no host round trip.
-fused-mosaic and unfused choose with `lax.cond`, whose predicate XLA copies to the host (10-20 us
-on a small call: issue 16's profile). With a relative positional bias, fused-mosaic's containing
+is one read of ``v``; fused-mosaic and unfused choose with `lax.cond`, whose predicate XLA copies
+to the host (10-20 us on a small call: issue 16's profile). fused-triton needs no check: a leak
+leaves its fast output tile non-finite, and its containing launch reruns exactly those programs
+(`jna.backends.triton.fused._forward_call`). With a relative positional bias, fused-mosaic's containing
 branch is fused-triton if it declares ``supports_rpb``, else the reference backend; a non-finite
 bias needs no check (the kernels add the bias before the mask, so it reaches only its own pairs).
 

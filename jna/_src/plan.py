@@ -339,6 +339,24 @@ class TilePlan:
         """Useful (query, key) pairs over pairs computed in visited tiles (forward pass)."""
         return math.prod(a.useful_pairs / a.computed_pairs for a in self.axes)
 
+    def full_fraction(self, walk: str) -> float:
+        """The fraction of the tile pairs a kernel's walk visits that need no mask: ``"kv"``, the
+        Q tiles' walks over their keys (forward, dQ), ``"q"``, the KV tiles' walks over their
+        queries (dK/dV); over every group and tile. A pair is full when it is full on every
+        axis, so the per-axis fractions multiply."""
+        fraction = 1.0
+        for a in self.axes:
+            if a.region:
+                full, steps = (a.region_full, a.kv_steps) if walk == "kv" else (a.region_q_full, a.q_steps)
+                visited, full = int(steps.sum()), int(full.sum())
+            else:  # the aligned walks visit the same pairs from either side
+                kt = np.arange(a.num_kv_tiles)
+                first, count = a.kv_first[..., None], a.kv_count[..., None]
+                inside = (kt >= first) & (kt < first + count)
+                visited, full = int(inside.sum()), int((a.pair_full & inside).sum())
+            fraction *= full / visited if visited else 0.0
+        return fraction
+
 
 @functools.lru_cache(maxsize=256)
 def make_plan(params: semantics.NAParams, q_tile: tuple[int, ...], kv_tile: tuple[int, ...],

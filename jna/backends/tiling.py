@@ -250,11 +250,23 @@ class Geometry:
             start, stop = start - ax.kv_origin, stop - ax.kv_origin
         return start, stop
 
-    def mask(self, windows, y):
-        """Allowed [TQ, TK] from per-axis query windows ([TQ] pairs) and key coords ([TK])."""
+    def span(self, a: int, x):
+        """The window of local group coordinates ``x`` on axis ``a`` as `mask` reads it:
+        ``(start, width)``, its first key (local key coordinates) and how many keys it allows,
+        the stop clamped to the local keys (padding keys past the group length never count)."""
+        start, stop = self.window(a, x)
+        return start, jnp.maximum(jnp.minimum(stop, self.lg[a]) - start, 0)
+
+    def mask(self, spans, y):
+        """Allowed [TQ, TK] from per-axis query spans ([TQ] pairs, `span`) and key coords ([TK]).
+
+        ``start <= y < start + width`` as one subtraction and one unsigned compare per axis (below
+        the window ``y - start`` wraps past every width): on small windows nearly every tile
+        pair is masked, and the mask is a large part of its per-logit work (issue 16)."""
         allowed = None
-        for a, ((start, stop), ya) in enumerate(zip(windows, y)):
-            ok = (start[:, None] <= ya[None, :]) & (ya[None, :] < stop[:, None]) & (ya[None, :] < self.lg[a])
+        for (start, width), ya in zip(spans, y):
+            offset = (ya[None, :] - start[:, None]).astype(jnp.uint32)
+            ok = offset < width[:, None].astype(jnp.uint32)
             allowed = ok if allowed is None else allowed & ok
         return allowed
 

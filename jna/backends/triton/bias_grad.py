@@ -276,8 +276,8 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, walk_ref, 
                 s = s + block
             else:
                 s = _add_pair_bias(s, bias, st, qo, ko, lambda: _bias_part(st, x), lambda: _bias_part(st, y))
-            windows = [geo.window(a, x[a]) for a in range(plan.rank)]
-            p = _masked_probs(geo, full, windows, y, s, lse2)
+            spans = [geo.span(a, x[a]) for a in range(plan.rank)]
+            p = _masked_probs(geo, full, spans, y, s, lse2)
             dp = _dot(do, v, trans_b=True, f32=f32)
             return acc + p * (dp - delta[:, None])
 

@@ -497,15 +497,38 @@ def _add_pair_bias(s, bias, st: "_Static", qo, ko, x_part, y_part, head=None):
 # ----------------------------------------------------------------------------------------------
 
 
+# How a kernel's walk masks its steps (issue 16), from the fraction of the tile pairs it visits
+# that need no mask (`TilePlan.full_fraction`): never if every pair is full; on every step if
+# fewer than ``MASK_EVERY_STEP_BELOW[kernel]`` are; otherwise behind a branch on each step's
+# flag. The flag is a table load and a branch, which cost more than the mask itself where most
+# pairs are partial: the forward keeps it from a quarter of full pairs up (H200: 2d-flux, 0.66
+# full, 17.25 ms with it vs 17.93; 3d-hunyuan, 0.40, 71.9 vs 76.3; the small windows, under
+# 0.05, 5-14% faster without), the backward kernels never do (masking every partial pair was
+# faster on every problem measured: 2d-flux 83.3 vs 89.1 ms fwd+bwd, 3d-hunyuan 365 vs 415,
+# sweep-2d-k31 1.92 vs 2.01; `benchmarks/results/h200_mask_work_2026-12-02`).
+MASK_EVERY_STEP_BELOW = {"forward": 0.25, "dq": 1.0, "dkv": 1.0}
+
+
+def walk_masking(plan: planning.TilePlan, kind: str, kernel: str) -> str:
+    """How ``kernel``'s walk (``kind`` as `_Walk`) masks its steps: ``"never"``, ``"always"`` or
+    ``"per-step"`` (`MASK_EVERY_STEP_BELOW`)."""
+    fraction = plan.full_fraction(kind)
+    if fraction == 1.0:
+        return "never"
+    return "always" if fraction < MASK_EVERY_STEP_BELOW[kernel] else "per-step"
+
+
 class _Walk:
     """What one program visits, in tile-shaped steps: a Q tile's keys (``kind="kv"``: forward,
     dQ, tangent) or a KV tile's queries (``kind="q"``: dK/dV). Either the aligned tiles of the
     plan (`TileWalk`), or with the region walk (`TritonConfig.kv_region`) the chunks of the
     exact region from the plan's token origins. ``total``: the number of steps; `visit`: what a
-    kernel needs of step ``i``."""
+    kernel needs of step ``i``; ``kernel``: which kernel walks (``"forward"``, ``"dq"`` or
+    ``"dkv"``: how it masks, `MASK_EVERY_STEP_BELOW`)."""
 
-    def __init__(self, st: _Static, geo: Geometry, tile, kind: str):
+    def __init__(self, st: _Static, geo: Geometry, tile, kind: str, kernel: str):
         self.st, self.geo, self.tile, self.kind = st, geo, tile, kind
+        self.masking = walk_masking(st.plan, kind, kernel)
         self.extents = st.config.kv_tile if kind == "kv" else st.config.q_tile
         if st.plan.region:
             region = geo.kv_region if kind == "kv" else geo.q_region
@@ -518,32 +541,48 @@ class _Walk:
 
     def visit(self, i):
         """Step ``i``: the visited tokens' first token per axis (local coordinates), the
-        in-kernel slices of the visited operands, and the flag (int32) that the pair of this
-        program's tile and the step needs no mask."""
+        in-kernel slices of the visited operands, and whether the pair of this program's tile
+        and the step needs no mask (for `_by_full`): True (no step does), None (it may; mask
+        it), or a traced int32 flag."""
         st, geo = self.st, self.geo
         steps, flat = self.walk.at(i)
         if st.plan.region:
             origins = [o + j * e for o, j, e in zip(self.region_origins, steps, self.extents)]
             slices = tuple(pl.ds(o, e) for o, e in zip(origins, self.extents))
-            full = geo.region_full(self.tile, steps) if self.kind == "kv" else geo.region_q_full(self.tile, steps)
-            return origins, slices, full
-        full = geo.full(self.tile, steps) if self.kind == "kv" else geo.full(steps, self.tile)
-        return _origins(st, self.kind, steps), st.layout.slices(self.kind, steps, flat), full
+            flag = lambda: (geo.region_full(self.tile, steps) if self.kind == "kv"
+                            else geo.region_q_full(self.tile, steps))
+        else:
+            origins, slices = _origins(st, self.kind, steps), st.layout.slices(self.kind, steps, flat)
+            flag = lambda: geo.full(self.tile, steps) if self.kind == "kv" else geo.full(steps, self.tile)
+        if self.masking == "per-step":
+            return origins, slices, flag()
+        return origins, slices, True if self.masking == "never" else None
 
 
-def _q_tile_program(st: _Static, tab_ref):
+def _by_full(full, if_full, if_partial, *args):
+    """``if_full(*args)`` where a walk step needs no mask, else ``if_partial(*args)``; ``full``
+    from `_Walk.visit` (True, None, or a traced flag: a branch)."""
+    if full is True:
+        return if_full(*args)
+    if full is None:
+        return if_partial(*args)
+    return jax.lax.cond(full > 0, if_full, if_partial, *args)
+
+
+def _q_tile_program(st: _Static, tab_ref, kernel: str):
     """Per-program state of a kernel over one Q tile (grid: Q tile, batch*group, head).
 
     Returns the geometry, this program's per-axis Q tile ids, the tile-local key coordinates of
-    a KV step, its queries' per-axis windows, and the walk over the keys to visit (`_Walk`).
+    a KV step, its queries' per-axis window spans (`Geometry.span`), and the walk over the keys
+    to visit (`_Walk`).
     """
     plan, cfg = st.plan, st.config
     geo = Geometry(st.plan, tab_ref, pl.program_id(1))
     qt = unravel(pl.program_id(0), [a.num_q_tiles for a in plan.axes])
     q_local = geo.local_coords(cfg.q_tile)
     k_local = geo.local_coords(cfg.kv_tile)
-    windows = [geo.window(a, qt[a] * cfg.q_tile[a] + q_local[a]) for a in range(plan.rank)]
-    return geo, qt, k_local, windows, _Walk(st, geo, qt, "kv")
+    spans = [geo.span(a, qt[a] * cfg.q_tile[a] + q_local[a]) for a in range(plan.rank)]
+    return geo, qt, k_local, spans, _Walk(st, geo, qt, "kv", kernel)
 
 
 def _q_bias_part(st: _Static, geo: Geometry, qt):
@@ -561,52 +600,68 @@ def _add_bias(s, rpb_ref, st: _Static, q_part, y, head=None):
     return s + _bias(rpb_ref, st, q_part, _bias_part(st, y), head) * _LOG2E
 
 
+def _leaked(out):
+    """Whether a program's output tile ``out`` (float32 ``[TQ, Dv]``) holds a non-finite value."""
+    return jnp.max(jnp.where(jnp.abs(out) <= _F32_MAX, _ZERO, _ONE)) > 0
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, tab_ref, *refs, st: _Static):
-    """One program's forward (every value finite: `_forward_call`). ``refs``: the bias operands
-    when the launch has one (`_split_pair_bias`), then out and lse."""
+    """One program's forward (exact where every value it sums is finite: `_forward_call`).
+    ``refs``: the bias operands when the launch has one (`_split_pair_bias`), then out and lse."""
     bias, (o_ref, lse_ref) = _split_pair_bias(st, refs)
-    _forward_loop(q_ref, k_ref, v_ref, bias, o_ref, lse_ref, _q_tile_program(st, tab_ref), st=st,
-                  contain=False)
+    program = _q_tile_program(st, tab_ref, "forward")
+    out, lse = _forward_loop(q_ref, k_ref, v_ref, bias, program, st=st, contain=False)
+    _put(o_ref, st, "q", program[1], out.astype(o_ref.dtype))
+    _put(lse_ref, st, "q", program[1], lse)
 
 
 def _contained_kernel(q_ref, k_ref, v_ref, tab_ref, *refs, st: _Static):
     """The forward again with non-finite values contained, over the fast kernel's outputs
-    (aliased: ``o_in``/``lse_in`` are ``o_ref``/``lse_ref``), only where ``v`` holds a
-    non-finite value: the all-finite flag is stored after the plan tables, and when it is set
-    every program returns at once (`_forward_call`). ``refs``: [bias,] o_in, lse_in, o, lse."""
+    (aliased: ``o_in``/``lse_in`` are ``o_ref``/``lse_ref``), in the programs whose fast output
+    tile is non-finite (`_forward_call`); the others read their tile and return.
+    ``refs``: [bias,] o_in, lse_in, o, lse."""
     bias, (o_in, lse_in, o_ref, lse_ref) = _split_pair_bias(st, refs)
-    del o_in, lse_in
-    program = _q_tile_program(st, tab_ref)  # outside the branch (interpret mode needs program ids here)
+    del lse_in
+    program = _q_tile_program(st, tab_ref, "forward")  # outside the branch (interpret mode needs program ids here)
+    qt = program[1]
 
-    @pl.when(tab_ref[len(st.plan.tables)] == 0)
+    @pl.when(_leaked(_own(o_in, st, "q", qt).astype(jnp.float32)))
     def _():
-        _forward_loop(q_ref, k_ref, v_ref, bias, o_ref, lse_ref, program, st=st, contain=True)
+        out, lse = _forward_loop(q_ref, k_ref, v_ref, bias, program, st=st, contain=True)
+        _put(o_ref, st, "q", qt, out.astype(o_ref.dtype))
+        _put(lse_ref, st, "q", qt, lse)
 
 
-def _forward_loop(q_ref, k_ref, v_ref, bias, o_ref, lse_ref, program, *, st: _Static, contain: bool):
-    """The online-softmax loop of one Q tile; ``contain``: the variant that keeps non-finite
-    values inside the windows that hold them; ``bias``: the bias refs (`_split_pair_bias`), or
-    None."""
+def _forward_loop(q_ref, k_ref, v_ref, bias, program, *, st: _Static, contain: bool):
+    """The online-softmax loop of one Q tile: ``(out [TQ, Dv], lse [TQ])`` float32.
+    ``contain``: the variant that keeps non-finite values inside the windows that hold them;
+    ``bias``: the bias refs (`_split_pair_bias`), or None."""
     plan = st.plan
     f32 = _f32_products(st)
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
-    geo, qt, k_local, windows, walk = program
+    geo, qt, k_local, spans, walk = program
     qk_scale = st.scale * _LOG2E
     qo = [qt[a] * st.config.q_tile[a] for a in range(plan.rank)]
     q_part = None if bias is None or st.bias_blocks else _q_bias_part(st, geo, qt)
 
     q = _own(q_ref, st, "q", qt).reshape(tq, st.head_dim)
 
+    # Base-2 logits are ``s * c``: without a bias (and with a positive scale, so that
+    # ``max(s) * c == max(s * c)`` exactly) the scale is applied to the row max and inside the
+    # exponent's argument (one fused multiply-add per logit) instead of to every logit first.
+    folded = bias is None and qk_scale > 0
+    c = qk_scale if folded else None
+
     def body(i, carry):
         acc, m, l, poisoned = carry
         ko, tile, full = walk.visit(i)
         k = _load(k_ref, st, "kv", ko, (*tile, slice(None))).reshape(tk, st.head_dim)
         load_v = lambda: _load(v_ref, st, "kv", ko, (*tile, slice(None))).reshape(tk, st.value_dim)
-        s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
+        s = _dot(q, k, trans_b=True, f32=f32)
         y = [ko[a] + k_local[a] for a in range(plan.rank)]
-        s = _add_pair_bias(s, bias, st, qo, ko, lambda: q_part, lambda: _bias_part(st, y))
+        if not folded:
+            s = _add_pair_bias(s * qk_scale, bias, st, qo, ko, lambda: q_part, lambda: _bias_part(st, y))
 
-        full = full > 0
         if contain:
             # 0 * NaN = NaN: a non-finite value row outside a query's window would leak into its
             # output through P @ V. In partial tiles such rows are zeroed and the queries whose
@@ -614,27 +669,25 @@ def _forward_loop(q_ref, k_ref, v_ref, bias, o_ref, lse_ref, program, *, st: _St
             # the cond costs Triton its load pipelining, hence a separate kernel variant that
             # runs only when v holds a non-finite value.)
             def partial_tile(s, v):
-                allowed = geo.mask(windows, y)
+                allowed = geo.mask(spans, y)
                 bad = jnp.max(jnp.where(jnp.abs(v.astype(jnp.float32)) <= _F32_MAX, _ZERO, _ONE), axis=1)
                 v = jnp.where(bad[:, None] > 0, jnp.zeros_like(v), v)
                 hits = jnp.max(jnp.where(allowed, bad[None, :], 0.0), axis=1)
-                return jnp.where(allowed, s, _MASK_VALUE), v, hits
+                return jnp.where(allowed, s, -jnp.inf), v, hits
 
             def full_tile(s, v):  # every pair allowed: NaNs propagate as they should
                 return s, v, jnp.zeros((tq,), jnp.float32)
 
-            s, v, hits = jax.lax.cond(full, full_tile, partial_tile, s, load_v())
+            s, v, hits = _by_full(full, full_tile, partial_tile, s, load_v())
             poisoned = jnp.maximum(poisoned, hits)
         else:
-            s = jax.lax.cond(
-                full,
-                lambda s: s,  # a full tile pair needs no mask
-                lambda s: jnp.where(geo.mask(windows, y), s, _MASK_VALUE),
-                s,
-            )
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            s = _by_full(full, lambda s: s, lambda s: jnp.where(geo.mask(spans, y), s, -jnp.inf), s)
+        # Masked logits are -inf, so p is exactly 0 there; m starts finite (_MASK_VALUE), so a
+        # row with no allowed key yet keeps m finite and alpha = 1.
+        row_max = jnp.max(s, axis=1)
+        m_new = jnp.maximum(m, row_max * c if folded else row_max)
         alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
+        p = jnp.exp2((s * c if folded else s) - m_new[:, None])
         l = alpha * l + jnp.sum(p, axis=1)
         if not contain:
             v = load_v()
@@ -648,23 +701,20 @@ def _forward_loop(q_ref, k_ref, v_ref, bias, o_ref, lse_ref, program, *, st: _St
         jnp.zeros((tq,), jnp.float32),
     )
     acc, m, l, poisoned = jax.lax.fori_loop(0, walk.total, body, init)
-    out = acc / l[:, None]
+    # A row no key was allowed for (a padding query past its group, never stored or read
+    # unmasked) has l = 0: out 0 and lse _MASK_VALUE keep it finite. (A NaN l stays NaN.)
+    seen = l != 0
+    out = acc / jnp.where(seen, l, 1.0)[:, None]
     if contain:
         out = jnp.where(poisoned[:, None] > 0, jnp.nan, out)
-    _put(o_ref, st, "q", qt, out.astype(o_ref.dtype))
-    _put(lse_ref, st, "q", qt, (m + jnp.log2(l)) * _LN2)
+    return out, jnp.where(seen, (m + jnp.log2(l)) * _LN2, _MASK_VALUE)
 
 
-def _masked_probs(geo: Geometry, full, windows, y, s, lse2):
+def _masked_probs(geo: Geometry, full, spans, y, s, lse2):
     """Softmax probabilities ``exp2(s - lse)`` of a tile pair, zero where the mask forbids
-    (``full``: the pair's no-mask flag)."""
+    (``full``: whether the pair needs no mask, as `_Walk.visit` gives it)."""
     p = jnp.exp2(s - lse2[:, None])
-    return jax.lax.cond(
-        full > 0,
-        lambda p: p,
-        lambda p: jnp.where(geo.mask(windows, y), p, 0.0),
-        p,
-    )
+    return _by_full(full, lambda p: p, lambda p: jnp.where(geo.mask(spans, y), p, 0.0), p)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, *refs, st: _Static):
@@ -672,7 +722,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, *refs, 
     plan = st.plan
     f32 = _f32_products(st)
     tq, tk = plan.q_tile_tokens, plan.kv_tile_tokens
-    geo, qt, k_local, windows, walk = _q_tile_program(st, tab_ref)
+    geo, qt, k_local, spans, walk = _q_tile_program(st, tab_ref, "dq")
     qk_scale = st.scale * _LOG2E
     qo = [qt[a] * st.config.q_tile[a] for a in range(plan.rank)]
     q_part = None if bias is None or st.bias_blocks else _q_bias_part(st, geo, qt)
@@ -689,7 +739,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, *refs, 
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         y = [ko[a] + k_local[a] for a in range(plan.rank)]
         s = _add_pair_bias(s, bias, st, qo, ko, lambda: q_part, lambda: _bias_part(st, y))
-        p = _masked_probs(geo, full, windows, y, s, lse2)
+        p = _masked_probs(geo, full, spans, y, s, lse2)
         dp = _dot(do, v, trans_b=True, f32=f32)
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, f32=f32)
@@ -708,7 +758,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, *refs,
     q_local = geo.local_coords(cfg.q_tile)
     k_local = geo.local_coords(cfg.kv_tile)
     y = [kt[a] * cfg.kv_tile[a] + k_local[a] for a in range(plan.rank)]
-    walk = _Walk(st, geo, kt, "q")
+    walk = _Walk(st, geo, kt, "q", "dkv")
     qk_scale = st.scale * _LOG2E
     ko = [kt[a] * cfg.kv_tile[a] for a in range(plan.rank)]
     k_part = None if bias is None or st.bias_blocks else _bias_part(st, y)
@@ -724,11 +774,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, *refs,
         lse2 = _load(lse_ref, st, "q", qo, (*tile, head)).reshape(tq) * _LOG2E
         delta = _load(delta_ref, st, "q", qo, (*tile, head)).reshape(tq)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
-        windows = [geo.window(a, qo[a] + q_local[a]) for a in range(plan.rank)]
+        spans = [geo.span(a, qo[a] + q_local[a]) for a in range(plan.rank)]
         if bias is not None:  # (after the windows: without a bias the kernel lowers as before)
             x = [qo[a] + q_local[a] for a in range(plan.rank)]
             s = _add_pair_bias(s, bias, st, qo, ko, lambda: _bias_part(st, x), lambda: k_part, head)
-        p = _masked_probs(geo, full, windows, y, s, lse2)
+        p = _masked_probs(geo, full, spans, y, s, lse2)
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, f32=f32)
         dp = _dot(do, v, trans_b=True, f32=f32)
         ds = p * (dp - delta[:, None])
@@ -753,15 +803,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, *refs,
 # ----------------------------------------------------------------------------------------------
 
 
-def _tables(st: _Static, flag=None):
-    """The plan tables as a kernel operand (int32, padded to a power of two); with ``flag`` (a
-    traced scalar bool) one more entry after them holds it (the forward's all-finite flag)."""
+def _tables(st: _Static):
+    """The plan tables as a kernel operand (int32, padded to a power of two)."""
     tables = st.plan.tables
-    padded = np.zeros(pl.next_power_of_2(max(len(tables) + (flag is not None), 16)), np.int32)
+    padded = np.zeros(pl.next_power_of_2(max(len(tables), 16)), np.int32)
     padded[: len(tables)] = tables
-    if flag is None:
-        return jnp.asarray(padded)
-    return jnp.asarray(padded).at[len(tables)].set(flag.astype(jnp.int32))
+    return jnp.asarray(padded)
 
 
 def _params(st: _Static, backward: bool):
@@ -839,19 +886,24 @@ def _grid_batch(qp, st: _Static) -> int:
 
 
 def _forward_call(qp, kp, vp, st: _Static, rpb=None):
-    """The forward: the fast kernel, then the containing kernel over its outputs, told whether
-    every value is finite. The fast kernel's ``P V`` sums ``0 * v`` over masked keys, so a
-    non-finite value would leak into queries that never see it; then the second kernel rewrites
-    every output. Two launches and a device-side flag rather than a `lax.cond` choosing one:
-    XLA copies a cond's predicate to the host, a round trip that cost small calls 10-20 us
-    (issue 16's profile), and a branch inside one kernel slowed its loop (H200: 2d-nat's
-    forward kernel 117 vs 111 us). When every value is finite the second launch's programs
-    return at once. ``rpb``: the bias table (`_bias_table`) when ``st.bias``; a non-finite bias
-    needs no containing (it enters only the logits of the pairs that use it, and masked logits
-    are replaced, not multiplied)."""
+    """The forward: the fast kernel, then the containing kernel over its outputs.
+
+    The fast kernel's ``P V`` sums ``0 * v`` over masked keys, so a non-finite value would leak
+    into queries that never see it. But a leak leaves its trace: ``0 * v`` is NaN for an
+    infinite or NaN ``v``, and the online softmax keeps a non-finite row non-finite to the end,
+    so a program whose summed K/V tiles held a non-finite value has a non-finite output tile.
+    The second kernel's programs read their fast output tile and only where it is non-finite
+    run the loop again with non-finite values contained (`_forward_loop`'s ``contain``). No
+    check of ``v`` in XLA (a reduction over it and a flag: 7-11 us a call on the small problems,
+    H200) and no host round trip (a `lax.cond`'s predicate); the inline alternative (one
+    kernel, the containing loop behind a branch on its own output) measured slower on every
+    problem past the NAT/DiNAT layers (sweep-3d-k7 0.396 vs 0.305 ms, H200,
+    ``benchmarks/results/h200_mask_work_2026-12-02``). ``rpb``: the bias table (`_bias_table`) when
+    ``st.bias``; a non-finite bias needs no containing (it enters only the logits of the pairs
+    that use it, and masked logits are replaced, not multiplied)."""
     bias = _bias_inputs(rpb, st)
     out, lse = _forward_launch(qp, kp, vp, st, bias=bias)
-    return _forward_launch(qp, kp, vp, st, finite.all_finite(vp), (out, lse), bias=bias)
+    return _forward_launch(qp, kp, vp, st, (out, lse), bias=bias)
 
 
 def _bias_operands(st: _Static, rpb, spec: "_Specs", rows=None):
@@ -888,11 +940,11 @@ def _pair_bias_operands(st: _Static, bias: tuple, spec: "_Specs", rows=None):
     return [block_spec, pl.BlockSpec(lut.shape, lambda t, b, h: (0,))], list(bias)
 
 
-def _forward_launch(qp, kp, vp, st: _Static, finite_v=None, fast_outputs=None, bias=()):
-    """The fast forward kernel; with ``finite_v`` and ``fast_outputs``, the containing one."""
+def _forward_launch(qp, kp, vp, st: _Static, fast_outputs=None, bias=()):
+    """The fast forward kernel; with ``fast_outputs``, the containing one."""
     plan, lay = st.plan, st.layout
     bg = _grid_batch(qp, st)
-    tables = _tables(st, finite_v)
+    tables = _tables(st)
     spec = _Specs(st)
     q_shape = qp.shape[:-1] if lay.grouped else (bg, *lay.token_shape("q"), st.heads)
     contained = fast_outputs is not None

@@ -39,7 +39,7 @@ def _tangent_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, tq_ref, tk_ref, tv_ref,
     plan = st.plan
     f32 = _f32_products(st)
     tq_tokens, tk_tokens = plan.q_tile_tokens, plan.kv_tile_tokens
-    geo, qt, k_local, windows, walk = _q_tile_program(st, tab_ref)
+    geo, qt, k_local, spans, walk = _q_tile_program(st, tab_ref, "forward")
     qk_scale = st.scale * _LOG2E
     q_part = None if rpb_ref is None else _q_bias_part(st, geo, qt)
 
@@ -57,7 +57,7 @@ def _tangent_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, tq_ref, tk_ref, tv_ref,
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         y = [ko[a] + k_local[a] for a in range(plan.rank)]
         s = _add_bias(s, rpb_ref, st, q_part, y)
-        p = _masked_probs(geo, full, windows, y, s, lse2)  # zero outside the windows
+        p = _masked_probs(geo, full, spans, y, s, lse2)  # zero outside the windows
         ts = (_dot(tq, k, trans_b=True, f32=f32) + _dot(q, tk, trans_b=True, f32=f32)) * st.scale
         if rpb_ref is not None:  # masked pairs read a clamped entry; p is 0 there
             ts = ts + _bias(trpb_ref, st, q_part, _bias_part(st, y))
