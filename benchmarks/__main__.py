@@ -29,6 +29,7 @@ COMMANDS = {
     "profile-call": "call_profile",     # every kernel of one compiled call, with its time (CUPTI trace)
     "region-walk": "region_walk",       # fused-triton's key-region walk vs aligned KV tiles
     "rpb": "rpb_bench",                 # relative positional bias in the fused kernels vs without, vs unfused
+    "mask-work": "mask_work",           # fused-triton's default configs under variants of its per-tile work
 }
 
 
