@@ -225,7 +225,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, walk_ref, 
             c = walk_ref[at + ids[a]]
             flat = c if flat is None else flat + c
             at += len(deltas)
-        block = bias[0][flat] * _LOG2E
+        block = bias[0][flat]  # base-2 units already (`fused._bias_inputs`)
 
     program = pl.program_id(1)  # outside the loops (interpret mode needs program ids here)
 

@@ -480,8 +480,9 @@ def _class_bias(bias, st: "_Static", qo, ko, head=None):
 
 
 def _add_pair_bias(s, bias, st: "_Static", qo, ko, x_part, y_part, head=None):
-    """Base-2 logits ``s`` of a tile pair plus its bias (``b * log2(e)``); ``s`` unchanged
-    without one. ``qo``/``ko``: the pair's first query and key per axis; ``x_part``/``y_part``:
+    """Base-2 logits ``s`` of a tile pair plus its bias; ``s`` unchanged without one. The
+    operands (`_bias_inputs`) hold ``b * log2(e)`` already, so a scaled logit and its bias are one
+    fused multiply-add. ``qo``/``ko``: the pair's first query and key per axis; ``x_part``/``y_part``:
     callables giving `_bias_part` of its queries and keys (the gather, past the blocks' budget)."""
     if bias is None:
         return s
@@ -489,7 +490,7 @@ def _add_pair_bias(s, bias, st: "_Static", qo, ko, x_part, y_part, head=None):
         b = _class_bias(bias, st, qo, ko, head)
     else:
         b = _bias(bias[0], st, x_part(), y_part(), head)
-    return s + b * _LOG2E
+    return s + b
 
 
 # ----------------------------------------------------------------------------------------------
@@ -915,13 +916,15 @@ def _bias_operands(st: _Static, rpb, spec: "_Specs", rows=None):
 
 
 def _bias_inputs(table, st: _Static) -> tuple:
-    """The operands `_add_pair_bias` reads, from the kernel-layout table (`_bias_table`):
+    """The operands `_add_pair_bias` reads, from the kernel-layout table (`_bias_table`), in
+    base-2 units (``b * log2(e)``, the factor every kernel would otherwise apply per logit):
     ``(blocks [H, C, TQ, TK] float32, lut)`` with `_Static.bias_blocks`, else ``(table,)``;
     ``()`` without a bias. Build once per call and hand to every launch."""
     if st.bias != (table is not None):
         raise ValueError(f"launch planned with bias={st.bias} but given rpb={table is not None}")
     if table is None:
         return ()
+    table = table * _LOG2E
     if not st.bias_blocks:
         return (table,)
     classes = st.bias_classes
