@@ -8,7 +8,9 @@ Data flow (docs/fused_triton.md):
    padded to a power of two there (Triton needs power-of-two block shapes).
 3. Forward kernel, one program per (Q tile, batch*group, head): an online softmax over the
    product of the per-axis KV tile ranges. Only pairs that are not full evaluate the
-   elementwise mask, with the shared window functions of `jna.semantics` in group coordinates.
+   elementwise mask (window spans from the shared functions of `jna.semantics`, in group
+   coordinates; whether a walk branches on each pair's flag or masks every step is chosen from
+   the plan, `walk_masking`); a second launch contains non-finite values where they leaked.
 4. Backward: ``delta = rowsum(dO * O) - dlse`` in XLA; a dQ kernel over the same visit lists;
    a dK/dV kernel per KV tile over the transposed lists, summing over the query heads of a GQA
    group inside the program (deterministic, no atomics).
@@ -34,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jna._src import plan as planning
-from jna._src import finite, forward_mode
+from jna._src import forward_mode
 from jna import semantics
 from jna.tuning import tables as jna_tuned
 from jna._src.arguments import NAProblem
