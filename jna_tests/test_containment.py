@@ -50,8 +50,8 @@ def _check(dtype, bad, region, tol):
     np.testing.assert_allclose(lse, want_lse, atol=20 * tol)
 
 
-@pytest.mark.parametrize("region", [False, True], ids=["aligned", "region"])
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("bad,region", [(np.nan, False), (np.inf, True), (-np.inf, False)],
+                         ids=["nan-aligned", "inf-region", "-inf-aligned"])
 def test_a_non_finite_value_reaches_only_its_windows(bad, region):
     _check(jnp.float32, bad, region, 1e-5)
 
