@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jna import semantics
 from jna._src import plan as planning
 from jna._src.arguments import check_call
 from jna.backends.triton import fused as fused_triton
@@ -53,8 +54,6 @@ def _brute_full_fraction(shape, kernel_size, stride, is_causal, plan) -> float:
     ((16, 16), (7, 7), (1, 1), (False, False), (8, 8), (8, 16)),
 ])
 def test_full_fraction_counts_every_visited_pair(shape, kernel_size, stride, is_causal, q_tile, kv_tile):
-    from jna import semantics
-
     params = semantics.normalize_params(shape, kernel_size, stride, (1,) * len(shape), is_causal)
     plan = planning.make_plan(params, q_tile, kv_tile)
     want = _brute_full_fraction(shape, kernel_size, stride, is_causal, plan)
@@ -64,8 +63,6 @@ def test_full_fraction_counts_every_visited_pair(shape, kernel_size, stride, is_
 
 def test_region_walk_full_fraction_is_the_share_of_full_chunks():
     """The key-region walk counts its chunks (`region_full` over `kv_steps`, and the query side)."""
-    from jna import semantics
-
     params = semantics.normalize_params((64,), (33,), (1,), (1,), (False,))
     plan = planning.make_plan(params, (16,), (16,), region=True)
     ax = plan.axes[0]

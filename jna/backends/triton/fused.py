@@ -670,7 +670,7 @@ def _forward_loop(q_ref, k_ref, v_ref, bias, program, *, st: _Static, contain: b
             # output through P @ V. In partial tiles such rows are zeroed and the queries whose
             # windows do hold one are marked, to be set to NaN at the end. (Routing v through
             # the cond costs Triton its load pipelining, hence a separate kernel variant that
-            # runs only when v holds a non-finite value.)
+            # runs only in the programs whose fast output tile is non-finite.)
             def partial_tile(s, v):
                 allowed = geo.mask(spans, y)
                 bad = jnp.max(jnp.where(jnp.abs(v.astype(jnp.float32)) <= _F32_MAX, _ZERO, _ONE), axis=1)
@@ -778,7 +778,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref, *refs,
         delta = _load(delta_ref, st, "q", qo, (*tile, head)).reshape(tq)
         s = _dot(q, k, trans_b=True, f32=f32) * qk_scale
         spans = [geo.span(a, qo[a] + q_local[a]) for a in range(plan.rank)]
-        if bias is not None:  # (after the windows: without a bias the kernel lowers as before)
+        if bias is not None:  # (after the spans: without a bias the kernel lowers as before)
             x = [qo[a] + q_local[a] for a in range(plan.rank)]
             s = _add_pair_bias(s, bias, st, qo, ko, lambda: _bias_part(st, x), lambda: k_part, head)
         p = _masked_probs(geo, full, spans, y, s, lse2)
